@@ -1,0 +1,234 @@
+"""Shard reader: decoded samples of one split, split across ranks and DataLoader workers.
+
+Coverage: without resampling every sample of the split is yielded exactly once across all
+``world_size × num_workers`` slots. Shards are dealt to slots round-robin when there are at least
+as many shards as slots (``split_by="shard"``); otherwise every slot reads every shard and keeps
+every n-th sample (``split_by="sample"``). ``split_by="auto"`` picks between the two.
+
+Training loops that need the same number of steps on every rank use ``resample=True`` with
+``epoch_length``: each slot draws shards with replacement from its own seeded stream and stops
+after ``epoch_length`` samples.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from typing import Any, Callable, Iterator, Sequence
+
+import fsspec
+import torch
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from .manifest import load_manifest, sha256_of, shard_entries
+from .schema import PLANES, decode_member, field_of
+
+log = logging.getLogger(__name__)
+
+
+class ShardError(RuntimeError):
+    """A shard that cannot be read; the message names the shard and the sample key."""
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _worker_slot() -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+class ShardReader(torch.utils.data.IterableDataset):
+    """Iterate decoded samples of ``split`` from a manifest (local path or ``s3://`` URL).
+
+    Args:
+        source: manifest.json or the folder holding it.
+        split: "train", "val" or "test" (or None for all splits).
+        fields: fields to decode, e.g. ``("sag", "labels")``; None = all. ``__key__`` is always set.
+        require: fields a sample must have to be yielded (default: the requested planes).
+        joints: keep only studies of these joints.
+        rank, world_size: node split; default from torch.distributed or RANK/WORLD_SIZE.
+        shuffle, seed, shuffle_buffer: deterministic seeded shuffle of shards and samples;
+            call :meth:`set_epoch` to reshuffle per epoch.
+        resample, epoch_length: infinite seeded resampling, cut to ``epoch_length`` per slot.
+        verify: check each shard's sha256 against the manifest before reading it.
+        on_error: "raise" or "skip" (log, count lost samples in ``self.skipped``, messages in
+            ``self.errors``, and go on). Counts live in the iterating process (not DataLoader workers).
+        transform: a function applied to each decoded sample.
+    """
+
+    def __init__(self, source: str, split: str | None = "train", fields: Sequence[str] | None = None,
+                 *, require: Sequence[str] | None = None, joints: Sequence[str] | None = None,
+                 rank: int | None = None, world_size: int | None = None, split_by: str = "auto",
+                 shuffle: bool = False, seed: int = 0, shuffle_buffer: int = 64,
+                 resample: bool = False, epoch_length: int | None = None, verify: bool = False,
+                 on_error: str = "raise", transform: Callable[[dict], Any] | None = None):
+        super().__init__()
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got '{on_error}'")
+        if split_by not in ("auto", "shard", "sample"):
+            raise ValueError(f"split_by must be auto, shard or sample, got '{split_by}'")
+        self.manifest = load_manifest(source)
+        self.entries = shard_entries(self.manifest, split)
+        self.split, self.fields = split, tuple(fields) if fields is not None else None
+        self.require = tuple(require) if require is not None else tuple(
+            f for f in (self.fields or ()) if f in PLANES)
+        self.joints = set(joints) if joints else None
+        self.rank, self.world_size, self.split_by = rank, world_size, split_by
+        self.shuffle, self.seed, self.shuffle_buffer = shuffle, seed, shuffle_buffer
+        self.resample, self.epoch_length = resample, epoch_length
+        self.verify, self.on_error, self.transform = verify, on_error, transform
+        self.epoch = 0
+        self.skipped = 0
+        self.errors: list[str] = []
+        self.bytes_read = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    # -- slot and shard assignment -------------------------------------------------------------
+    def _slot(self) -> tuple[int, int]:
+        rank, world = _dist_rank_world()
+        rank = self.rank if self.rank is not None else rank
+        world = self.world_size if self.world_size is not None else world
+        worker, workers = _worker_slot()
+        return rank * workers + worker, world * workers
+
+    def _rng(self, slot: int) -> random.Random:
+        return random.Random(f"{self.seed}-{self.epoch}-{slot}")
+
+    def _plan(self, slot: int, n_slots: int) -> tuple[list[dict], int, int]:
+        """Shards this slot reads, and (stride, offset) for sample-level splitting."""
+        entries = list(self.entries)
+        if self.shuffle:
+            random.Random(f"{self.seed}-{self.epoch}").shuffle(entries)
+        by_shard = self.split_by == "shard" or (self.split_by == "auto" and len(entries) >= n_slots)
+        if by_shard:
+            return entries[slot::n_slots], 1, 0
+        return entries, n_slots, slot
+
+    # -- iteration -----------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict]:
+        slot, n_slots = self._slot()
+        rng = self._rng(slot)
+        if self.resample:
+            stream = self._resampled(rng)
+        else:
+            shards, stride, offset = self._plan(slot, n_slots)
+            stream = self._samples(shards, stride, offset)
+        if self.shuffle:
+            stream = _buffer_shuffle(stream, self.shuffle_buffer, rng)
+        n = 0
+        for sample in stream:
+            if self.epoch_length is not None and n >= self.epoch_length:
+                return
+            yield self.transform(sample) if self.transform else sample
+            n += 1
+
+    def _resampled(self, rng: random.Random) -> Iterator[dict]:
+        while True:
+            yield from self._samples([rng.choice(self.entries)], 1, 0)
+
+    def _samples(self, shards: list[dict], stride: int, offset: int) -> Iterator[dict]:
+        for entry in shards:
+            index = 0
+            for sample in self._read_shard(entry):
+                if index % stride == offset and self._keep(sample):
+                    yield self._select(sample)
+                index += 1
+
+    def _keep(self, sample: dict) -> bool:
+        if self.joints is not None and sample.get("meta", {}).get("joint") not in self.joints:
+            return False
+        return all(f in sample for f in self.require)
+
+    def _select(self, sample: dict) -> dict:
+        if self.fields is None:
+            return sample
+        return {k: v for k, v in sample.items() if k == "__key__" or k in self.fields}
+
+    def _wanted(self, fname: str) -> bool:
+        if self.fields is None:
+            return True
+        suffix = fname.split(".", 1)[1] if "." in fname else ""
+        field = field_of(suffix)
+        return field in self.fields or (field == "meta" and self.joints is not None)
+
+    def _read_shard(self, entry: dict) -> Iterator[dict]:
+        path = entry["path"]
+        if self.verify and sha256_of(path) != entry["sha256"]:
+            yield from self._fail(path, None, ValueError("sha256 does not match the manifest"),
+                                  entry.get("n_samples", 1))
+            return
+        last = {"member": None}
+
+        def members(stream):
+            for m in tar_file_iterator(stream, select_files=self._wanted):
+                last["member"] = m["fname"]
+                yield {**m, "__url__": path}
+
+        seen = 0
+        try:
+            with fsspec.open(path, "rb") as stream:
+                counted = _CountingReader(stream)
+                for group in group_by_keys(members(counted)):
+                    seen += 1
+                    try:
+                        sample = {"__key__": group["__key__"]}
+                        for suffix, data in group.items():
+                            if not suffix.startswith("_"):
+                                sample[field_of(suffix)] = decode_member(suffix, data)
+                    except Exception as exc:  # a damaged member: name it, maybe go on
+                        yield from self._fail(path, last["member"], exc)
+                        continue
+                    yield sample
+                self.bytes_read += counted.n
+        except ShardError:
+            raise
+        except Exception as exc:  # the rest of this shard is unreadable
+            lost = max(1, entry.get("n_samples", 0) - seen)
+            yield from self._fail(path, last["member"], exc, lost)
+
+    def _fail(self, path: str, member: str | None, exc: Exception, lost: int = 1) -> Iterator[dict]:
+        where = (f"sample '{member.split('.', 1)[0]}' (member {member})" if member
+                 else "before the first sample")
+        msg = f"corrupt shard {path}: {where}: {type(exc).__name__}: {exc}"
+        if self.on_error == "raise":
+            raise ShardError(msg) from exc
+        self.skipped += lost
+        self.errors.append(msg)
+        log.warning("skipping: %s", msg)
+        return
+        yield  # pragma: no cover - makes this a generator
+
+
+class _CountingReader:
+    def __init__(self, f):
+        self.f, self.n = f, 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.f.read(size)
+        self.n += len(data)
+        return data
+
+
+def _buffer_shuffle(stream: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
+    buf: list[dict] = []
+    for item in stream:
+        buf.append(item)
+        if len(buf) >= size:
+            yield buf.pop(rng.randrange(len(buf)))
+    rng.shuffle(buf)
+    yield from buf
+
+
+def iter_samples(source: str, split: str | None = "train", fields: Sequence[str] | None = None,
+                 **kwargs) -> Iterator[dict]:
+    """Convenience: iterate one split in a single process (rank 0 of 1)."""
+    kwargs.setdefault("rank", 0)
+    kwargs.setdefault("world_size", 1)
+    return iter(ShardReader(source, split, fields, **kwargs))
