@@ -1,0 +1,48 @@
+"""Session-scoped fixtures: tiny synthetic shards built once, one real local Ray."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# Ray workers and subprocesses must import this checkout, and DeepSpeed must pick the CPU
+# accelerator before it is imported anywhere.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY_SHARDS_CONFIG = ROOT / "configs" / "shards" / "tiny.yaml"
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory) -> Path:
+    """Study shards (knee, ankle, shoulder; 8x32x32 planes) plus recon shards under ``recon/``."""
+    from shards.build import BuildConfig, build_shards
+    from shards.config import load_config
+
+    out = tmp_path_factory.mktemp("tiny_shards")
+    cfg = load_config(BuildConfig, TINY_SHARDS_CONFIG, [f"out={out}"])
+    build_shards(cfg)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_recon_shards(tiny_shards) -> Path:
+    return tiny_shards / "recon"
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One real local Ray for the whole session (loopback, the machine's CPUs)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False,
+                 log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    yield ray
+    ray.shutdown()
