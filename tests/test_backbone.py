@@ -68,6 +68,10 @@ def test_plane_backbone_shapes(manifest, plane):
         assert feats[f"t10/{b}"].shape == (2, model.block_channels()[b], *(d // s for d in SHAPE))
 
 
+def manual_noise(seed):
+    return torch.randn((1, 1, *SHAPE), generator=torch.Generator().manual_seed(seed))
+
+
 def test_features_seeded_batch_invariant_and_averaged(manifest):
     model = tiny_backbone(manifest)
     x = torch.randn(2, 1, *SHAPE, generator=torch.Generator().manual_seed(3))
@@ -91,6 +95,12 @@ def test_features_seeded_batch_invariant_and_averaged(manifest):
     torch.testing.assert_close(two["t200/mid"], (manual[0] + manual[1]) / 2)
     torch.testing.assert_close(manual[0], a["t200/mid"])
     assert not torch.allclose(two["t200/mid"], a["t200/mid"])
+    # stopping after the last requested block changes nothing; full forward hooks see the same maps
+    with torch.no_grad(), model._capture(["down.1", "up.1"]) as store:
+        model.unet(sched.add_noise(x, manual_noise(7).expand_as(x), t), t)
+        full = dict(store)
+        early = model.features(x, torch.tensor(200), ["down.1", "up.1"], seed=7)
+    assert torch.equal(full["down.1"], early["t200/down.1"]) and torch.equal(full["up.1"], early["t200/up.1"])
 
 
 def test_features_allow_grad_and_reject_bad_input(manifest):
