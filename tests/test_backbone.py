@@ -252,3 +252,26 @@ def test_publish_and_load_s3(manifest, s3_endpoint, tmp_path):
     _publish(manifest, url, overwrite=True)
     with pytest.raises(FileNotFoundError, match="no published backbone"):
         load_backbone("s3://mskfm-test/backbones/missing", cache_dir=tmp_path / "cache")
+
+
+def test_real_synthetic_shards_to_published_card(tiny_shards, tmp_path):
+    """The real path: tiny synthetic shards -> manifest spec -> preprocess -> features -> card."""
+    from shards.manifest import load_manifest
+    from shards.reader import iter_samples
+
+    manifest = load_manifest(str(tiny_shards))
+    spec = spec_from_manifest(manifest, "sag", SHAPE)
+    sample = next(iter(iter_samples(str(tiny_shards), "train", fields=("sag",))))
+    x = preprocess_volume(sample["sag"], spec)
+    torch.manual_seed(0)
+    model = DiffusionBackbone(**TINY, plane="sag", preprocessing=spec.to_dict()).eval()
+    with torch.no_grad():
+        feats = model.features(x, [0, 999], "mid")
+    assert feats["t0/mid"].shape == (1, 8, 4, 8, 8) and all(torch.isfinite(f).all() for f in feats.values())
+    assert not torch.allclose(feats["t0/mid"], feats["t999/mid"])
+    publish_backbone(model, model.make_scheduler(), str(tmp_path / "knee-sag"), {}, manifest, {"steps": 0})
+    card = (tmp_path / "knee-sag" / "README.md").read_text()
+    stats = manifest["stats"]
+    assert "Trained on synthetic studies" in card and "Shard manifest `tiny`" in card
+    assert f"knee: {stats['joint']['knee']}" in card and f"shoulder: {stats['joint']['shoulder']}" in card
+    assert f"{stats['planes']['sag']['intensity']['p99.5']}" in card
