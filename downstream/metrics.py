@@ -8,13 +8,16 @@ is the normal approximation when the per-case scores pass a Shapiro–Wilk test,
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import torch
-from monai.metrics import DiceMetric, HausdorffDistanceMetric, MeanIoU
+from monai.metrics import (DiceMetric, HausdorffDistanceMetric, MeanIoU, compute_average_precision,
+                           compute_roc_auc)
 from monai.networks.utils import one_hot
 from scipy import stats
-from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+from sklearn.metrics import roc_curve
 
 
 def patient_level(frame: pd.DataFrame, labels: list[str], score_cols: list[str]) -> pd.DataFrame:
@@ -24,41 +27,73 @@ def patient_level(frame: pd.DataFrame, labels: list[str], score_cols: list[str])
 
 
 def youden_point(y: np.ndarray, p: np.ndarray) -> dict:
-    """Sensitivity and specificity at the ROC point maximising J = sens + spec - 1."""
+    """Sensitivity and specificity at the ROC point maximising J = sens + spec - 1 (scikit-learn)."""
     fpr, tpr, thr = roc_curve(y, p)
     i = int(np.argmax(tpr - fpr))
     return {"threshold": float(min(thr[i], 1.0)), "sensitivity": float(tpr[i]), "specificity": float(1 - fpr[i])}
 
 
+def _auroc_ap(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
+    """MONAI's AUROC and average precision (fast enough to bootstrap; equal to scikit-learn's)."""
+    yt, pt = torch.as_tensor(y, dtype=torch.float64), torch.as_tensor(p, dtype=torch.float64)
+    return float(compute_roc_auc(pt, yt)), float(compute_average_precision(pt, yt))
+
+
 def binary_metrics(y: np.ndarray, p: np.ndarray) -> dict:
     """AUROC, AP and the Youden point; NaN when only one class is present."""
     if len(np.unique(y)) < 2:
-        return {"auroc": float("nan"), "ap": float("nan"), "sensitivity": float("nan"),
-                "specificity": float("nan"), "threshold": float("nan")}
-    return {"auroc": float(roc_auc_score(y, p)), "ap": float(average_precision_score(y, p)), **youden_point(y, p)}
+        return {k: float("nan") for k in ("auroc", "ap", "sensitivity", "specificity", "threshold")}
+    auroc, ap = _auroc_ap(y, p)
+    return {"auroc": auroc, "ap": ap, **youden_point(y, p)}
 
 
-def bootstrap_ci(y: np.ndarray, p: np.ndarray, n: int, ci: float, seed: int) -> dict:
-    """Percentile bootstrap intervals of each binary metric, resampling patients with replacement."""
+def _at_threshold(y: np.ndarray, p: np.ndarray, thr: float) -> tuple[float, float]:
+    return float((p[y == 1] >= thr).mean()), float((p[y == 0] < thr).mean())
+
+
+METRIC_KEYS = ("auroc", "ap", "sensitivity", "specificity")
+
+
+def _bootstrap(pat: pd.DataFrame, labels: list[str], prefix: str, thresholds: dict, n: int, seed: int) -> dict:
+    """Per resample of patients: per-label AUROC, AP, and sens/spec at each label's Youden threshold
+    (fixed on the full set), plus their macro means. Returns {label or "macro": {metric: [values]}}."""
     rng = np.random.default_rng(seed)
-    draws: dict[str, list[float]] = {}
+    ys = {name: pat[name].to_numpy() for name in labels}
+    ps = {name: pat[prefix + name].to_numpy() for name in labels}
+    draws: dict[str, dict[str, list[float]]] = {name: {k: [] for k in METRIC_KEYS} for name in labels + ["macro"]}
     for _ in range(n):
-        idx = rng.integers(0, len(y), len(y))
-        if len(np.unique(y[idx])) < 2:
-            continue
-        for k, v in binary_metrics(y[idx], p[idx]).items():
-            draws.setdefault(k, []).append(v)
-    lo, hi = (1 - ci) / 2 * 100, (1 + ci) / 2 * 100
-    return {k: [float(np.percentile(v, lo)), float(np.percentile(v, hi))] for k, v in draws.items()
-            if k != "threshold"}
+        idx = rng.integers(0, len(pat), len(pat))
+        per = {}
+        for name in labels:
+            y, p = ys[name][idx], ps[name][idx]
+            known = np.isfinite(y)
+            y, p = y[known].astype(int), p[known]
+            if name not in thresholds or len(np.unique(y)) < 2:
+                continue
+            auroc, ap = _auroc_ap(y, p)
+            sens, spec = _at_threshold(y, p, thresholds[name])
+            per[name] = dict(zip(METRIC_KEYS, (auroc, ap, sens, spec)))
+            for k, v in per[name].items():
+                draws[name][k].append(v)
+        if per:
+            for k in METRIC_KEYS:
+                draws["macro"][k].append(float(np.mean([m[k] for m in per.values()])))
+    return draws
+
+
+def _percentiles(values: list[float], ci: float) -> list[float]:
+    if not values:
+        return [float("nan"), float("nan")]
+    return [float(np.percentile(values, (1 - ci) / 2 * 100)), float(np.percentile(values, (1 + ci) / 2 * 100))]
 
 
 def diagnosis_metrics(frame: pd.DataFrame, labels: list[str], score_prefix: str = "p_",
                       n_boot: int = 1000, ci: float = 0.95, seed: int = 0) -> dict:
-    """Per-label and macro metrics on patient-level predictions.
+    """Per-label and macro metrics on patient-level predictions, with bootstrap intervals.
 
     ``frame`` has one row per study with ``patient``, the true labels (0/1/NaN) under each label
-    name and the predicted probability under ``score_prefix + label``.
+    name and the predicted probability under ``score_prefix + label``. Unknown labels are excluded
+    per label. Intervals resample patients (``n_boot`` times).
     """
     cols = [score_prefix + name for name in labels]
     pat = patient_level(frame, labels, cols)
@@ -67,12 +102,15 @@ def diagnosis_metrics(frame: pd.DataFrame, labels: list[str], score_prefix: str 
         known = pat[name].notna().to_numpy()
         y = pat.loc[known, name].to_numpy().astype(int)
         p = pat.loc[known, score_prefix + name].to_numpy()
-        m = binary_metrics(y, p) | {"n": int(known.sum()), "n_pos": int(y.sum())}
-        m["ci"] = bootstrap_ci(y, p, n_boot, ci, seed) if n_boot and len(np.unique(y)) == 2 else {}
-        per_label[name] = m
-    macro = {k: float(np.nanmean([per_label[n][k] for n in labels]))
-             if any(np.isfinite(per_label[n][k]) for n in labels) else float("nan")
-             for k in ("auroc", "ap", "sensitivity", "specificity")}
+        per_label[name] = binary_metrics(y, p) | {"n": int(known.sum()), "n_pos": int(y.sum())}
+    finite = {k: [per_label[n][k] for n in labels if np.isfinite(per_label[n][k])] for k in METRIC_KEYS}
+    macro = {k: float(np.mean(v)) if v else float("nan") for k, v in finite.items()}
+    thresholds = {n: m["threshold"] for n, m in per_label.items() if np.isfinite(m["threshold"])}
+    if n_boot:
+        draws = _bootstrap(pat, labels, score_prefix, thresholds, n_boot, seed)
+        for name in labels:
+            per_label[name]["ci"] = {k: _percentiles(draws[name][k], ci) for k in METRIC_KEYS}
+        macro["ci"] = {k: _percentiles(draws["macro"][k], ci) for k in METRIC_KEYS}
     return {"per_label": per_label, "macro": macro, "n_patients": int(len(pat))}
 
 
@@ -131,7 +169,8 @@ def segmentation_metrics(scores: dict[str, np.ndarray], structures: list[str], c
         arr = np.where(np.isinf(arr), np.nan, arr)
         for j, name in enumerate(structures):
             out["per_structure"].setdefault(name, {})[metric] = interval(arr[:, j], ci, n_boot, seed)
-        with np.errstate(all="ignore"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a case with no structure present: NaN
             case_mean = np.nanmean(arr, axis=1) if arr.size else arr
         out["mean"][metric] = interval(case_mean, ci, n_boot, seed)
     return out
