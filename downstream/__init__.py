@@ -1,0 +1,1 @@
+"""Downstream clinical heads on published backbones: tasks, cached features, heads, metrics."""

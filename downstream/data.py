@@ -1,0 +1,117 @@
+"""The studies of a task: checks against the shard manifest and the per-study table.
+
+All checks run before any compute, and each error names what is missing and what exists.
+"""
+
+from __future__ import annotations
+
+import posixpath
+
+import fsspec
+import numpy as np
+import pandas as pd
+
+from shards.config import ConfigError
+from shards.manifest import load_manifest
+from shards.reader import ShardReader
+
+from .tasks import TaskConfig
+
+
+def _published_beside(url: str) -> list[str]:
+    """Names of published backbones (folders with config.json) next to ``url``."""
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+        parent = posixpath.dirname(path.rstrip("/"))
+        return sorted(posixpath.basename(p) for p in fs.ls(parent, detail=False)
+                      if fs.exists(posixpath.join(p, "config.json")))
+    except (FileNotFoundError, OSError, ValueError):
+        return []
+
+
+def check_backbones(task: TaskConfig) -> None:
+    missing = []
+    for plane in task.planes:
+        url = task.backbones[plane]
+        if url.startswith("hf://"):
+            continue  # resolved by the Hugging Face client when loading
+        fs, path = fsspec.core.url_to_fs(url)
+        if not fs.exists(posixpath.join(path, "config.json")):
+            missing.append((plane, url))
+    if missing:
+        lines = [f"plane {p}: no published backbone at '{u}' (existing there: "
+                 f"{', '.join(_published_beside(u)) or 'none'})" for p, u in missing]
+        raise ConfigError(f"task '{task.name}': missing backbone(s):\n  " + "\n  ".join(lines)
+                          + "\n  publish them with `pretrain run` (see `make demo`) or set backbones.<plane>=<path>")
+
+
+def check_manifest(task: TaskConfig, manifest: dict) -> None:
+    """Joint, planes and labels of the task must be present in the shards."""
+    stats, where = manifest.get("stats", {}), f"task '{task.name}' vs shards {manifest.get('_base')}"
+    joints = sorted(stats.get("joint", {}))
+    if task.joint not in joints:
+        raise ConfigError(f"{where}: joint '{task.joint}' is absent; joints present: {', '.join(joints)}")
+    planes = sorted(stats.get("planes", {}))
+    absent = [p for p in task.planes if p not in planes]
+    if absent:
+        raise ConfigError(f"{where}: plane(s) {absent} absent from the shards; planes present: {', '.join(planes)}")
+    if task.kind == "diagnosis":
+        present = sorted(stats.get("labels", {}).get(task.joint, {}))
+        missing = [name for name in task.labels if name not in present]
+        if missing:
+            raise ConfigError(f"{where}: label(s) {missing} are not in the manifest for {task.joint}; "
+                              f"labels present: {', '.join(present) or 'none'}")
+
+
+def check_task(task: TaskConfig) -> dict:
+    """Every pre-compute check; returns the shard manifest."""
+    try:
+        manifest = load_manifest(task.shards)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"task '{task.name}': {exc}") from None
+    check_manifest(task, manifest)
+    check_backbones(task)
+    return manifest
+
+
+def load_studies(task: TaskConfig) -> pd.DataFrame:
+    """One row per study of the task's joint having all its planes: key, patient, split, labels
+    (1.0 / 0.0 / NaN for unknown) and ``ehr.<field>`` columns. Rows are sorted by key."""
+    reader = ShardReader(task.shards, split=None, fields=("meta", "labels", "ehr"), require=(),
+                         joints=[task.joint], rank=0, world_size=1)
+    rows = []
+    for s in reader:
+        meta = s["meta"]
+        if not all(p in meta.get("planes", {}) for p in task.planes):
+            continue
+        row = {"key": s["__key__"], "patient": meta["patient"], "split": meta.get("split", "train"),
+               "site": meta.get("site")}
+        labels = s.get("labels") or {}
+        for name in task.labels:
+            value = labels.get(name)
+            row[name] = np.nan if value is None else float(value)
+        for k, v in (s.get("ehr") or {}).items():
+            row[f"ehr.{k}"] = v
+        first = meta["planes"][task.planes[0]]
+        row["spacing"], row["shape"] = list(first["spacing"]), list(first["shape"])
+        rows.append(row)
+    if not rows:
+        raise ConfigError(f"task '{task.name}': no {task.joint} study in {task.shards} has all planes {task.planes}")
+    return pd.DataFrame(rows).sort_values("key").reset_index(drop=True)
+
+
+def split_rows(frame: pd.DataFrame, task: TaskConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices of the training and evaluation splits; ``train_fraction`` keeps a seeded subset
+    of training *patients* (label-efficiency studies)."""
+    splits = sorted(frame["split"].unique())
+    for s in (task.train.train_split, task.train.eval_split):
+        if s not in splits:
+            raise ConfigError(f"task '{task.name}': split '{s}' has no {task.joint} studies; splits: {', '.join(splits)}")
+    train = frame.index[frame["split"] == task.train.train_split].to_numpy()
+    if task.train.train_fraction < 1:
+        patients = np.array(sorted(frame.loc[train, "patient"].unique()))
+        rng = np.random.default_rng(task.train.seed)
+        keep = rng.choice(patients, max(2, round(len(patients) * task.train.train_fraction)), replace=False)
+        train = train[frame.loc[train, "patient"].isin(keep).to_numpy()]
+    evaluate = frame.index[frame["split"] == task.train.eval_split].to_numpy()
+    return train, evaluate

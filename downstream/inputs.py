@@ -1,0 +1,71 @@
+"""Per-plane inputs of a task: the published backbone, preprocessed volumes and cached features.
+
+Volumes are preprocessed with the spec stored in the backbone's config (exactly what it was trained
+on) and cached; features are cached per (backbone, preprocessing, feature spec, manifest, joint,
+plane). The ``random_backbone`` baseline gets the features of a seeded random initialisation of the
+same architecture, cached the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from pretrain.preprocess import spec_from_manifest
+from pretrain.publish import load_backbone
+
+from .features import FeatureCache, backbone_identity, cached_features, cached_volumes, manifest_identity
+from .tasks import TaskConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PlaneData:
+    plane: str
+    backbone_url: str
+    model: torch.nn.Module
+    spec: dict
+    volumes: np.ndarray                       # (N, 1, S, R, C) preprocessed, memory-mapped
+    features: dict[str, np.ndarray]           # {"t50/mid": (N, C, d, h, w)}
+    seg: np.ndarray | None = None             # (N, 1, S, R, C) label map on the preprocessed grid
+    random_features: dict[str, np.ndarray] | None = None
+    cache: dict = field(default_factory=dict)
+
+    def channels(self, random: bool = False) -> list[int]:
+        feats = self.random_features if random else self.features
+        return [int(a.shape[1]) for a in feats.values()]
+
+
+def random_copy(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """The same architecture and config, freshly initialised with ``seed``."""
+    torch.manual_seed(seed)
+    return type(model).from_config(model.config).eval()
+
+
+def prepare_planes(task: TaskConfig, keys: list[str], manifest: dict, cache: FeatureCache) -> dict[str, PlaneData]:
+    manifest_id = manifest_identity(manifest)
+    need_random = "random_backbone" in task.baselines.names
+    out = {}
+    for plane in task.planes:
+        url = task.backbones[plane]
+        model, _, pre = load_backbone(url)
+        spec = (pre.to_dict() if pre is not None else spec_from_manifest(manifest, plane).to_dict())
+        hits = cache.hits
+        vols = cached_volumes(cache, task.shards, manifest_id, task.joint, plane, spec, keys,
+                              with_seg=task.kind == "segmentation")
+        feats = cached_features(cache, model, backbone_identity(model), vols["image"], spec, task.features,
+                                manifest_id, task.joint, plane, keys, task.device)
+        data = PlaneData(plane, url, model, spec, vols["image"], feats, vols.get("seg"))
+        if need_random:
+            rnd = random_copy(model, task.train.seed)
+            data.random_features = cached_features(cache, rnd, backbone_identity(rnd), vols["image"], spec,
+                                                   task.features, manifest_id, task.joint, plane, keys, task.device)
+        data.cache = {"lookups": 2 + need_random, "hits": cache.hits - hits}
+        log.info("plane %s: backbone %s, features %s (cache hits %d/%d)", plane, url,
+                 {k: tuple(v.shape[1:]) for k, v in feats.items()}, data.cache["hits"], data.cache["lookups"])
+        out[plane] = data
+    return out

@@ -1,0 +1,202 @@
+"""Tasks as configs: one YAML per task in ``configs/tasks/``, validated against :class:`TaskConfig`.
+
+A task names the joint, the planes, the labels (diagnosis) or structures (segmentation), one
+published backbone per plane (by hub path), the feature spec, the head, the fusion, the training
+budget and the metrics. ``downstream finetune --task ankle-dx`` resolves ``configs/tasks/ankle-dx.yaml``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from omegaconf import OmegaConf
+
+from shards.config import ConfigError, load_config
+from shards.schema import JOINTS, LABELS, PLANES, STRUCTURES
+
+TASKS_DIR = Path(__file__).resolve().parents[1] / "configs" / "tasks"
+
+KINDS = ("diagnosis", "segmentation")
+POOLINGS = ("avg", "attention", "global_local")
+HEADS = {"diagnosis": ("linear", "mlp"), "segmentation": ("decoder",)}
+FUSIONS = ("concat", "projected_sum", "cross_attention", "label_level", "experts")
+BASELINES = {"diagnosis": ("random_backbone", "scratch_cnn", "mrnet_2d"),
+             "segmentation": ("random_backbone", "scratch_cnn")}
+
+
+@dataclass
+class FeatureSpec:
+    """Which frozen-backbone features: noise timesteps, named blocks, noise draws averaged, seed."""
+
+    timesteps: list[int] = field(default_factory=lambda: [50])
+    blocks: list[str] = field(default_factory=lambda: ["mid"])
+    noise_draws: int = 1
+    seed: int = 0
+    pooling: str = "attention"
+    batch_size: int = 4
+
+
+@dataclass
+class HeadSpec:
+    """Head on pooled features. ``finetune_blocks``: backbone parameter-name prefixes to unfreeze
+    (trained at ``lr * finetune_lr_scale``); empty = frozen backbone and cached features."""
+
+    kind: str = "linear"
+    hidden: int = 64
+    dropout: float = 0.1
+    finetune_blocks: list[str] = field(default_factory=list)
+    finetune_lr_scale: float = 0.1
+
+
+@dataclass
+class FusionSpec:
+    """Multi-plane fusion. ``experts``: per-label plane experts + a gating network trained on
+    out-of-fold, patient-level predictions (``folds`` folds)."""
+
+    kind: str = "concat"
+    hidden: int = 32
+    heads: int = 2
+    folds: int = 3
+
+
+@dataclass
+class EHRSpec:
+    """Tabular encoder of the EHR record, mixed with the image prediction per label."""
+
+    enabled: bool = False
+    numeric: list[str] = field(default_factory=lambda: ["age", "height_cm", "weight_kg"])
+    categorical: list[str] = field(default_factory=lambda: ["sex", "patient_type"])
+    event: str = "injury_event"
+    embed_dim: int = 8
+    hidden: int = 32
+
+
+@dataclass
+class TrainSpec:
+    epochs: int = 60
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 16
+    seed: int = 0
+    train_split: str = "train"
+    eval_split: str = "test"
+    train_fraction: float = 1.0
+
+
+@dataclass
+class MetricsSpec:
+    bootstrap: int = 1000
+    ci: float = 0.95
+    seed: int = 0
+
+
+@dataclass
+class BaselineSpec:
+    """Baselines trained in the same run; widths are kept small so they train on CPU."""
+
+    names: list[str] = field(default_factory=lambda: ["random_backbone", "scratch_cnn", "mrnet_2d"])
+    cnn_channels: list[int] = field(default_factory=lambda: [8, 16, 32, 64])
+    encoder_2d: str = "resnet18"
+    epochs: int = 20
+    lr: float = 1e-3
+
+
+@dataclass
+class TaskConfig:
+    name: str = ""
+    description: str = ""
+    kind: str = "diagnosis"
+    joint: str = "knee"
+    planes: list[str] = field(default_factory=lambda: ["sag"])
+    labels: list[str] = field(default_factory=list)
+    structures: list[str] = field(default_factory=list)
+    ignore_index: int = 255
+    backbones: dict[str, str] = field(default_factory=dict)
+    shards: str = "data/shards"
+    cache_dir: str = "cache/features"
+    out: str = "runs/finetune"
+    run_name: str = ""
+    device: str = "cpu"
+    features: FeatureSpec = field(default_factory=FeatureSpec)
+    head: HeadSpec = field(default_factory=HeadSpec)
+    fusion: FusionSpec = field(default_factory=FusionSpec)
+    ehr: EHRSpec = field(default_factory=EHRSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    metrics: MetricsSpec = field(default_factory=MetricsSpec)
+    baselines: BaselineSpec = field(default_factory=BaselineSpec)
+
+    def validate(self) -> None:
+        where = f"task '{self.name}'"
+        _one_of(self.kind, KINDS, f"{where}: kind")
+        _one_of(self.joint, JOINTS, f"{where}: joint")
+        if not self.planes:
+            raise ConfigError(f"{where}: planes is empty; known: {', '.join(PLANES)}")
+        for plane in self.planes:
+            _one_of(plane, PLANES, f"{where}: plane")
+        missing = [p for p in self.planes if p not in self.backbones]
+        if missing:
+            raise ConfigError(f"{where}: no backbone for plane(s) {missing}; backbones given for "
+                              f"{sorted(self.backbones) or 'none'}")
+        if self.kind == "diagnosis":
+            if not self.labels:
+                raise ConfigError(f"{where}: labels is empty; {self.joint} labels: {', '.join(LABELS[self.joint])}")
+            bad = [name for name in self.labels if name not in LABELS[self.joint]]
+            if bad:
+                raise ConfigError(f"{where}: unknown {self.joint} labels {bad}; known: {', '.join(LABELS[self.joint])}")
+        else:
+            known = STRUCTURES[self.joint]
+            bad = [s for s in self.structures if s not in known or s == "background"]
+            if not self.structures or bad:
+                raise ConfigError(f"{where}: structures {bad or '(empty)'} are not {self.joint} structures; "
+                                  f"known: {', '.join(known[1:])}")
+            if len(self.planes) != 1:
+                raise ConfigError(f"{where}: segmentation works on one plane, got {self.planes}")
+        _one_of(self.features.pooling, POOLINGS, f"{where}: features.pooling")
+        _one_of(self.head.kind, HEADS[self.kind], f"{where}: head.kind")
+        _one_of(self.fusion.kind, FUSIONS, f"{where}: fusion.kind")
+        for name in self.baselines.names:
+            _one_of(name, BASELINES[self.kind], f"{where}: baseline")
+        if self.ehr.enabled and self.kind != "diagnosis":
+            raise ConfigError(f"{where}: ehr fusion needs a diagnosis task")
+        if not self.features.timesteps or not self.features.blocks or self.features.noise_draws < 1:
+            raise ConfigError(f"{where}: features need timesteps, blocks and noise_draws >= 1")
+        if not 0 < self.train.train_fraction <= 1:
+            raise ConfigError(f"{where}: train.train_fraction must be in (0, 1], got {self.train.train_fraction}")
+        if self.fusion.kind == "experts" and self.fusion.folds < 2:
+            raise ConfigError(f"{where}: fusion.folds must be >= 2 for experts")
+
+
+def _one_of(value: str, known: Sequence[str], what: str) -> None:
+    if value not in known:
+        raise ConfigError(f"{what} '{value}' is unknown; known: {', '.join(known)}")
+
+
+def task_registry(tasks_dir: str | Path = TASKS_DIR) -> dict[str, Path]:
+    """Task name -> YAML path, for every ``*.yaml`` in ``tasks_dir``."""
+    return {p.stem: p for p in sorted(Path(tasks_dir).glob("*.yaml"))}
+
+
+def describe_tasks(tasks_dir: str | Path = TASKS_DIR) -> list[str]:
+    """One line per task: name, kind, joint, planes, description."""
+    lines = []
+    for name, path in task_registry(tasks_dir).items():
+        raw = OmegaConf.load(path)
+        planes = ",".join(raw.get("planes", []))
+        lines.append(f"{name:<14} {raw.get('kind', 'diagnosis'):<12} {raw.get('joint', '?'):<9} "
+                     f"{planes:<11} {raw.get('description', '')}")
+    return lines
+
+
+def load_task(name_or_path: str | Path, overrides: Sequence[str] = (),
+              tasks_dir: str | Path = TASKS_DIR) -> TaskConfig:
+    """A validated task from its name (``configs/tasks/<name>.yaml``) or a YAML path, plus overrides."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        registry = task_registry(tasks_dir)
+        if str(name_or_path) not in registry:
+            raise ConfigError(f"unknown task '{name_or_path}'; known: {', '.join(registry) or '(none)'}")
+        path = registry[str(name_or_path)]
+    cfg = load_config(TaskConfig, path, overrides, base={"name": path.stem})
+    return cfg
