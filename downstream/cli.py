@@ -29,20 +29,82 @@ def _tasks_run(args: argparse.Namespace) -> int:
 def _finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, help="task name (configs/tasks/<name>.yaml) or a YAML path")
     p.add_argument("--run-dir", default=None, help="run folder (default runs/finetune/<task>-<time>)")
+    p.add_argument("--from-sweep", default=None, help="a sweep run folder: train its best head (best.json)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=20")
 
 
 def _finetune_run(args: argparse.Namespace) -> int:
     from .finetune import run_finetune
 
-    result = run_finetune(args.task, args.overrides, run_dir=args.run_dir)
+    overrides = list(args.overrides)
+    if args.from_sweep:
+        from .sweep import from_sweep_overrides
+
+        overrides = from_sweep_overrides(args.from_sweep, args.task) + overrides
+    result = run_finetune(args.task, overrides, run_dir=args.run_dir)
     print(result["table"])
+    return 0
+
+
+def _sweep_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", required=True, help="task name (configs/tasks/<name>.yaml) or a YAML path")
+    p.add_argument("--space", required=True, help="sweep config, e.g. configs/sweeps/knee-dx-head.yaml")
+    p.add_argument("--run-dir", default=None, help="run folder (default runs/sweep/<task>-sweep); rerun to resume")
+    p.add_argument("overrides", nargs="*", help="sweep keys (num_samples=8) or task keys (train.epochs=20)")
+
+
+def _sweep_run(args: argparse.Namespace) -> int:
+    from .sweep import load_sweep, run_sweep
+
+    result = run_sweep(load_sweep(args.space, args.task, args.overrides), args.run_dir)
+    print(result["trials"].to_string(index=False))
+    best = result["best"]
+    print(f"best ({best['metric']} {best['value']:.3f}): {best['params']} -> {result['run_dir']}/best.json\n"
+          f"train and test it: downstream finetune --task {args.task} --from-sweep {result['run_dir']}")
+    return 0
+
+
+def _study_args(p: argparse.ArgumentParser) -> None:
+    from .studies.config import KINDS
+
+    p.add_argument("kind", choices=KINDS)
+    p.add_argument("--space", default=None, help="study grid (default configs/sweeps/<kind>.yaml)")
+    p.add_argument("--quick", action="store_true", help="the reduced grid of the config's quick: block")
+    p.add_argument("--make-backbones", action="store_true",
+                   help="pretrain (small, plain torch) the grid's backbones that are not published yet")
+    p.add_argument("--run-dir", default=None, help="run folder (default runs/study/<kind>); rerun to resume")
+    p.add_argument("overrides", nargs="*", help="study keys, e.g. seeds=[0,1] task=ankle-dx")
+
+
+def _study_run(args: argparse.Namespace) -> int:
+    from .studies import run_study
+    from .studies.config import load_study
+
+    summary = run_study(load_study(args.kind, args.space, args.overrides, args.quick), args.run_dir,
+                        args.make_backbones)
+    print(f"{summary['n_trials']} trials ({summary['n_errors']} failed) -> {summary['report']} and {summary['html']}")
+    return 0
+
+
+def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="a study run folder (with config.yaml and trials.csv)")
+
+
+def _report_run(args: argparse.Namespace) -> int:
+    from .studies import study_report
+
+    md, page = study_report(args.run)
+    print(f"{md}\n{page}")
     return 0
 
 
 COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
     "tasks": (_tasks_args, _tasks_run, "list the tasks in configs/tasks, one line each"),
     "finetune": (_finetune_args, _finetune_run, "train and evaluate a task's head and its baselines"),
+    "sweep": (_sweep_args, _sweep_run, "Ray Tune sweep of a task's head (ASHA), best config to the run folder"),
+    "study": (_study_args, _study_run, "a study grid with seeds (label-efficiency, transfer, robustness, "
+                                       "multi-anatomy) ending in a report"),
+    "report": (_report_args, _report_run, "render a study run into report.md and report.html"),
 }
 
 

@@ -85,7 +85,8 @@ def load_studies(task: TaskConfig) -> pd.DataFrame:
         if not all(p in meta.get("planes", {}) for p in task.planes):
             continue
         row = {"key": s["__key__"], "patient": meta["patient"], "split": meta.get("split", "train"),
-               "site": meta.get("site")}
+               "site": meta.get("site"), "field_strength": meta.get("field_strength"),
+               "vendor": meta.get("vendor")}
         labels = s.get("labels") or {}
         for name in task.labels:
             value = labels.get(name)
@@ -101,17 +102,44 @@ def load_studies(task: TaskConfig) -> pd.DataFrame:
 
 
 def split_rows(frame: pd.DataFrame, task: TaskConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Row indices of the training and evaluation splits; ``train_fraction`` keeps a seeded subset
-    of training *patients* (label-efficiency studies)."""
+    """Row indices of the training and evaluation splits.
+
+    ``train_fraction`` keeps the first patients of a seeded permutation of the training patients,
+    so that for one seed smaller subsets are contained in larger ones (label-efficiency studies).
+    ``domain_key`` with ``train_domain``/``eval_domain`` keeps only studies of that site, vendor or
+    field strength on either side (robustness studies).
+    """
     splits = sorted(frame["split"].unique())
     for s in (task.train.train_split, task.train.eval_split):
         if s not in splits:
             raise ConfigError(f"task '{task.name}': split '{s}' has no {task.joint} studies; splits: {', '.join(splits)}")
-    train = frame.index[frame["split"] == task.train.train_split].to_numpy()
-    if task.train.train_fraction < 1:
-        patients = np.array(sorted(frame.loc[train, "patient"].unique()))
-        rng = np.random.default_rng(task.train.seed)
-        keep = rng.choice(patients, max(2, round(len(patients) * task.train.train_fraction)), replace=False)
-        train = train[frame.loc[train, "patient"].isin(keep).to_numpy()]
-    evaluate = frame.index[frame["split"] == task.train.eval_split].to_numpy()
+    t = task.train
+    train = _in_domain(frame, task, t.train_split, t.train_domain, "train_domain")
+    if t.train_fraction < 1:
+        train = train[frame.loc[train, "patient"].isin(patient_subset(frame.loc[train, "patient"], t.train_fraction,
+                                                                      t.seed)).to_numpy()]
+    evaluate = _in_domain(frame, task, t.eval_split, t.eval_domain, "eval_domain")
     return train, evaluate
+
+
+def patient_subset(patients: pd.Series, fraction: float, seed: int) -> list[str]:
+    """The first ``round(fraction * n)`` (at least 2) of a seeded permutation of the unique patients."""
+    unique = np.array(sorted(patients.unique()))
+    order = np.random.default_rng(seed).permutation(unique)
+    return list(order[:max(2, round(len(unique) * fraction))])
+
+
+def domain_values(frame: pd.DataFrame, key: str) -> list[str]:
+    return sorted({str(v) for v in frame[key]})
+
+
+def _in_domain(frame: pd.DataFrame, task: TaskConfig, split: str, domain: str, what: str) -> np.ndarray:
+    rows = frame["split"] == split
+    if task.train.domain_key and domain:
+        values = frame[task.train.domain_key].astype(str)
+        if not (rows & (values == domain)).any():
+            raise ConfigError(f"task '{task.name}': train.{what} '{domain}' has no {task.joint} studies in split "
+                              f"'{split}'; {task.train.domain_key} values there: "
+                              f"{', '.join(domain_values(frame[rows], task.train.domain_key))}")
+        rows &= values == domain
+    return frame.index[rows].to_numpy()

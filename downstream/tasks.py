@@ -22,6 +22,7 @@ KINDS = ("diagnosis", "segmentation")
 POOLINGS = ("avg", "attention", "global_local")
 HEADS = {"diagnosis": ("linear", "mlp"), "segmentation": ("decoder",)}
 FUSIONS = ("concat", "projected_sum", "cross_attention", "label_level", "experts")
+DOMAIN_KEYS = ("", "site", "vendor", "field_strength")
 BASELINES = {"diagnosis": ("random_backbone", "scratch_cnn", "mrnet_2d"),
              "segmentation": ("random_backbone", "scratch_cnn")}
 
@@ -83,6 +84,9 @@ class TrainSpec:
     train_split: str = "train"
     eval_split: str = "test"
     train_fraction: float = 1.0
+    domain_key: str = ""        # "", site, vendor or field_strength: train/evaluate on one domain
+    train_domain: str = ""
+    eval_domain: str = ""
 
 
 @dataclass
@@ -164,6 +168,7 @@ class TaskConfig:
             raise ConfigError(f"{where}: features need timesteps, blocks and noise_draws >= 1")
         if not 0 < self.train.train_fraction <= 1:
             raise ConfigError(f"{where}: train.train_fraction must be in (0, 1], got {self.train.train_fraction}")
+        _one_of(self.train.domain_key, DOMAIN_KEYS, f"{where}: train.domain_key")
         if self.fusion.kind == "experts" and self.fusion.folds < 2:
             raise ConfigError(f"{where}: fusion.folds must be >= 2 for experts")
 

@@ -34,8 +34,11 @@ def seed_everything(seed: int) -> None:
 
 def fit(model: torch.nn.Module, get_batch: GetBatch, rows: Sequence[int], loss_fn: Callable, *, epochs: int,
         lr: float, weight_decay: float = 0.0, batch_size: int = 16, seed: int = 0,
-        param_groups: list[dict] | None = None, desc: str = "train", device: str = "cpu") -> list[float]:
-    """Train with AdamW for ``epochs`` over ``rows``; returns the mean loss per epoch."""
+        param_groups: list[dict] | None = None, desc: str = "train", device: str = "cpu",
+        on_epoch: Callable[[int, float], None] | None = None) -> list[float]:
+    """Train with AdamW for ``epochs`` over ``rows``; returns the mean loss per epoch.
+
+    ``on_epoch(epoch, loss)`` runs after each epoch (sweeps report validation metrics from it)."""
     rows = np.asarray(rows)
     if len(rows) == 0:
         raise ValueError(f"{desc}: no training rows")
@@ -56,6 +59,9 @@ def fit(model: torch.nn.Module, get_batch: GetBatch, rows: Sequence[int], loss_f
             opt.step()
             total, count = total + float(loss) * len(idx), count + len(idx)
         history.append(total / count)
+        if on_epoch is not None:
+            on_epoch(len(history), history[-1])
+            model.train()
     model.eval()
     return history
 

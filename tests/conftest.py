@@ -79,3 +79,18 @@ def s3_endpoint():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def study_shards(tmp_path_factory) -> Path:
+    """Sweep/study tests: knee + ankle studies, sagittal 8x32x32 only (enough patients per split,
+    site and field strength for nested subsets and domain splits)."""
+    from shards.build import BuildConfig, build_shards
+    from shards.config import load_config
+
+    out = tmp_path_factory.mktemp("study_shards")
+    build_shards(load_config(BuildConfig, TINY_SHARDS_CONFIG, [
+        f"out={out}", "synth.n_patients=80", "synth.joints=[knee,ankle]", "synth.joint_weights=[0.6,0.4]",
+        "synth.planes=[sag]", "synth.kspace.enabled=false",
+        "splits.train=0.5", "splits.val=0.2", "splits.test=0.3", "shard_max_count=32"]))
+    return out

@@ -1,0 +1,77 @@
+"""Cross-joint transfer: backbones pretrained on each source (one joint, another joint, all joints)
+fine-tuned on each target task; a source x target matrix against the random-init backbone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from ..finetune import resolve_task
+from ..report import Report
+from .config import StudyConfig
+from .plots import plot_heatmap
+from .pretrained import backbone_overrides, needed
+from .summary import aggregate, errors_table, fmt_ci
+from .trials import make_spec
+
+PRETRAINED, RANDOM = "diffusion", "random_backbone"
+
+
+def backbones(cfg: StudyConfig) -> list[dict]:
+    return needed(cfg, cfg.targets, [0])
+
+
+def plan(cfg: StudyConfig) -> list[dict]:
+    """Baselines (random init, scratch CNN) do not depend on the source: trained with the first only."""
+    specs = []
+    for target in cfg.targets:
+        planes = resolve_task(target, cfg.overrides).planes
+        for i, source in enumerate(cfg.sources):
+            extra = [] if i == 0 else ["baselines.names=[]"]
+            for s in cfg.seeds:
+                specs.append(make_spec(target, [*cfg.overrides, *backbone_overrides(cfg, source, planes), *extra,
+                                                f"train.seed={s}", f"metrics.seed={s}"],
+                                       {"target": target, "source": source, "seed": s}))
+    return specs
+
+
+def report(cfg: StudyConfig, trials: pd.DataFrame, run_dir: Path) -> Report:
+    metric = cfg.metric
+    rep = Report(f"Cross-joint transfer (macro {metric.upper()})")
+    rep.text("Rows: where the backbone was pretrained (joints in brackets); columns: target task. Cells: mean over "
+             f"seeds [{cfg.ci:.0%} CI]. 'random init' is the same architecture with random weights, 'scratch_cnn' a "
+             "3D CNN trained from scratch on the target; both are trained in the first source's trials.")
+    ok = trials[trials["model"].notna()].copy()
+    ok["row"] = ok.apply(lambda r: f"{r['source']} {cfg.sources.get(r['source'], [])}" if r["model"] == PRETRAINED
+                         else ("random init" if r["model"] == RANDOM else r["model"]), axis=1)
+    agg = aggregate(pd.concat([ok, trials[trials["model"].isna()]]), ["row", "target"], metric, cfg.ci)
+    if agg.empty:
+        rep.text("No trial finished.")
+    else:
+        order = [f"{s} {j}" for s, j in cfg.sources.items()] + sorted(set(agg["row"]) - {f"{s} {j}" for s, j in cfg.sources.items()})
+        cells = agg.assign(cell=[fmt_ci(m, lo, hi) for m, lo, hi in zip(agg["mean"], agg["lo"], agg["hi"])])
+        table = cells.pivot(index="row", columns="target", values="cell").reindex([r for r in order if r in set(agg["row"])])
+        rep.heading("Source x target")
+        rep.table(table.reset_index().rename(columns={"row": "pretrained on"}))
+        matrix = agg.pivot(index="row", columns="target", values="mean").reindex(table.index)[list(table.columns)]
+        plots = run_dir / "plots"
+        plots.mkdir(exist_ok=True)
+        rep.image(plot_heatmap(matrix, plots / "transfer_matrix.png", f"macro {metric.upper()} (test)", "target task",
+                               "backbone pretrained on", cmap="RdYlGn", center=0.5),
+                  "source x target heatmap of the mean metric")
+        rep.text(_in_joint_note(cfg))
+    failed = errors_table(trials)
+    if len(failed):
+        rep.heading("Failed trials")
+        rep.table(failed)
+    return rep
+
+
+def _in_joint_note(cfg: StudyConfig) -> str:
+    notes = []
+    for target in cfg.targets:
+        joint = resolve_task(target, cfg.overrides).joint
+        same = [s for s, j in cfg.sources.items() if list(j) == [joint]]
+        notes.append(f"{target}: in-joint source {same[0] if same else '(none in the grid)'}")
+    return "In-joint reference per target: " + "; ".join(notes) + "."

@@ -1,0 +1,236 @@
+"""``downstream sweep``: Ray Tune trials of a task's head with an ASHA scheduler.
+
+Trials get a small config (task name, ``key=value`` overrides, sampled parameters) and read the
+frozen-backbone features from the on-disk feature cache, which the driver fills once per distinct
+feature setting before any trial starts. Each trial trains the head with the task's own training
+loop and reports the macro metric on the *selection* split (``val`` by default, never the test
+split) every ``report_every`` epochs, which ASHA uses to stop weak trials early. The run folder gets
+``trials.csv``, ``best.json`` (parameters and the overrides that re-create the best head) and
+``metrics.json``; ``downstream finetune --task T --from-sweep <run>`` trains and tests that head.
+Running the same command again resumes an interrupted sweep.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from shards.config import ConfigError, load_config, save_config
+
+from .data import check_task, load_studies, split_rows
+from .diagnosis import feature_batcher
+from .features import FeatureCache
+from .finetune import resolve_task
+from .heads.fusion import build_feature_model
+from .inputs import prepare_planes
+from .metrics import diagnosis_metrics
+from .studies.trials import absolute_paths
+from .tasks import TaskConfig
+from .train import fit, masked_bce, predict, seed_everything
+from .tuning import run_tuner, trial_rows
+
+log = logging.getLogger(__name__)
+
+DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
+# Parameters that change the cached features: swept over discrete values, precomputed by the driver.
+FEATURE_KEYS = ("features.timesteps", "features.blocks", "features.noise_draws", "features.seed", "planes",
+                "backbones")
+METRICS = ("auroc", "ap")
+
+
+@dataclass
+class ASHASpec:
+    """ASHA over epochs: ``max_t`` 0 means the task's ``train.epochs``."""
+
+    max_t: int = 0
+    grace_period: int = 2
+    reduction_factor: float = 2.0
+    report_every: int = 1
+
+
+@dataclass
+class SweepConfig:
+    task: str = ""
+    name: str = ""
+    out: str = "runs/sweep"
+    overrides: list[str] = field(default_factory=list)
+    space: dict[str, Any] = field(default_factory=dict)
+    num_samples: int = 1
+    metric: str = "auroc"
+    select_split: str = "val"
+    scheduler: ASHASpec = field(default_factory=ASHASpec)
+    resources: dict[str, float] = field(default_factory=lambda: {"cpu": 1.0})
+    max_concurrent_trials: int = 2
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not self.space:
+            raise ConfigError("sweep: space is empty; give at least one task key, e.g. train.lr: {loguniform: [1e-4, 1e-2]}")
+        for key, dist in self.space.items():
+            if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
+                raise ConfigError(f"sweep: space.{key} must be one of {{{' | '.join(DISTRIBUTIONS)}: ...}}, got {dist}")
+            kind, values = next(iter(dist.items()))
+            if kind in ("uniform", "loguniform", "randint") and (not isinstance(values, list) or len(values) != 2):
+                raise ConfigError(f"sweep: space.{key}.{kind} needs [low, high], got {values}")
+            if key.startswith(FEATURE_KEYS) and kind not in ("grid", "choice"):
+                raise ConfigError(f"sweep: space.{key} changes the cached features; sweep it with grid or choice")
+        if self.metric not in METRICS:
+            raise ConfigError(f"sweep: metric '{self.metric}' is unknown; known: {', '.join(METRICS)}")
+        if self.num_samples < 1 or self.max_concurrent_trials < 1:
+            raise ConfigError("sweep: num_samples and max_concurrent_trials must be >= 1")
+
+
+def load_sweep(space_yaml: str | Path | None, task: str, overrides: Sequence[str] = ()) -> SweepConfig:
+    """The sweep config; ``overrides`` naming a sweep key (``num_samples=8``) set the sweep, the
+    others (``train.epochs=20``) are appended to the task overrides of every trial."""
+    sweep_keys = set(SweepConfig.__dataclass_fields__) - {"task"}
+    mine = [o for o in overrides if o.split("=", 1)[0].split(".", 1)[0] in sweep_keys]
+    cfg = load_config(SweepConfig, space_yaml, mine, base={"task": task})
+    cfg.overrides = list(cfg.overrides) + [o for o in overrides if o not in mine]
+    return cfg
+
+
+def param_space(cfg: SweepConfig) -> dict:
+    from ray import tune
+
+    build = {"grid": tune.grid_search, "choice": tune.choice, "uniform": lambda v: tune.uniform(*v),
+             "loguniform": lambda v: tune.loguniform(*v), "randint": lambda v: tune.randint(*v)}
+    return {key: build[kind](list(values)) for key, dist in cfg.space.items() for kind, values in dist.items()}
+
+
+def param_overrides(params: dict) -> list[str]:
+    return [f"{k}={json.dumps(v)}" for k, v in sorted(params.items())]
+
+
+def trial_task(task_name: str, overrides: Sequence[str], params: dict, select_split: str) -> TaskConfig:
+    """The trial's task: head only (no baselines), evaluated on the selection split."""
+    task = resolve_task(task_name, [*overrides, *param_overrides(params), f"train.eval_split={select_split}",
+                                    "baselines.names=[]"])
+    if task.kind != "diagnosis" or task.head.finetune_blocks or task.fusion.kind == "experts" or task.ehr.enabled:
+        raise ConfigError(f"sweep: task '{task.name}' must be a frozen-backbone diagnosis head (no finetune_blocks, "
+                          f"experts fusion or EHR); use `downstream finetune` for those")
+    return task
+
+
+def sweep_trial(config: dict) -> None:
+    """Ray Tune trainable: train one head on cached features, report the selection metric per epoch."""
+    from ray import tune
+
+    task = trial_task(config["task"], config["overrides"], config["params"], config["select_split"])
+    manifest = check_task(task)
+    frame = load_studies(task)
+    train_rows, select_rows = split_rows(frame, task)
+    planes = prepare_planes(task, list(frame["key"]), manifest, FeatureCache(task.cache_dir))
+    y = frame[task.labels].to_numpy(np.float32)
+    batcher = feature_batcher({p: d.features for p, d in planes.items()}, y)
+    seed_everything(task.train.seed)
+    model = build_feature_model(task.fusion.kind, {p: d.channels() for p, d in planes.items()}, len(task.labels),
+                                task.head, task.features.pooling, task.fusion)
+    chosen = frame.iloc[select_rows][["patient", *task.labels]].reset_index(drop=True)
+    every, epochs = config["report_every"], task.train.epochs
+
+    def report(epoch: int, loss: float) -> None:
+        if epoch % every and epoch != epochs:
+            return
+        probs = torch.sigmoid(predict(model, batcher, select_rows)).numpy()
+        scored = chosen.assign(**{f"p_{n}": probs[:, k] for k, n in enumerate(task.labels)})
+        macro = diagnosis_metrics(scored, task.labels, "p_", n_boot=0)["macro"]
+        tune.report({"score": float(np.nan_to_num(macro[config["metric"]], nan=0.0)),
+                     config["metric"]: macro[config["metric"]], "loss": loss, "epoch": epoch})
+
+    t = task.train
+    fit(model, batcher, train_rows, masked_bce, epochs=epochs, lr=t.lr, weight_decay=t.weight_decay,
+        batch_size=t.batch_size, seed=t.seed, desc="sweep head", device=task.device, on_epoch=report)
+
+
+def feature_settings(cfg: SweepConfig) -> list[dict]:
+    """Every combination of the swept feature-changing values (one dict per cache entry set)."""
+    keys = [k for k in cfg.space if k.startswith(FEATURE_KEYS)]
+    values = [next(iter(cfg.space[k].values())) for k in keys]
+    return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
+
+
+def prepare_sweep(cfg: SweepConfig) -> TaskConfig:
+    """All checks and the feature cache, before any trial: returns the base task."""
+    for setting in feature_settings(cfg):
+        task = trial_task(cfg.task, cfg.overrides, setting, cfg.select_split)
+        manifest = check_task(task)
+        frame = load_studies(task)
+        split_rows(frame, task)
+        prepare_planes(task, list(frame["key"]), manifest, FeatureCache(task.cache_dir))
+    return resolve_task(cfg.task, cfg.overrides)
+
+
+def run_sweep(cfg: SweepConfig, run_dir: str | Path | None = None) -> dict:
+    """Check, cache features, run (or resume) the Tune experiment, write the run folder."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    t0 = time.perf_counter()
+    base = prepare_sweep(cfg)
+    out = Path(run_dir or Path(cfg.out) / (cfg.name or f"{base.name}-sweep")).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    overrides = absolute_paths(base, cfg.overrides)
+    t_prepared = time.perf_counter()
+    s = cfg.scheduler
+    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max(1, (s.max_t or base.train.epochs) // s.report_every),
+                              grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+    space = {"task": cfg.task, "overrides": overrides, "params": param_space(cfg), "select_split": cfg.select_split,
+             "metric": cfg.metric, "report_every": s.report_every}
+    tune_config = tune.TuneConfig(metric="score", mode="max", scheduler=scheduler, num_samples=cfg.num_samples,
+                                  max_concurrent_trials=cfg.max_concurrent_trials, reuse_actors=True,
+                                  search_alg=BasicVariantGenerator(random_state=cfg.seed))
+    grid = run_tuner(sweep_trial, space, out, tune_config, cfg.resources)
+    trials = sweep_table(trial_rows(grid), cfg.metric)
+    trials.to_csv(out / "trials.csv", index=False, float_format="%.5f")
+    best = best_trial(trials, cfg, overrides)
+    (out / "best.json").write_text(json.dumps(best, indent=1))
+    summary = {"task": cfg.task, "run_dir": str(out), "best": best, "n_trials": int(len(trials)),
+               "n_errors": int(trials["error"].notna().sum()),
+               "timings": {"prepare_s": round(t_prepared - t0, 3), "total_s": round(time.perf_counter() - t0, 3)}}
+    (out / "metrics.json").write_text(json.dumps(summary, indent=1))
+    return summary | {"trials": trials}
+
+
+def sweep_table(rows: list[dict], metric: str) -> pd.DataFrame:
+    records = []
+    for r in rows:
+        m = r["metrics"]
+        records.append({"trial": Path(r["path"]).name, **{f"param:{k}": json.dumps(v) for k, v in r["config"]["params"].items()},
+                        f"val_{metric}": m.get(metric, float("nan")), "epochs": m.get("epoch", 0),
+                        "loss": m.get("loss", float("nan")), "error": r["error"]})
+    return pd.DataFrame(records)
+
+
+def best_trial(trials: pd.DataFrame, cfg: SweepConfig, overrides: list[str]) -> dict:
+    """The trial with the best last-reported selection metric among those that did not fail."""
+    ok = trials[trials["error"].isna() & trials[f"val_{cfg.metric}"].notna()]
+    if ok.empty:
+        raise RuntimeError(f"sweep: every trial failed; see {trials['error'].dropna().head(3).tolist()}")
+    row = ok.loc[ok[f"val_{cfg.metric}"].idxmax()]
+    params = {c.split(":", 1)[1]: json.loads(row[c]) for c in trials.columns if c.startswith("param:")}
+    return {"task": cfg.task, "trial": row["trial"], "params": params, "metric": f"{cfg.select_split} macro {cfg.metric}",
+            "value": float(row[f"val_{cfg.metric}"]), "epochs_reported": int(row["epochs"]),
+            "overrides": [*overrides, *param_overrides(params)]}
+
+
+def from_sweep_overrides(run: str | Path, task: str) -> list[str]:
+    """The overrides that re-create a sweep's best head (``finetune --from-sweep``)."""
+    path = Path(run) / "best.json"
+    if not path.is_file():
+        raise ConfigError(f"--from-sweep: {path} not found; is '{run}' a finished sweep run folder?")
+    best = json.loads(path.read_text())
+    if Path(best["task"]).stem != Path(task).stem:
+        raise ConfigError(f"--from-sweep: the sweep in {run} tuned task '{best['task']}', not '{task}'")
+    return list(best["overrides"])

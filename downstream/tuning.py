@@ -1,0 +1,62 @@
+"""Ray Tune plumbing shared by sweeps and studies: connect to Ray, run or resume a Tuner, and read
+its trials back as plain rows (errors included, never raised)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[1]
+TUNE_DIR = "tune"
+
+
+def ensure_ray() -> None:
+    """Join the Ray of ``RAY_ADDRESS`` or the one already started; else start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    ray.init(include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
+
+
+def run_tuner(trainable: Callable, param_space: dict, run_dir: Path, tune_config, resources: dict[str, float]):
+    """Fit a Tuner whose experiment lives in ``<run_dir>/tune``; an interrupted experiment there is
+    restored (finished trials kept, unfinished and errored ones run again) instead of restarted."""
+    from ray import tune
+
+    ensure_ray()
+    trainable = tune.with_resources(trainable, {k: float(v) for k, v in resources.items()})
+    path = run_dir.resolve() / TUNE_DIR
+    if tune.Tuner.can_restore(str(path)):
+        log.info("resuming the experiment in %s", path)
+        tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True,
+                                   param_space=param_space)
+    else:
+        run_config = tune.RunConfig(name=TUNE_DIR, storage_path=str(run_dir.resolve()),
+                                    failure_config=tune.FailureConfig(max_failures=0), verbose=0)
+        tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
+    return tuner.fit()
+
+
+def trial_rows(grid) -> list[dict]:
+    """One dict per trial: ``config``, last reported ``metrics``, ``error`` (str or None), ``path``."""
+    rows = []
+    for result in grid:
+        error = None
+        if result.error is not None:
+            error = f"{type(result.error).__name__}: {_root_message(result.error)}"
+        rows.append({"config": result.config, "metrics": dict(result.metrics or {}), "error": error,
+                     "path": str(result.path)})
+    return rows
+
+
+def _root_message(exc: BaseException) -> str:
+    """The innermost cause's message (Ray wraps trial errors in RayTaskError)."""
+    while getattr(exc, "cause", None) is not None or exc.__cause__ is not None:
+        exc = getattr(exc, "cause", None) or exc.__cause__
+    return str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
