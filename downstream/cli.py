@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 from shards.config import ConfigError
 
 from .tasks import TASKS_DIR, describe_tasks
+from .tuning import Interrupted
 
 
 def _tasks_args(p: argparse.ArgumentParser) -> None:
@@ -124,3 +125,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"downstream {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        print(f"downstream {args.command}: {exc}", file=sys.stderr)
+        return 130

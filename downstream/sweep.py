@@ -189,8 +189,9 @@ def run_sweep(cfg: SweepConfig, run_dir: str | Path | None = None) -> dict:
     space = {"task": cfg.task, "overrides": overrides, "params": param_space(cfg), "select_split": cfg.select_split,
              "metric": cfg.metric, "report_every": s.report_every}
     tune_config = tune.TuneConfig(metric="score", mode="max", scheduler=scheduler, num_samples=cfg.num_samples,
-                                  max_concurrent_trials=cfg.max_concurrent_trials, reuse_actors=True,
-                                  search_alg=BasicVariantGenerator(random_state=cfg.seed))
+                                  reuse_actors=True,
+                                  search_alg=BasicVariantGenerator(max_concurrent=cfg.max_concurrent_trials,
+                                                                   random_state=cfg.seed))
     grid = run_tuner(sweep_trial, space, out, tune_config, cfg.resources)
     trials = sweep_table(trial_rows(grid), cfg.metric)
     trials.to_csv(out / "trials.csv", index=False, float_format="%.5f")

@@ -40,7 +40,17 @@ def run_tuner(trainable: Callable, param_space: dict, run_dir: Path, tune_config
         run_config = tune.RunConfig(name=TUNE_DIR, storage_path=str(run_dir.resolve()),
                                     failure_config=tune.FailureConfig(max_failures=0), verbose=0)
         tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
-    return tuner.fit()
+    grid = tuner.fit()
+    # Tune returns normally after a SIGINT; its trials' statuses tell an interrupted experiment.
+    unfinished = [t for t in grid._experiment_analysis.trials if t.status not in ("TERMINATED", "ERROR")]
+    if unfinished:
+        raise Interrupted(f"interrupted with {len(unfinished)} of {len(grid)} trials unfinished; the state is "
+                          f"saved in {path}: run the same command again to resume")
+    return grid
+
+
+class Interrupted(RuntimeError):
+    """The Tune experiment stopped (SIGINT) before every trial finished."""
 
 
 def trial_rows(grid) -> list[dict]:

@@ -11,8 +11,10 @@ backbone saw.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -41,22 +43,32 @@ class StudyBackboneSpec:
     seed: int = 0
 
 
-def pretraining_volumes(shards: str, joints: list[str], plane: str, n_studies: int, seed: int,
-                        spec: dict) -> torch.Tensor:
-    """Preprocessed train-split volumes of ``joints``; the first ``n_studies`` (0 = all) of a seeded
-    permutation of the study keys, so that smaller pretraining sets are contained in larger ones."""
+@lru_cache(maxsize=4)
+def _train_split(shards: str, joints: tuple[str, ...], plane: str, spec_json: str) -> tuple[list[str], torch.Tensor]:
+    """Sorted keys and preprocessed volumes of the train split (read once per process: a grid's
+    backbones of several sizes share it)."""
     reader = ShardReader(shards, split="train", fields=(plane,), require=(plane,), joints=list(joints),
                          rank=0, world_size=1)
     samples = {s["__key__"]: s[plane] for s in reader}
     if not samples:
-        raise ConfigError(f"no train-split {plane} studies of joints {joints} in {shards}")
-    keys = list(np.random.default_rng(seed).permutation(sorted(samples)))
+        raise ConfigError(f"no train-split {plane} studies of joints {list(joints)} in {shards}")
+    keys = sorted(samples)
+    spec = json.loads(spec_json)
+    return keys, torch.stack([preprocess_volume(samples[k], spec) for k in keys])
+
+
+def pretraining_volumes(shards: str, joints: list[str], plane: str, n_studies: int, seed: int,
+                        spec: dict) -> torch.Tensor:
+    """Preprocessed train-split volumes of ``joints``; the first ``n_studies`` (0 = all) of a seeded
+    permutation of the study keys, so that smaller pretraining sets are contained in larger ones."""
+    keys, volumes = _train_split(shards, tuple(joints), plane, json.dumps(spec, sort_keys=True))
+    order = np.random.default_rng(seed).permutation(len(keys))
     if n_studies:
         if n_studies > len(keys):
             raise ConfigError(f"pretraining size {n_studies} exceeds the {len(keys)} train-split {plane} "
                               f"studies of joints {joints} in {shards}")
-        keys = keys[:n_studies]
-    return torch.stack([preprocess_volume(samples[k], spec) for k in keys])
+        order = order[:n_studies]
+    return volumes[torch.as_tensor(order)]
 
 
 def pretrain_study_backbone(shards: str, joints: list[str], plane: str, n_studies: int, out: str,
