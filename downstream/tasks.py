@@ -158,6 +158,9 @@ class TaskConfig:
         _one_of(self.fusion.kind, FUSIONS, f"{where}: fusion.kind")
         for name in self.baselines.names:
             _one_of(name, BASELINES[self.kind], f"{where}: baseline")
+        if len(self.baselines.cnn_channels) != 4:
+            raise ConfigError(f"{where}: baselines.cnn_channels needs 4 widths (one per ResNet stage), "
+                              f"got {self.baselines.cnn_channels}")
         if self.ehr.enabled and self.kind != "diagnosis":
             raise ConfigError(f"{where}: ehr fusion needs a diagnosis task")
         if not self.features.timesteps or not self.features.blocks or self.features.noise_draws < 1:

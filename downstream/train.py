@@ -54,7 +54,7 @@ def fit(model: torch.nn.Module, get_batch: GetBatch, rows: Sequence[int], loss_f
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total, count = total + float(loss) * len(idx), count + len(idx)
+            total, count = total + float(loss.detach()) * len(idx), count + len(idx)
         history.append(total / count)
     model.eval()
     return history
