@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 from shards.config import ConfigError
 
-from .features import FeatureError
+from .errors import FeatureError
 from .tasks import TASKS_DIR, describe_tasks
 
 

@@ -28,11 +28,9 @@ from tqdm import tqdm
 from pretrain.preprocess import preprocess_volume
 from shards.reader import ShardReader
 
+from .errors import FeatureError
+
 log = logging.getLogger(__name__)
-
-
-class FeatureError(RuntimeError):
-    """Features that cannot be used (NaN or infinite values); the message names the study."""
 
 
 def digest(obj) -> str:
