@@ -14,3 +14,6 @@ shards verify "$SHARDS"
 
 echo "== 4/4 dataset summary"
 shards info "$SHARDS"
+
+echo "== downstream: knee diagnosis (8 labels, 3 planes) on the demo backbones in hub/, with baselines"
+downstream finetune --task knee-dx
