@@ -111,7 +111,8 @@ def split_rows(frame: pd.DataFrame, task: TaskConfig) -> tuple[np.ndarray, np.nd
     if task.train.train_fraction < 1:
         patients = np.array(sorted(frame.loc[train, "patient"].unique()))
         rng = np.random.default_rng(task.train.seed)
-        keep = rng.choice(patients, max(2, round(len(patients) * task.train.train_fraction)), replace=False)
+        n_keep = min(len(patients), max(2, round(len(patients) * task.train.train_fraction)))
+        keep = rng.choice(patients, n_keep, replace=False)
         train = train[frame.loc[train, "patient"].isin(keep).to_numpy()]
     evaluate = frame.index[frame["split"] == task.train.eval_split].to_numpy()
     return train, evaluate

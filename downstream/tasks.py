@@ -167,6 +167,9 @@ class TaskConfig:
             raise ConfigError(f"{where}: features need timesteps, blocks and noise_draws >= 1")
         if not 0 < self.train.train_fraction <= 1:
             raise ConfigError(f"{where}: train.train_fraction must be in (0, 1], got {self.train.train_fraction}")
+        if self.head.finetune_blocks and (self.kind != "diagnosis" or self.fusion.kind == "experts"):
+            raise ConfigError(f"{where}: head.finetune_blocks works with diagnosis heads on feature/label-level "
+                              f"fusion, not with fusion.kind=experts or segmentation")
         if self.fusion.kind == "experts" and self.fusion.folds < 2:
             raise ConfigError(f"{where}: fusion.folds must be >= 2 for experts")
 
