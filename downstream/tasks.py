@@ -119,6 +119,7 @@ class TaskConfig:
     out: str = "runs/finetune"
     run_name: str = ""
     device: str = "cpu"
+    threads: int = 0
     features: FeatureSpec = field(default_factory=FeatureSpec)
     head: HeadSpec = field(default_factory=HeadSpec)
     fusion: FusionSpec = field(default_factory=FusionSpec)
@@ -130,6 +131,8 @@ class TaskConfig:
     def validate(self) -> None:
         where = f"task '{self.name}'"
         _one_of(self.kind, KINDS, f"{where}: kind")
+        if self.threads < 0:
+            raise ConfigError(f"{where}: threads must be >= 0 (0 = torch's default), got {self.threads}")
         _one_of(self.joint, JOINTS, f"{where}: joint")
         if not self.planes:
             raise ConfigError(f"{where}: planes is empty; known: {', '.join(PLANES)}")

@@ -242,7 +242,8 @@ def test_feature_cache_reused_and_invalidated(tmp_path):
     variants = [dict(feat=FeatureSpec(timesteps=[20], blocks=["mid"])), dict(feat=FeatureSpec(timesteps=[10], blocks=["up.1"])),
                 dict(feat=FeatureSpec(timesteps=[10], blocks=["mid"], noise_draws=2)),
                 dict(feat=FeatureSpec(timesteps=[10], blocks=["mid"], seed=1)), dict(manifest_id="m2"),
-                dict(spec=spec | {"high": 2.0}), dict(model=_tiny_backbone(seed=1))]
+                dict(spec=spec | {"high": 2.0}), dict(model=_tiny_backbone(seed=1)), dict(joint="ankle"),
+                dict(plane="cor")]
     for i, kw in enumerate(variants, start=2):
         get(**kw)
         assert cache.misses == i, f"variant {kw} should miss the cache"
