@@ -31,4 +31,4 @@ test-integration: $(STAMP)
 	$(BIN)/python -m pytest -q -m integration
 
 clean:
-	rm -rf runs data hub .pytest_cache
+	rm -rf runs data hub cache .pytest_cache

@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 
 from shards.config import ConfigError
 
+from .errors import FeatureError
 from .tasks import TASKS_DIR, describe_tasks
 from .tuning import Interrupted
 
@@ -122,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command][1](args)
-    except ConfigError as exc:
+    except (ConfigError, FeatureError) as exc:
         print(f"downstream {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except Interrupted as exc:

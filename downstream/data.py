@@ -126,7 +126,7 @@ def patient_subset(patients: pd.Series, fraction: float, seed: int) -> list[str]
     """The first ``round(fraction * n)`` (at least 2) of a seeded permutation of the unique patients."""
     unique = np.array(sorted(patients.unique()))
     order = np.random.default_rng(seed).permutation(unique)
-    return list(order[:max(2, round(len(unique) * fraction))])
+    return list(order[:min(len(unique), max(2, round(len(unique) * fraction)))])
 
 
 def domain_values(frame: pd.DataFrame, key: str) -> list[str]:

@@ -69,6 +69,17 @@ def _fusion_table(model, planes: list[str], labels: list[str]) -> pd.DataFrame |
                          for j, src in enumerate(sources) for k, name in enumerate(labels)])
 
 
+def _head_on(task, feats: dict, channels: dict, frame: pd.DataFrame, y: np.ndarray, train_rows, eval_rows,
+             desc: str) -> dict:
+    """The task's head (single plane, feature/label-level fusion, or plane experts) on ``feats``."""
+    if task.fusion.kind == "experts" and len(feats) > 1:
+        batchers = {p: feature_batcher({p: f}, y) for p, f in feats.items()}
+        return run_experts(task, batchers, channels, frame, y, train_rows, eval_rows)
+    res = train_predict(task, _image_model(task, channels), feature_batcher(feats, y), train_rows, eval_rows, desc)
+    res["weights"] = _fusion_table(res["model"], list(feats), task.labels)
+    return res
+
+
 def run_diagnosis(task, frame: pd.DataFrame, planes: dict[str, PlaneData], train_rows: np.ndarray,
                   eval_rows: np.ndarray) -> dict[str, dict]:
     """``{model name: {"probs": (n_eval, L), "history": [...], "model": module, "weights": frame?}}``."""
@@ -83,13 +94,8 @@ def run_diagnosis(task, frame: pd.DataFrame, planes: dict[str, PlaneData], train
                               task.features, list(task.head.finetune_blocks))
         results["diffusion"] = train_predict(task, tuned, volume_batcher(planes, y), train_rows, eval_rows,
                                              "finetune", param_groups=tuned.param_groups(task.train.lr, task.head.finetune_lr_scale))
-    elif task.fusion.kind == "experts" and len(planes) > 1:
-        batchers = {p: feature_batcher({p: f}, y) for p, f in feats.items()}
-        results["diffusion"] = run_experts(task, batchers, channels, frame, y, train_rows, eval_rows)
     else:
-        results["diffusion"] = train_predict(task, _image_model(task, channels), feature_batcher(feats, y),
-                                             train_rows, eval_rows, "head")
-        results["diffusion"]["weights"] = _fusion_table(results["diffusion"]["model"], list(planes), task.labels)
+        results["diffusion"] = _head_on(task, feats, channels, frame, y, train_rows, eval_rows, "head")
 
     if task.ehr.enabled:
         tab = fit_tabular(frame.iloc[train_rows], task.ehr)
@@ -106,21 +112,20 @@ def run_diagnosis(task, frame: pd.DataFrame, planes: dict[str, PlaneData], train
         results["diffusion+ehr"]["weights"] = _fusion_table(fused, list(planes), task.labels)
         results["diffusion+ehr"]["tabular"] = tab
 
-    results.update(run_baselines(task, planes, y, train_rows, eval_rows))
+    results.update(run_baselines(task, frame, planes, y, train_rows, eval_rows))
     return results
 
 
-def run_baselines(task, planes: dict[str, PlaneData], y: np.ndarray, train_rows, eval_rows) -> dict[str, dict]:
+def run_baselines(task, frame: pd.DataFrame, planes: dict[str, PlaneData], y: np.ndarray, train_rows,
+                  eval_rows) -> dict[str, dict]:
     out = {}
     b = task.baselines
     for name in b.names:
         seed_everything(task.train.seed)
         if name == "random_backbone":
-            channels = {p: d.channels(random=True) for p, d in planes.items()}
-            feats = {p: d.random_features for p, d in planes.items()}
-            model = _image_model(task, channels) if task.fusion.kind != "experts" else \
-                build_feature_model("concat", channels, len(task.labels), task.head, task.features.pooling, task.fusion)
-            out[name] = train_predict(task, model, feature_batcher(feats, y), train_rows, eval_rows, name)
+            out[name] = _head_on(task, {p: d.random_features for p, d in planes.items()},
+                                 {p: d.channels(random=True) for p, d in planes.items()}, frame, y, train_rows,
+                                 eval_rows, name)
         elif name == "scratch_cnn":
             model = Scratch3DClassifier(list(planes), len(task.labels), b.cnn_channels)
             out[name] = train_predict(task, model, volume_batcher(planes, y), train_rows, eval_rows, name,

@@ -20,14 +20,14 @@ from .heads.linear import PlaneHead
 from .train import fit, masked_bce, predict, seed_everything
 
 
-def _expert_probs(task, plane: str, channels, batcher, fit_rows, pred_rows, seed: int) -> np.ndarray:
+def _expert(task, plane: str, channels, batcher, fit_rows, pred_rows, seed: int) -> tuple[np.ndarray, PlaneHead]:
     seed_everything(seed)
     head = PlaneHead(plane, channels, len(task.labels), task.head.kind, task.features.pooling,
                      task.head.hidden, task.head.dropout)
     t = task.train
     fit(head, batcher, fit_rows, masked_bce, epochs=t.epochs, lr=t.lr, weight_decay=t.weight_decay,
         batch_size=t.batch_size, seed=seed, desc=f"expert {plane}", device=task.device)
-    return torch.sigmoid(predict(head, batcher, pred_rows, device=task.device)).numpy()
+    return torch.sigmoid(predict(head, batcher, pred_rows, device=task.device)).numpy(), head
 
 
 def by_patient(patients: np.ndarray, probs: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -49,10 +49,11 @@ def run_experts(task, batchers: dict, channels: dict, frame: pd.DataFrame, y: np
     oof = np.zeros((len(train_rows), len(planes), len(task.labels)), np.float32)
     for fold, (fit_i, held_i) in enumerate(GroupKFold(n_splits=n_folds).split(train_rows, groups=patients[train_rows])):
         for j, plane in enumerate(planes):
-            oof[held_i, j] = _expert_probs(task, plane, channels[plane], batchers[plane], train_rows[fit_i],
-                                           train_rows[held_i], task.train.seed + 101 * fold + j)
-    full = np.stack([_expert_probs(task, plane, channels[plane], batchers[plane], train_rows, eval_rows,
-                                   task.train.seed + j) for j, plane in enumerate(planes)], axis=1)
+            oof[held_i, j] = _expert(task, plane, channels[plane], batchers[plane], train_rows[fit_i],
+                                     train_rows[held_i], task.train.seed + 101 * fold + j)[0]
+    experts = {plane: _expert(task, plane, channels[plane], batchers[plane], train_rows, eval_rows, task.train.seed + j)
+               for j, plane in enumerate(planes)}
+    full = np.stack([experts[plane][0] for plane in planes], axis=1)
     _, oof_pat, y_pat = by_patient(patients[train_rows], oof, y[train_rows])
     eval_ids, eval_pat, _ = by_patient(patients[eval_rows], full, y[eval_rows])
 
@@ -71,5 +72,6 @@ def run_experts(task, batchers: dict, channels: dict, frame: pd.DataFrame, y: np
     table = pd.DataFrame([{"patient": q, "label": name, "plane": plane, "weight": float(weights[i, j, k])}
                           for i, q in enumerate(eval_ids) for j, plane in enumerate(planes)
                           for k, name in enumerate(task.labels)])
-    return {"probs": study_probs, "history": history, "weights": table, "model": gate,
+    model = torch.nn.ModuleDict({"gate": gate, "experts": torch.nn.ModuleDict({p: e[1] for p, e in experts.items()})})
+    return {"probs": study_probs, "history": history, "weights": table, "model": model,
             "expert_probs": {plane: full[:, j] for j, plane in enumerate(planes)}}

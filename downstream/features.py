@@ -28,11 +28,9 @@ from tqdm import tqdm
 from pretrain.preprocess import preprocess_volume
 from shards.reader import ShardReader
 
+from .errors import FeatureError
+
 log = logging.getLogger(__name__)
-
-
-class FeatureError(RuntimeError):
-    """Features that cannot be used (NaN or infinite values); the message names the study."""
 
 
 def digest(obj) -> str:
@@ -181,7 +179,7 @@ def extract_features(model, volumes: np.ndarray, keys: Sequence[str], feat, writ
     model.eval().to(device)
     for start in tqdm(range(0, len(keys), feat.batch_size), desc=desc, leave=False):
         stop = min(start + feat.batch_size, len(keys))
-        x = torch.as_tensor(np.asarray(volumes[start:stop]), device=device)
+        x = torch.from_numpy(np.array(volumes[start:stop])).to(device)
         maps = model.features(x, list(feat.timesteps), list(feat.blocks), feat.noise_draws, feat.seed)
         for name, t in maps.items():
             bad = (~torch.isfinite(t)).flatten(1).any(dim=1)

@@ -63,6 +63,8 @@ def run_finetune(task: TaskConfig | str | Path, overrides: Sequence[str] = (), *
     """
     t0 = time.perf_counter()
     task = resolve_task(task, overrides)
+    if task.threads:
+        torch.set_num_threads(task.threads)
     manifest = check_task(task)
     frame = load_studies(task)
     train_rows, eval_rows = split_rows(frame, task)

@@ -16,6 +16,7 @@ import torch
 
 from pretrain.preprocess import spec_from_manifest
 from pretrain.publish import load_backbone
+from shards.config import ConfigError
 
 from .features import FeatureCache, backbone_identity, cached_features, cached_volumes, manifest_identity
 from .tasks import TaskConfig
@@ -46,13 +47,35 @@ def random_copy(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     return type(model).from_config(model.config).eval()
 
 
+def check_feature_spec(model, url: str, feat) -> None:
+    """Blocks and timesteps must exist in this backbone (before any compute)."""
+    valid = model.block_names()
+    unknown = [b for b in feat.blocks if b not in valid]
+    if unknown:
+        raise ConfigError(f"features.blocks {unknown} do not exist in backbone {url}; valid: {', '.join(valid)}")
+    n = model.make_scheduler().config.num_train_timesteps
+    bad = [t for t in feat.timesteps if not 0 <= int(t) < n]
+    if bad:
+        raise ConfigError(f"features.timesteps {bad} are outside [0, {n}) of backbone {url}'s noise schedule")
+
+
+def load_backbones(task: TaskConfig) -> dict[str, tuple]:
+    out = {}
+    for plane in task.planes:
+        model, _, pre = load_backbone(task.backbones[plane])
+        check_feature_spec(model, task.backbones[plane], task.features)
+        out[plane] = (model, pre)
+    return out
+
+
 def prepare_planes(task: TaskConfig, keys: list[str], manifest: dict, cache: FeatureCache) -> dict[str, PlaneData]:
     manifest_id = manifest_identity(manifest)
     need_random = "random_backbone" in task.baselines.names
+    backbones = load_backbones(task)
     out = {}
     for plane in task.planes:
         url = task.backbones[plane]
-        model, _, pre = load_backbone(url)
+        model, pre = backbones[plane]
         spec = (pre.to_dict() if pre is not None else spec_from_manifest(manifest, plane).to_dict())
         hits = cache.hits
         vols = cached_volumes(cache, task.shards, manifest_id, task.joint, plane, spec, keys,

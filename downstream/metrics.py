@@ -1,4 +1,5 @@
-"""Metrics from the field's libraries: scikit-learn (AUROC, AP, ROC), MONAI (Dice, HD95, IoU), scipy.
+"""Metrics from the field's libraries: MONAI (AUROC, AP, Dice, HD95, IoU), scikit-learn (ROC curve,
+Youden point), scipy (Shapiro–Wilk, normal quantiles).
 
 Diagnosis metrics are computed per label at the patient level, on the patients whose label is
 known (unknown = NaN is excluded, never counted as negative), with percentile-bootstrap 95%
@@ -35,7 +36,7 @@ def youden_point(y: np.ndarray, p: np.ndarray) -> dict:
 
 def _auroc_ap(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
     """MONAI's AUROC and average precision (fast enough to bootstrap; equal to scikit-learn's)."""
-    yt, pt = torch.as_tensor(y, dtype=torch.float64), torch.as_tensor(p, dtype=torch.float64)
+    yt, pt = torch.tensor(y, dtype=torch.float64), torch.tensor(p, dtype=torch.float64)
     return float(compute_roc_auc(pt, yt)), float(compute_average_precision(pt, yt))
 
 
@@ -156,8 +157,10 @@ def segmentation_scores(pred: torch.Tensor, target: torch.Tensor, n_classes: int
     t = one_hot(target[:, None].long(), n_classes)
     dice = DiceMetric(include_background=False, reduction="none", ignore_empty=True)(p, t)
     iou = MeanIoU(include_background=False, reduction="none", ignore_empty=True)(p, t)
-    hd = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")(
-        p, t, spacing=list(spacing))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # an absent structure gives NaN/inf, handled below
+        hd = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")(
+            p, t, spacing=list(spacing))
     return {"dice": dice.numpy(), "hd95": hd.numpy(), "iou": iou.numpy()}
 
 

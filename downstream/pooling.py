@@ -22,13 +22,14 @@ class AttentionPool(nn.Module):
 
     def __init__(self, channels: int, hidden: int = 32):
         super().__init__()
-        self.score = nn.Sequential(nn.Conv3d(channels, hidden, 1), nn.Tanh(), nn.Conv3d(hidden, 1, 1))
+        self.score = nn.Sequential(nn.Linear(channels, hidden), nn.Tanh(), nn.Linear(hidden, 1))
 
     def weights(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.score(x).flatten(2), dim=-1)  # (B, 1, voxels)
+        """(B, voxels) softmax weights of the voxels of ``x`` (B, C, d, h, w)."""
+        return torch.softmax(self.score(x.flatten(2).transpose(1, 2))[..., 0], dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("bkv,bcv->bc", self.weights(x), x.flatten(2))
+        return torch.einsum("bv,bcv->bc", self.weights(x), x.flatten(2))
 
 
 class Pooler(nn.Module):

@@ -38,7 +38,7 @@ def run_segmentation(task, frame: pd.DataFrame, data: PlaneData, train_rows: np.
                      eval_rows: np.ndarray) -> dict[str, dict]:
     """``{model: {"pred": (n_eval, S, R, C), "scores": {dice|hd95|iou: (n_eval, K)}, "history", "model"}}``."""
     plane, n_classes = data.plane, len(task.structures) + 1
-    target = remap_structures(torch.from_numpy(np.asarray(data.seg)[:, 0]), STRUCTURES[task.joint],
+    target = remap_structures(torch.from_numpy(np.array(data.seg[:, 0])), STRUCTURES[task.joint],
                               task.structures, task.ignore_index)
     loss = SparseDiceCELoss(task.ignore_index)
     grid = data.spec["shape"]

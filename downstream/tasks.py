@@ -123,6 +123,7 @@ class TaskConfig:
     out: str = "runs/finetune"
     run_name: str = ""
     device: str = "cpu"
+    threads: int = 0
     features: FeatureSpec = field(default_factory=FeatureSpec)
     head: HeadSpec = field(default_factory=HeadSpec)
     fusion: FusionSpec = field(default_factory=FusionSpec)
@@ -134,6 +135,8 @@ class TaskConfig:
     def validate(self) -> None:
         where = f"task '{self.name}'"
         _one_of(self.kind, KINDS, f"{where}: kind")
+        if self.threads < 0:
+            raise ConfigError(f"{where}: threads must be >= 0 (0 = torch's default), got {self.threads}")
         _one_of(self.joint, JOINTS, f"{where}: joint")
         if not self.planes:
             raise ConfigError(f"{where}: planes is empty; known: {', '.join(PLANES)}")
@@ -162,6 +165,9 @@ class TaskConfig:
         _one_of(self.fusion.kind, FUSIONS, f"{where}: fusion.kind")
         for name in self.baselines.names:
             _one_of(name, BASELINES[self.kind], f"{where}: baseline")
+        if len(self.baselines.cnn_channels) != 4:
+            raise ConfigError(f"{where}: baselines.cnn_channels needs 4 widths (one per ResNet stage), "
+                              f"got {self.baselines.cnn_channels}")
         if self.ehr.enabled and self.kind != "diagnosis":
             raise ConfigError(f"{where}: ehr fusion needs a diagnosis task")
         if not self.features.timesteps or not self.features.blocks or self.features.noise_draws < 1:
@@ -169,6 +175,9 @@ class TaskConfig:
         if not 0 < self.train.train_fraction <= 1:
             raise ConfigError(f"{where}: train.train_fraction must be in (0, 1], got {self.train.train_fraction}")
         _one_of(self.train.domain_key, DOMAIN_KEYS, f"{where}: train.domain_key")
+        if self.head.finetune_blocks and (self.kind != "diagnosis" or self.fusion.kind == "experts"):
+            raise ConfigError(f"{where}: head.finetune_blocks works with diagnosis heads on feature/label-level "
+                              f"fusion, not with fusion.kind=experts or segmentation")
         if self.fusion.kind == "experts" and self.fusion.folds < 2:
             raise ConfigError(f"{where}: fusion.folds must be >= 2 for experts")
 

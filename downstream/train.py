@@ -57,7 +57,7 @@ def fit(model: torch.nn.Module, get_batch: GetBatch, rows: Sequence[int], loss_f
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total, count = total + float(loss) * len(idx), count + len(idx)
+            total, count = total + float(loss.detach()) * len(idx), count + len(idx)
         history.append(total / count)
         if on_epoch is not None:
             on_epoch(len(history), history[-1])
