@@ -7,10 +7,8 @@ import json
 import re
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from downstream import cli
 from downstream.data import patient_subset

@@ -36,6 +36,7 @@ class StudyBackboneSpec:
     """How the study's small backbones are trained when ``--make-backbones`` is given."""
 
     channels: list[int] = field(default_factory=lambda: [4, 8])
+    shape: list[int] = field(default_factory=list)    # [] = the shards' common shape of the plane
     num_train_timesteps: int = 100
     steps: int = 30
     batch_size: int = 4
@@ -75,7 +76,7 @@ def pretrain_study_backbone(shards: str, joints: list[str], plane: str, n_studie
                             spec: StudyBackboneSpec) -> dict:
     """Train a small diffusion backbone for ``spec.steps`` DDPM steps and publish it at ``out``."""
     manifest = load_manifest(shards)
-    pre = spec_from_manifest(manifest, plane).to_dict()
+    pre = spec_from_manifest(manifest, plane, shape=tuple(spec.shape) or None).to_dict()
     volumes = pretraining_volumes(shards, joints, plane, n_studies, spec.seed, pre)
     torch.manual_seed(spec.seed)
     channels = tuple(spec.channels)

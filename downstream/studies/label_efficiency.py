@@ -25,7 +25,7 @@ def plan(cfg: StudyConfig) -> list[dict]:
 
 def report(cfg: StudyConfig, trials: pd.DataFrame, run_dir: Path) -> Report:
     metric = cfg.metric
-    rep = Report(f"Label efficiency: {cfg.task} (macro {metric.upper()})")
+    rep = Report(f"Label efficiency: {Path(cfg.task).stem} (macro {metric.upper()})")
     rep.text(f"Each cell: mean over seeds [{cfg.ci:.0%} CI]. Seeds redraw the nested patient subset and the head's "
              f"initialisation; with several seeds the interval is Student's t over seeds, with one seed it is the "
              f"trial's bootstrap over test patients. Evaluation: the task's test split, patient level.")
@@ -38,7 +38,7 @@ def report(cfg: StudyConfig, trials: pd.DataFrame, run_dir: Path) -> Report:
         plots = run_dir / "plots"
         plots.mkdir(exist_ok=True)
         rep.image(plot_bands(agg, "fraction", "model", plots / "label_efficiency.png", "fraction of labelled training patients",
-                             f"macro {metric.upper()} (test)", f"{cfg.task}: label efficiency"),
+                             f"macro {metric.upper()} (test)", f"{Path(cfg.task).stem}: label efficiency"),
                   f"macro {metric.upper()} vs training fraction, {cfg.ci:.0%} bands")
         _differences(rep, trials, agg, metric, cfg.ci)
     failed = errors_table(trials)
@@ -61,13 +61,14 @@ def _differences(rep: Report, trials: pd.DataFrame, agg: pd.DataFrame, metric: s
     baselines = sorted(set(agg["model"]) - {PRETRAINED})
     if PRETRAINED not in set(agg["model"]) or not baselines:
         return
-    rep.heading(f"Pretrained minus baseline (paired by seed)")
+    rep.heading("Pretrained minus baseline (paired by seed)")
     table, lines = [], []
     for base in baselines:
         diff = paired_difference(trials, ["fraction"], "model", PRETRAINED, base, metric, ci)
         for _, r in diff.iterrows():
             table.append({"fraction": f"{r['fraction']:g}", "baseline": base,
-                          f"Δ macro {metric.upper()}": fmt_ci(r["difference"], r["lo"], r["hi"]), "seeds": r["n_seeds"]})
+                          f"Δ macro {metric.upper()}": fmt_ci(r["difference"], r["lo"], r["hi"]),
+                          "seeds": int(r["n_seeds"])})
         if len(diff):
             low = diff.iloc[0]
             verdict = ("above zero" if low["lo"] > 0 else "below zero" if low["hi"] < 0 else

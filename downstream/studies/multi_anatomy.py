@@ -44,12 +44,12 @@ def plan(cfg: StudyConfig) -> list[dict]:
 
 def report(cfg: StudyConfig, trials: pd.DataFrame, run_dir: Path) -> Report:
     metric = cfg.metric
-    rep = Report(f"Multi-anatomy pretraining: {cfg.task} (macro {metric.upper()})")
+    rep = Report(f"Multi-anatomy pretraining: {Path(cfg.task).stem} (macro {metric.upper()})")
     rep.text("Backbones pretrained on one joint or on several joints, on nested subsets of the pretraining studies "
              f"(train split only), then fine-tuned on {cfg.task}. Cells: mean over seeds [{cfg.ci:.0%} CI].")
     pre = trials[trials["model"] == PRETRAINED].copy()
     pre["pretraining"] = [f"{s} {cfg.sources.get(s, [])}" for s in pre["source"]]
-    agg = aggregate(pd.concat([pre, trials[trials["model"].isna()]]), ["pretraining", "size"], metric, cfg.ci)
+    agg = aggregate(pre, ["pretraining", "size"], metric, cfg.ci)
     if agg.empty:
         rep.text("No trial finished.")
     else:

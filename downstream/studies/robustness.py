@@ -22,7 +22,6 @@ from .summary import aggregate, errors_table, fmt_ci, seed_interval
 from .trials import make_spec
 
 PRETRAINED = "diffusion"
-TAG_TYPES = {"train_domain": str, "eval_domain": str}
 
 
 def domains(cfg: StudyConfig) -> list[str]:
@@ -42,7 +41,7 @@ def plan(cfg: StudyConfig) -> list[dict]:
 
 def report(cfg: StudyConfig, trials: pd.DataFrame, run_dir: Path) -> Report:
     metric, key = cfg.metric, cfg.domain_key
-    rep = Report(f"Robustness across {key}: {cfg.task} (macro {metric.upper()})")
+    rep = Report(f"Robustness across {key}: {Path(cfg.task).stem} (macro {metric.upper()})")
     rep.text(__doc__.split("\n\n", 1)[1].replace("\n", " ").strip())
     agg = aggregate(trials, ["model", "train_domain", "eval_domain"], metric, cfg.ci)
     if agg.empty:

@@ -45,7 +45,7 @@ def report(cfg: StudyConfig, trials: pd.DataFrame, run_dir: Path) -> Report:
     ok = trials[trials["model"].notna()].copy()
     ok["row"] = ok.apply(lambda r: f"{r['source']} {cfg.sources.get(r['source'], [])}" if r["model"] == PRETRAINED
                          else ("random init" if r["model"] == RANDOM else r["model"]), axis=1)
-    agg = aggregate(pd.concat([ok, trials[trials["model"].isna()]]), ["row", "target"], metric, cfg.ci)
+    agg = aggregate(ok, ["row", "target"], metric, cfg.ci)
     if agg.empty:
         rep.text("No trial finished.")
     else:
