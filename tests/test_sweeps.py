@@ -82,14 +82,15 @@ def test_sweep_best_head_and_from_sweep(sweep_env, ray_local, tmp_path):
 def test_interrupted_sweep_resumes(sweep_env, ray_local, tmp_path):
     run = tmp_path / "sweep"
     argv = ["sweep", "--task", str(sweep_env["task"]), "--space", str(sweep_env["space"]), "--run-dir", str(run),
-            "max_concurrent_trials=1", "train.epochs=40", "scheduler.grace_period=20"]  # no early stop
+            "max_concurrent_trials=1", "train.epochs=400", "scheduler.report_every=20",
+            "scheduler.grace_period=20"]  # 20 reports, no early stop: a few seconds per trial
     env = os.environ | {"RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     proc = subprocess.Popen([sys.executable, "-m", "downstream", *argv], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
     while time.time() < deadline and not _finished_trials(run):
         assert proc.poll() is None, proc.stdout.read()[-3000:]
-        time.sleep(0.2)
+        time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 130, out[-3000:]
