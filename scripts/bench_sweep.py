@@ -23,13 +23,20 @@ sys.path.insert(0, str(ROOT))
 
 
 def ensure_backbone(shards: str, hub: Path) -> str:
-    """A small knee sagittal backbone like the demo's (channels 8, 16; 8x32x32), made if missing."""
+    """A small knee sagittal backbone like the demo's (channels 8, 16; 8x32x32; 1000-step schedule),
+    made if missing (setup, not timed; one thread: two threads thrash on a shared 2-core machine)."""
+    import torch
+
     from downstream.studies.backbones import StudyBackboneSpec, pretrain_study_backbone
 
     path = hub / "knee-sag"
     if not (path / "config.json").is_file():
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
         pretrain_study_backbone(shards, ["knee"], "sag", 0, str(path),
-                                StudyBackboneSpec(channels=[8, 16], shape=[8, 32, 32], steps=20))
+                                StudyBackboneSpec(channels=[8, 16], shape=[8, 32, 32], steps=20,
+                                                  num_train_timesteps=1000))
+        torch.set_num_threads(threads)
     return str(path)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -25,6 +26,9 @@ def plot_bands(agg: pd.DataFrame, x: str, group: str, path: Path, xlabel: str, y
             ax.fill_between(xs[known], lo[known], hi[known], alpha=0.2, color=line.get_color())
     if logx:
         ax.set_xscale("log")
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ticks = sorted(agg[x].astype(float).unique())
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
     ax.legend(fontsize=8)
