@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -40,13 +42,29 @@ def run_tuner(trainable: Callable, param_space: dict, run_dir: Path, tune_config
         run_config = tune.RunConfig(name=TUNE_DIR, storage_path=str(run_dir.resolve()),
                                     failure_config=tune.FailureConfig(max_failures=0), verbose=0)
         tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
-    grid = tuner.fit()
-    # Tune returns normally after a SIGINT; its trials' statuses tell an interrupted experiment.
-    unfinished = [t for t in grid._experiment_analysis.trials if t.status not in ("TERMINATED", "ERROR")]
-    if unfinished:
-        raise Interrupted(f"interrupted with {len(unfinished)} of {len(grid)} trials unfinished; the state is "
-                          f"saved in {path}: run the same command again to resume")
+    grid, interrupted = _fit(tuner)
+    if interrupted:
+        raise Interrupted(f"interrupted; the experiment state is saved in {path}: run the same command again "
+                          f"to resume ({len(grid)} trials started so far)")
     return grid
+
+
+def _fit(tuner):
+    """``tuner.fit()`` and whether a SIGINT stopped it. Tune returns normally after a SIGINT; its
+    handler puts back the handler it found only then, so a sentinel installed before tells."""
+    if threading.current_thread() is not threading.main_thread():
+        return tuner.fit(), False
+    previous = signal.getsignal(signal.SIGINT)
+
+    def sentinel(sig, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, sentinel)
+    try:
+        grid = tuner.fit()
+        return grid, signal.getsignal(signal.SIGINT) is sentinel
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class Interrupted(RuntimeError):

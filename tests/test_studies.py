@@ -102,16 +102,16 @@ def test_label_efficiency_quick_report_matches_trials(study_env, ray_local, tmp_
     space = study_yaml(root, "le", {
         "task": str(study_env["knee"]), "fractions": [0.1, 1.0], "seeds": [0, 1],
         "overrides": ["baselines.names=[random_backbone]"] + FAST,
-        "quick": {"fractions": [0.5, 1.0], "seeds": [0, 1, 2]}})
+        "quick": {"fractions": [0.5, 1.0], "seeds": [0, 1]}})
     # a trial that fails at run time (its run folder cannot be created): reported, not fatal
     (run / "trials").mkdir(parents=True)
-    (run / "trials" / "fraction=0.5_seed=2").write_text("in the way")
+    (run / "trials" / "fraction=0.5_seed=1").write_text("in the way")
     assert cli.main(["study", "label-efficiency", "--space", str(space), "--quick", "--run-dir", str(run)]) == 0
 
     trials = pd.read_csv(run / "trials.csv")
-    assert sorted(trials["trial"].unique()) == sorted(f"fraction={f}_seed={s}" for f in (0.5, 1.0) for s in (0, 1, 2))
+    assert sorted(trials["trial"].unique()) == sorted(f"fraction={f}_seed={s}" for f in (0.5, 1.0) for s in (0, 1))
     failed = trials[trials["error"].notna()]
-    assert list(failed["trial"]) == ["fraction=0.5_seed=2"] and "FileExistsError" in failed["error"].iloc[0]
+    assert list(failed["trial"]) == ["fraction=0.5_seed=1"] and "FileExistsError" in failed["error"].iloc[0]
     ok = trials[trials["error"].isna()]
     assert set(ok["model"]) == {"diffusion", "random_backbone"}
     for _, row in ok.iterrows():  # the trial table holds exactly what each finetune run wrote
@@ -124,12 +124,14 @@ def test_label_efficiency_quick_report_matches_trials(study_env, ray_local, tmp_
     for _, row in table.iterrows():
         sel = ok[ok["fraction"] == float(row["fraction"])]
         for model in ("diffusion", "random_backbone"):
-            mean, lo, hi = parse_cell(row[model])
-            want = seed_interval(sel[sel["model"] == model]["auroc"])
-            assert mean == pytest.approx(want[0], abs=6e-4)
-            assert (lo, hi) == pytest.approx(want[1:3], abs=6e-4, nan_ok=True)
-    assert table["seeds"].tolist() == ["2", "3"]
-    assert "## Failed trials" in md and "fraction=0.5_seed=2" in md
+            got, runs = parse_cell(row[model]), sel[sel["model"] == model]
+            if len(runs) > 1:   # t interval over seeds
+                want = seed_interval(runs["auroc"])[:3]
+            else:               # one seed: the trial's own bootstrap interval
+                want = tuple(runs[["auroc", "auroc_lo", "auroc_hi"]].iloc[0])
+            assert got == pytest.approx(want, abs=6e-4)
+    assert table["seeds"].tolist() == ["1", "2"]
+    assert "## Failed trials" in md and "fraction=0.5_seed=1" in md
     assert "![" in md and (run / "plots" / "label_efficiency.png").stat().st_size > 1000
     assert md.count("data:image/png;base64,") == 0
     assert (run / "report.html").read_text().count("data:image/png;base64,") == 1
@@ -166,9 +168,9 @@ def test_transfer_and_multi_anatomy_quick(study_env, ray_local, tmp_path):
     assert (tmp_path / "tr" / "plots" / "transfer_matrix.png").is_file()
 
     ma = study_yaml(root, "ma", common | {"task": str(study_env["knee"]), "sizes": [4, 8],
-                                          "sources": {"knee": ["knee"], "all": ["knee", "ankle"]}})
+                                          "sources": {"all": ["knee", "ankle"]}})
     assert cli.main(["study", "multi-anatomy", "--space", str(ma), "--make-backbones", "--run-dir", str(tmp_path / "ma")]) == 0
-    assert json.loads((hub / "knee-n4-sag" / "metrics.json").read_text())["n_studies"] == 4
+    assert json.loads((hub / "all-n4-sag" / "metrics.json").read_text())["n_studies"] == 4
     trials = pd.read_csv(tmp_path / "ma" / "trials.csv")
     table = md_table((tmp_path / "ma" / "report.md").read_text(), "pretraining studies")
     assert table["pretraining studies"].tolist() == ["4", "8"]
