@@ -115,4 +115,4 @@ def split_rows(frame: pd.DataFrame, task: TaskConfig) -> tuple[np.ndarray, np.nd
         keep = rng.choice(patients, n_keep, replace=False)
         train = train[frame.loc[train, "patient"].isin(keep).to_numpy()]
     evaluate = frame.index[frame["split"] == task.train.eval_split].to_numpy()
-    return train, evaluate
+    return np.array(train, dtype=np.int64), np.array(evaluate, dtype=np.int64)
