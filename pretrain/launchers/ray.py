@@ -91,6 +91,7 @@ def fit_unit(cfg: PretrainConfig, unit: str):
 
 
 def run_ray(cfg: PretrainConfig) -> dict:
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # rank-0 log lines once, not twice
     ensure_ray(cfg)
     if cfg.ray.concurrent_planes and len(cfg.planes) > 1:
         with ThreadPoolExecutor(len(cfg.planes)) as pool:
