@@ -185,3 +185,32 @@ def test_failed_up_leaves_no_ray_processes(tmp_path):
     log = failed.stderr.split("Log ", 1)[1].split(":", 1)[0]  # the failed start's own log file
     temp_dir = str(Path(tempfile.gettempdir()) / Path(log).stem.removeprefix("head-"))
     assert not processes_naming(temp_dir) and not Path(temp_dir).exists()
+
+
+# ---------------------------------------------------------------- two nodes, one DeepSpeed group
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_two_node_deepspeed_pretraining_checkpoints_to_s3(tmp_path, tiny_shards, s3_endpoint):
+    import json
+
+    import boto3
+
+    args = ["--config", str(ROOT / "configs/pretrain/tiny.yaml"), f"data.source={tiny_shards}",
+            f"run_root={tmp_path}/runs", "storage_path=s3://mskfm-test/two-node", "name=two-node",
+            "launcher=ray", "ray.num_workers=2", "ray.cpus_per_worker=1", "optim.total_steps=4",
+            "checkpoint_every=4"]
+    proc = subprocess.run([sys.executable, str(ROOT / "tests/cluster_two_node.py"), "--", *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=400)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith('{"rc"')]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(lines[-1])
+    assert len(report["worker_nodes"]) == 2
+    assert sorted(report["worker_nodes"]) == sorted(report["nodes"])  # one worker on each node
+
+    start = json.loads((tmp_path / "runs/two-node/sag/metrics.jsonl").read_text().splitlines()[0])
+    assert start["event"] == "start" and start["world_size"] == 2
+    keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(
+        Bucket="mskfm-test", Prefix="two-node/two-node/sag/")["Contents"]]
+    assert any("checkpoint_00000004/loop_state.json" in k for k in keys), keys
