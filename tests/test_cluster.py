@@ -193,6 +193,8 @@ def test_failed_up_leaves_no_ray_processes(tmp_path):
 @pytest.mark.integration
 @pytest.mark.slow
 def test_two_node_deepspeed_pretraining_checkpoints_to_s3(tmp_path, tiny_shards, s3_endpoint):
+    """`cluster submit -- pretrain run ...` onto two raylets: one worker per node, one DeepSpeed
+    (gloo) group of world size 2 spanning both, checkpoints in an s3:// bucket on loopback."""
     import json
 
     import boto3
@@ -201,11 +203,12 @@ def test_two_node_deepspeed_pretraining_checkpoints_to_s3(tmp_path, tiny_shards,
             f"run_root={tmp_path}/runs", "storage_path=s3://mskfm-test/two-node", "name=two-node",
             "launcher=ray", "ray.num_workers=2", "ray.cpus_per_worker=1", "optim.total_steps=4",
             "checkpoint_every=4"]
-    proc = subprocess.run([sys.executable, str(ROOT / "tests/cluster_two_node.py"), "--", *args],
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts/two_node_local.py"), "--", *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=400)
     lines = [line for line in proc.stdout.splitlines() if line.startswith('{"rc"')]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(lines[-1])
+    assert "(exit 0)" in proc.stdout  # submitted unchanged; the job joined its cluster (RAY_ADDRESS)
     assert len(report["worker_nodes"]) == 2
     assert sorted(report["worker_nodes"]) == sorted(report["nodes"])  # one worker on each node
 
