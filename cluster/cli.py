@@ -51,6 +51,8 @@ def cmd_up(args) -> int:
     for note in local.exposure_warnings(cfg):
         print(note, file=sys.stderr)
     if args.join:
+        print(f"note: this node listens on its routable address to reach {args.join}; "
+              "firewall it to the cluster's machines", file=sys.stderr)
         node = local.join(cfg, args.join)
         print(f"joined {args.join} (node log {node.log}); `cluster down` stops this node")
         return 0

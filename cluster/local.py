@@ -161,11 +161,15 @@ def _run_ray_start(args: list[str], env: dict, temp_dir: str, log: Path, timeout
         proc = subprocess.Popen(_ray_cli() + ["start", *args, "--temp-dir", temp_dir,
                                               "--disable-usage-stats"],
                                 env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        node = NodeRecord("starting", proc.pid, temp_dir, "", "", str(log))
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             rc = None
-    node = NodeRecord("starting", proc.pid, temp_dir, "", "", str(log))
+        except BaseException:  # Ctrl-C: its own session does not get the signal; stop it here
+            _kill(node, grace_s=2.0)
+            shutil.rmtree(temp_dir, ignore_errors=True)
+            raise
     if rc != 0:
         _kill(node, grace_s=5.0)
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -202,9 +206,10 @@ def _resource_args(cfg: LocalClusterConfig) -> list[str]:
 def exposure_warnings(cfg: LocalClusterConfig) -> list[str]:
     notes = []
     if not is_loopback(cfg.host):
-        notes.append(f"WARNING: Ray binds {cfg.host}: anyone who reaches this interface can run code "
-                     "on this cluster. Firewall it to your nodes, or set RAY_AUTH_MODE=token "
-                     "(see docs/cluster.md).")
+        guard = ("token authentication is on" if cfg.auth == "token" else
+                 "token authentication is OFF (auth=disabled): anyone who reaches it can run code")
+        notes.append(f"WARNING: Ray binds {cfg.host}, not loopback; {guard}. Firewall the Ray "
+                     "ports to your cluster's machines (see docs/cluster.md).")
     if cfg.dashboard and not is_loopback(cfg.dashboard_host):
         notes.append(f"WARNING: the Ray dashboard and Jobs API listen on {cfg.dashboard_host}: job "
                      "submission there is remote code execution. Prefer an SSH tunnel to 127.0.0.1.")

@@ -61,6 +61,16 @@ def test_unknown_config_key_names_it(capsys):
     assert "bogus_key" in capsys.readouterr().err
 
 
+def test_binding_beyond_loopback_warns():
+    from cluster.config import load_local_config
+    from cluster.local import exposure_warnings
+
+    assert exposure_warnings(load_local_config(ROOT / "configs/cluster/local.yaml")) == []
+    notes = exposure_warnings(load_local_config(None, ["host=10.0.0.5", "dashboard_host=0.0.0.0",
+                                                       "auth=disabled"]))
+    assert len(notes) == 2 and "10.0.0.5" in notes[0] and "OFF" in notes[0] and "0.0.0.0" in notes[1]
+
+
 def test_submit_without_command(capsys):
     assert main(["submit", "--address", "http://127.0.0.1:1", "--"]) == 2
     assert "nothing to submit" in capsys.readouterr().err
