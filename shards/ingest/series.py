@@ -1,0 +1,121 @@
+"""Contrast, joint and vendor from (screened) descriptions and sequence parameters, and the rule
+that picks one stack per plane per study.
+
+Contrast vocabulary: ``t1``, ``t2``, ``pd``, ``stir``, ``gre`` with ``_fs`` appended when fat is
+suppressed, or ``unknown``. Descriptions win when they name a weighting (technologists name
+series reliably); otherwise TR/TE/TI decide.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+_FS = re.compile(r"(?<![A-Z])(FS|FAT ?SAT|FATSAT|SPAIR|SPIR|CHESS|FSAT|DIXON ?W|WATER|FS_)(?![A-Z])")
+_WEIGHTING = (
+    ("stir", re.compile(r"STIR|TIRM")),
+    ("pd", re.compile(r"(?<![A-Z])(PD|PDW|PROTON ?DENSITY|INTERMEDIATE)(?![A-Z])")),
+    ("t2", re.compile(r"(?<![A-Z])T2")),
+    ("t1", re.compile(r"(?<![A-Z])T1")),
+    ("gre", re.compile(r"(?<![A-Z])(GRE|MEDIC|MERGE|FFE|DESS|FLASH|SPGR|3D ?GE)(?![A-Z])")),
+)
+VENDORS = (("siemens", "siemens"), ("ge", "ge "), ("ge", "general electric"), ("ge", "gems"),
+           ("philips", "philips"), ("canon", "canon"), ("canon", "toshiba"), ("hitachi", "hitachi"),
+           ("fujifilm", "fujifilm"), ("united-imaging", "united imaging"), ("esaote", "esaote"))
+JOINT_WORDS = {"knee": ("KNEE", "GENU"), "ankle": ("ANKLE", "FOOT", "TALUS", "ACHILL"),
+               "shoulder": ("SHOULDER", "SHLDR", "HUMER", "ROTATOR")}
+
+
+def contrast_from_text(text: str) -> str | None:
+    """Weighting named in a description (``pd_fs``...), or None when it names none."""
+    up = f" {str(text or '').upper().replace('_', ' ')} "
+    for name, pattern in _WEIGHTING:
+        if pattern.search(up):
+            fat_sat = name != "stir" and bool(_FS.search(up))
+            return name + ("_fs" if fat_sat else "")
+    return None
+
+
+def contrast_from_parameters(tr: float | None, te: float | None, ti: float | None,
+                             scanning_sequence: str = "", scan_options: str = "") -> str:
+    """Weighting from timing: IR with short TI is STIR, short TR/TE T1, long TR short TE PD."""
+    seq, opts = str(scanning_sequence).upper(), str(scan_options).upper()
+    fs = "_fs" if re.search(r"(?<![A-Z])(FS|SFS|FAT)", opts) else ""
+    if "IR" in seq and ti and 80 <= ti <= 250:
+        return "stir"
+    if not tr or not te:
+        return "gre" + fs if "GR" in seq else "unknown"
+    if "GR" in seq and tr < 100:
+        return "gre" + fs
+    if tr < 900 and te < 30:
+        return "t1" + fs
+    if tr >= 1500 and te < 50:
+        return "pd" + fs
+    if tr >= 1500 and te >= 60:
+        return "t2" + fs
+    return "unknown"
+
+
+def vendor_name(manufacturer: str) -> str:
+    text = f"{str(manufacturer or '').lower()} "
+    for name, needle in VENDORS:
+        if needle in text:
+            return name
+    return re.sub(r"[^a-z0-9]+", "-", text.strip())[:24] or "unknown"
+
+
+def joint_from_text(*texts: str) -> str | None:
+    up = " ".join(str(t or "").upper() for t in texts)
+    for joint, words in JOINT_WORDS.items():
+        if any(w in up for w in words):
+            return joint
+    return None
+
+
+@dataclass
+class ChoiceConfig:
+    """Which stack to keep when a study has several for a plane (first rule that separates wins)."""
+
+    contrast_order: list[str] = field(default_factory=lambda: [
+        "pd_fs", "t2_fs", "stir", "pd", "t2", "t1", "t1_fs", "gre", "gre_fs", "unknown"])
+    prefer_non_oblique: bool = True
+    oblique_threshold_deg: float = 10.0  # obliquity above this marks a stack oblique
+    max_obliquity_deg: float = 40.0      # stacks tilted more than this are not used at all
+    min_slices: int = 1
+
+
+@dataclass
+class Candidate:
+    """One stack offered for a plane: what the choice rule compares."""
+
+    plane: str
+    contrast: str
+    n_slices: int
+    obliquity_deg: float
+    inplane_mm: float
+    series_number: int
+    ident: str  # stable tie-break (hashed series UID or file path)
+
+
+def rank(cand: Candidate, cfg: ChoiceConfig) -> tuple:
+    """Sort key: contrast preference, not oblique, more slices, finer pixels, lower series number."""
+    order = cfg.contrast_order
+    contrast_rank = order.index(cand.contrast) if cand.contrast in order else len(order)
+    oblique = cfg.prefer_non_oblique and cand.obliquity_deg > cfg.oblique_threshold_deg
+    return (contrast_rank, oblique, -cand.n_slices, cand.inplane_mm, cand.series_number, cand.ident)
+
+
+def choose(cands: list[Candidate], cfg: ChoiceConfig) -> tuple[dict[str, Candidate], list[tuple[Candidate, str]]]:
+    """Best candidate per plane, and the others with the reason they were not used."""
+    chosen: dict[str, Candidate] = {}
+    rejected: list[tuple[Candidate, str]] = []
+    for cand in sorted(cands, key=lambda c: rank(c, cfg)):
+        if cand.obliquity_deg > cfg.max_obliquity_deg:
+            rejected.append((cand, f"obliquity {cand.obliquity_deg} deg > max_obliquity_deg"))
+        elif cand.n_slices < cfg.min_slices:
+            rejected.append((cand, f"{cand.n_slices} slices < min_slices {cfg.min_slices}"))
+        elif cand.plane in chosen:
+            rejected.append((cand, f"another {cand.plane} stack ranks higher"))
+        else:
+            chosen[cand.plane] = cand
+    return chosen, rejected
