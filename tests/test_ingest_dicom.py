@@ -172,8 +172,8 @@ def export(tmp_path_factory) -> dict:
     shutil.rmtree(base / "B" / "ax_big")
     shutil.copy(base / "B" / "ax" / "IM0002", base / "B" / "ax" / "IM0002_copy")
     e["single"] = write_series(base / "B" / "sag1", p1, b, SAG, 1, 4.0, "SAG T2", rng,
-                               vendor="GE MEDICAL SYSTEMS", body="ANKLE", series_number=2)
-    write_series(base / "B" / "trunc", p1, b, COR, 4, 3.0, "COR T1", rng, vendor="GE", body="ANKLE",
+                               vendor="GE MEDICAL SYSTEMS", field=1.5, body="ANKLE", series_number=2)
+    write_series(base / "B" / "trunc", p1, b, COR, 4, 3.0, "COR T1", rng, vendor="GE", field=1.5, body="ANKLE",
                  series_number=3)
     blob = (base / "B" / "trunc" / "IM0001").read_bytes()
     (base / "B" / "trunc" / "IM0001").write_bytes(blob[: len(blob) - 100])
@@ -200,10 +200,14 @@ def ingested(export, tmp_path_factory, monkeypatch_module) -> dict:
     out = tmp_path_factory.mktemp("shards")
     run = tmp_path_factory.mktemp("run")
     monkeypatch_module.setenv("MSKFM_DEID_SALT", SALT)
+    a, b = export["uids"][:2]
+    (run / "labels.csv").write_text(f"study_uid,acl,effusion,atfl\n{a},1,0,\n{b},,,1\n")
+    (run / "ehr.csv").write_text(f"patient_id,height_cm,patient_type\n{PHI['PatientID']},172,outpatient\n")
     code = ingest_main(["dicom", str(export["root"]), "--out", str(out), f"run_dir={run}",
-                        "deid.dates=shift", "shard_max_count=2"])
+                        "deid.dates=shift", "shard_max_count=2", f"labels.path={run / 'labels.csv'}",
+                        f"ehr.path={run / 'ehr.csv'}"])
     report = json.loads((run / "ingest_report.json").read_text())
-    samples = {s["__key__"]: s for s in read_all(out, ("meta", "sag", "cor", "ax", "ehr"))}
+    samples = {s["__key__"]: s for s in read_all(out, ("meta", "sag", "cor", "ax", "ehr", "labels"))}
     return {"out": out, "run": run, "code": code, "report": report, "samples": samples}
 
 
@@ -238,13 +242,16 @@ def test_planes_spacing_intensities(export, ingested):
     assert abs(planes["ax"]["obliquity_deg"] - 15.0) < 0.01
     np.testing.assert_allclose(knee["ax"], export["ax"]["volume"])    # RLE decoded losslessly
     assert knee["meta"]["vendor"] == "siemens" and knee["meta"]["field_strength"] == 3.0
-    assert knee["ehr"] == {"age": 45.0, "sex": "F"}
+    # header characteristics + the EHR table joined on the keyed hash of PatientID
+    assert knee["ehr"] == {"age": 45.0, "sex": "F", "height_cm": 172.0, "patient_type": "outpatient"}
+    assert knee["labels"]["acl"] == 1 and knee["labels"]["effusion"] == 0 and knee["labels"]["pcl"] is None
     ankle = _by_body(ingested["samples"], "ankle")
     assert ankle["meta"]["planes"]["ax"]["shape"] == [5, 16, 16]
     assert ankle["meta"]["planes"]["sag"]["shape"] == [1, 16, 16]     # single-slice series
     assert ankle["meta"]["planes"]["sag"]["spacing"][0] == 4.0
     assert "cor" not in ankle  # its only cor series lost a truncated slice -> irregular gaps
     assert ankle["meta"]["vendor"] == "ge" and ankle["meta"]["field_strength"] == 1.5
+    assert ankle["labels"]["atfl"] == 1 and ankle["labels"]["cfl"] is None  # joined by StudyInstanceUID
 
 
 def test_report_entries(ingested):
@@ -262,6 +269,8 @@ def test_report_entries(ingested):
     needs = next(e for e in report["skipped"] if e["code"] == "needs_decoder")
     assert "pylibjpeg" in needs["reason"] and "JPEG Lossless" in needs["reason"]
     assert any("positions win" in w["message"] for w in report["warnings"])
+    labels = {p["code"]: p for p in report["tables"]["labels"]["problems"]}
+    assert "atfl" not in str(labels) and len(labels["study_without_row"]["studies"]) == 1  # shoulder
 
 
 def test_no_phi_in_shards(export, ingested):

@@ -43,7 +43,7 @@ class IngestConfig:
     deid: DeidConfig = field(default_factory=DeidConfig)
     choice: ChoiceConfig = field(default_factory=ChoiceConfig)
     labels: TableConfig = field(default_factory=TableConfig)
-    ehr: TableConfig = field(default_factory=TableConfig)
+    ehr: TableConfig = field(default_factory=lambda: TableConfig(key_column="patient_id", key_kind="patient"))
 
     def validate(self) -> None:
         if not self.source:
