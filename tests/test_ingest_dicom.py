@@ -20,9 +20,12 @@ from shards.config import load_config
 from shards.ingest.cli import main as ingest_main
 from shards.ingest.config import DicomIngestConfig
 from shards.ingest.dicom import ingest_dicom
+from shards.ingest import dicom as dicom_mod
+from shards.ingest.deid import DeidConfig, Pseudonymizer, deidentify, screen_text
 from shards.ingest.dicom_scan import decoder_problem
+from shards.ingest.series import Candidate, ChoiceConfig, choose, contrast_from_parameters, contrast_from_text
+from shards.manifest import load_manifest, verify_shards
 from shards.reader import iter_samples
-from shards.manifest import load_manifest
 
 SALT = "unit-test-salt-1"
 PHI = {"PatientName": "DOE^JOHN", "PatientID": "MRN12345678", "PatientBirthDate": "19450307",
@@ -285,6 +288,9 @@ def test_no_phi_in_shards(export, ingested):
                 assert variant.encode() not in blob, f"{needle!r} found in {path.name}"
     assert (ingested["run"] / "ingest_report.json").exists()
     assert not (ingested["out"] / "ingest_report.json").exists()
+    for path in ingested["run"].rglob("*"):  # the salt is in no log, report or config either
+        assert not path.is_file() or SALT.encode() not in path.read_bytes()
+    assert verify_shards(load_manifest(ingested["out"])) == []
 
 
 def test_keys_stable_and_salted(export, ingested, tmp_path, monkeypatch):
@@ -312,6 +318,10 @@ def test_keys_stable_and_salted(export, ingested, tmp_path, monkeypatch):
 
 def test_resume_skips_done_studies(export, ingested, monkeypatch):
     monkeypatch.setenv("MSKFM_DEID_SALT", SALT)
+
+    def no_decoding(stack):
+        raise AssertionError("a finished study was decoded again")
+    monkeypatch.setattr(dicom_mod, "decode", no_decoding)
     before = load_manifest(ingested["out"])
     run2 = ingested["run"] / "again"
     code = ingest_main(["dicom", str(export["root"]), "--out", str(ingested["out"]), f"run_dir={run2}",
@@ -342,3 +352,44 @@ def test_decoder_problem_names_package():
     if problem is None:
         pytest.skip("a JPEG Lossless decoder is installed here")
     assert "pylibjpeg" in problem or "gdcm" in problem
+
+
+def test_deidentify_header():
+    pseudo = Pseudonymizer(b"0123456789abcdef")
+    ds = _base({}, "1.2.3.4", "1.2.3.5", "SAG PD DOE 19450307 MRN12345678", "SIEMENS", 3.0, "KNEE")
+    ds.StudyTime = "101500"
+    study_uid, sop = ds.StudyInstanceUID, ds.SOPInstanceUID
+    deidentify(ds, DeidConfig(dates="year"), pseudo)
+    assert ds.PatientName == "" and ds.PatientBirthDate == "" and ds.StudyTime == ""
+    for kw in ("InstitutionName", "InstitutionAddress", "StationName", "DeviceSerialNumber",
+               "OtherPatientIDs", "PatientAddress"):
+        assert kw not in ds, kw
+    assert not any(elem.tag.is_private for elem in ds)
+    assert ds.StudyInstanceUID.startswith("2.25.") and len(ds.StudyInstanceUID) <= 64
+    assert ds.StudyInstanceUID != study_uid and ds.SOPInstanceUID != sop
+    assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+    assert ds.StudyInstanceUID == pseudo.uid(study_uid)  # stable: same salt, same UID
+    assert ds.PatientID == pseudo.ident("patient", PHI["PatientID"]) and ds.StudyDate == "20200101"
+    assert ds.SeriesDescription == "SAG PD" and ds.PatientIdentityRemoved == "YES"
+    assert ds.PatientAge == "045Y" and ds.Manufacturer == "SIEMENS"
+    assert screen_text("AX T2 12/03/1999 JOHN doe", {"DOE", "JOHN"}) == "AX T2"
+
+
+def test_contrast_and_choice_rule():
+    assert contrast_from_text("SAG PD FS") == "pd_fs" and contrast_from_text("COR T2 FSE") == "t2"
+    assert contrast_from_text("AX T2* MEDIC") == "gre" and contrast_from_text("STIR COR") == "stir"
+    assert contrast_from_parameters(3000, 30, None) == "pd" and contrast_from_parameters(500, 10, None) == "t1"
+    assert contrast_from_parameters(4000, 80, None, "SE", "FS") == "t2_fs"
+    assert contrast_from_parameters(5000, 40, 150, "IR") == "stir"
+    cands = [Candidate("sag", "t1", 20, 0.0, 0.5, 1, "a"),
+             Candidate("sag", "pd_fs", 18, 0.0, 0.5, 2, "b"),
+             Candidate("sag", "pd_fs", 18, 25.0, 0.5, 3, "c"),
+             Candidate("sag", "pd_fs", 30, 0.0, 0.5, 4, "d", derived=True),
+             Candidate("ax", "gre", 3, 0.0, 1.0, 5, "loc", description="3-PLANE LOC"),
+             Candidate("cor", "t2", 20, 45.0, 0.5, 6, "tilted")]
+    chosen, rejected = choose(cands, ChoiceConfig())
+    assert {p: c.ident for p, c in chosen.items()} == {"sag": "b"}
+    reasons = {c.ident: why for c, why in rejected}
+    assert "exclude" in reasons["loc"] and "obliquity" in reasons["tilted"]
+    chosen, _ = choose(cands, ChoiceConfig(contrast_order=["t1"], prefer_original=False))
+    assert chosen["sag"].ident == "a"

@@ -112,3 +112,25 @@ def test_no_names_in_shards(nifti_run):
         blob = path.read_bytes() if path.is_file() else b""
         for needle in (b"SMITH", b"ALICE", b"studyA", b"sag_pd_fs", SALT.encode()):
             assert needle not in blob, f"{needle!r} in {path.name}"
+
+
+def test_mapping_file_and_plane_override(tmp_path, monkeypatch):
+    monkeypatch.setenv("MSKFM_DEID_SALT", SALT)
+    src = tmp_path / "flat"
+    iso = np.arange(6 * 6 * 6, dtype=np.float32).reshape(6, 6, 6)
+    save(src / "case_one.nii.gz", iso, np.eye(4))
+    save(src / "case_one_labels.nii.gz", (iso % 3).astype(np.uint8), np.eye(4))
+    save(src / "case_two.nii.gz", iso, np.eye(4))
+    (tmp_path / "map.csv").write_text("image,study,patient,seg,joint,plane\n"
+                                      "case_one.nii.gz,X1,P1,case_one_labels.nii.gz,ankle,cor\n"
+                                      "case_two.nii.gz,X1,P1,,ankle,sag\n")
+    out = tmp_path / "out"
+    code = ingest_main(["nifti", str(src), "--out", str(out), f"mapping={tmp_path / 'map.csv'}",
+                        f"run_dir={tmp_path / 'run'}"])
+    samples = list(read_all(out, ("meta", "sag", "cor", "cor.seg")).values())
+    assert code == 0 and len(samples) == 1  # both files map to study X1
+    sample = samples[0]
+    assert sample["meta"]["joint"] == "ankle" and set(sample["meta"]["planes"]) == {"sag", "cor"}
+    np.testing.assert_array_equal(sample["cor.seg"], (sample["cor"] % 3).astype(np.uint8))
+    report = json.loads((tmp_path / "run" / "ingest_report.json").read_text())
+    assert not report["skipped"]  # the label map named in the mapping is not an image of its own

@@ -86,7 +86,7 @@ def _loader(stacks: list[Stack], cfg: DicomIngestConfig):
                 report.skip(stack.frames[0].rel, "decode_error", "non-finite pixel values")
                 continue
             volumes[cand.plane] = as_float32(volume)
-            planes[cand.plane] = stack.plane_meta(cfg.deid.keep_descriptions)
+            planes[cand.plane] = stack.plane_meta(cfg.deid.keep_descriptions, cfg.choice.oblique_threshold_deg)
         for cand, reason in rejected:
             if cand.plane not in volumes or "ranks higher" not in reason:
                 report.warn(by_ident[cand.ident].where, f"{cand.plane} series not used: {reason}")

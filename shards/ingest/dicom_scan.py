@@ -21,6 +21,13 @@ from .geometry import GeometryError, orientation_key, slice_normal
 from .report import IngestReport
 
 IGNORED_NAMES = {".DS_Store", "Thumbs.db"}
+# What later stages read from a single-frame header; the rest is dropped to keep memory per file
+# small on large exports (multi-frame headers are kept whole: their functional groups are needed).
+HEADER_KEEP = """StudyInstanceUID SeriesInstanceUID SOPInstanceUID InstanceNumber SeriesNumber EchoNumbers
+SeriesDescription ProtocolName StudyDescription BodyPartExamined PatientID AccessionNumber
+Manufacturer MagneticFieldStrength PatientAge PatientSex PatientSize PatientWeight StudyDate
+SeriesDate SpacingBetweenSlices ScanningSequence ScanOptions InversionTime EchoTime RepetitionTime
+ImageType""".split()
 
 
 @dataclass
@@ -129,7 +136,17 @@ def _frames_of(path: Path, rel: str, ds: Dataset, site: str) -> list[Frame]:
                             float(intercept if intercept not in (None, "") else 0.0),
                             (int(ds.Rows), int(ds.Columns)), site))
     slice_normal(frames[0].orientation)  # degenerate orientation -> GeometryError
+    if not multi:
+        frames[0].header = _slim(ds)
     return frames
+
+
+def _slim(ds: Dataset) -> Dataset:
+    slim = Dataset()
+    for kw in HEADER_KEEP:
+        if kw in ds:
+            slim.add(ds[kw])
+    return slim
 
 
 def _site_of(ds: Dataset, pseudo: Pseudonymizer, override: str) -> str:

@@ -37,14 +37,18 @@ class Stack:
         return self.frames[0].rel.rsplit("/", 1)[0] if "/" in self.frames[0].rel else "."
 
     def candidate(self) -> Candidate:
+        image_type = [str(v).upper() for v in (self.header.get("ImageType") or [])]
         return Candidate(self.plane.plane, self.contrast, len(self.frames), self.plane.obliquity_deg,
                          min(self.spacing[1:]), int(self.header.get("SeriesNumber", 0) or 0),
-                         f"{self.header.get('SeriesInstanceUID', '')}/{self.frames[0].rel}")
+                         f"{self.header.get('SeriesInstanceUID', '')}/{self.frames[0].rel}",
+                         self.description, "DERIVED" in image_type, "LOCALIZER" in image_type)
 
-    def plane_meta(self, keep_description: bool) -> dict:
+    def plane_meta(self, keep_description: bool, oblique_threshold: float) -> dict:
         meta = {"spacing": self.spacing, "shape": [len(self.frames), *self.frames[0].shape],
                 "contrast": self.contrast, "contrast_source": self.contrast_source,
-                "obliquity_deg": self.plane.obliquity_deg, "normal": list(self.plane.normal),
+                "obliquity_deg": self.plane.obliquity_deg,
+                "oblique": self.plane.obliquity_deg > oblique_threshold,
+                "normal": list(self.plane.normal),  # patient LPS
                 "series_number": int(self.header.get("SeriesNumber", 0) or 0),
                 "n_files": len({f.rel for f in self.frames})}
         if keep_description:

@@ -112,8 +112,9 @@ def _volume(path: Path, rel: str, cfg: NiftiIngestConfig, mapping: dict, report:
     joint = cfg.joint or row.get("joint") or joint_from_text(rel)
     contrast = contrast_from_text(_stem(rel).replace("_", " ")) or "unknown"
     plane = forced or info.plane
-    return Volume(path, rel, study, patient, joint, axis, plane, info.obliquity_deg,
-                  list(info.normal), zooms, shape, contrast, seg_path if seg_path.is_file() else None)
+    normal_lps = [0.0 - info.normal[0], 0.0 - info.normal[1], info.normal[2]]  # as DICOM meta
+    return Volume(path, rel, study, patient, joint, axis, plane, info.obliquity_deg, normal_lps,
+                  zooms, shape, contrast, seg_path if seg_path.is_file() else None)
 
 
 def _load_seg(vol: Volume, joint: str, source: Path, report: IngestReport) -> np.ndarray | None:
@@ -171,6 +172,7 @@ def _loader(vols: list[Volume], joint: str, cfg: NiftiIngestConfig):
             volumes[vol.plane] = as_float32(image)
             planes[vol.plane] = {"spacing": _spacing(vol.zooms, vol.axis), "shape": list(image.shape),
                                  "contrast": vol.contrast, "obliquity_deg": vol.obliquity,
+                                 "oblique": vol.obliquity > cfg.choice.oblique_threshold_deg,
                                  "normal": vol.normal}
             seg = _load_seg(vol, joint, Path(cfg.source), report) if vol.seg else None
             if seg is not None:

@@ -11,10 +11,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-_FS = re.compile(r"(?<![A-Z])(FS|FAT ?SAT|FATSAT|SPAIR|SPIR|CHESS|FSAT|DIXON ?W|WATER|FS_)(?![A-Z])")
+_FS = re.compile(r"(?<![A-Z])(FS|FAT ?SAT|FATSAT|SPAIR|SPIR|CHESS|FSAT|DIXON ?W|WATER)(?![A-Z])")
 _WEIGHTING = (
     ("stir", re.compile(r"STIR|TIRM")),
     ("pd", re.compile(r"(?<![A-Z])(PD|PDW|PROTON ?DENSITY|INTERMEDIATE)(?![A-Z])")),
+    ("gre", re.compile(r"(?<![A-Z])T2\*|(?<![A-Z])T2 ?STAR")),
     ("t2", re.compile(r"(?<![A-Z])T2")),
     ("t1", re.compile(r"(?<![A-Z])T1")),
     ("gre", re.compile(r"(?<![A-Z])(GRE|MEDIC|MERGE|FFE|DESS|FLASH|SPGR|3D ?GE)(?![A-Z])")),
@@ -82,6 +83,10 @@ class ChoiceConfig:
     oblique_threshold_deg: float = 10.0  # obliquity above this marks a stack oblique
     max_obliquity_deg: float = 40.0      # stacks tilted more than this are not used at all
     min_slices: int = 1
+    # Series never used (regex on the screened description, or ImageType LOCALIZER)
+    exclude_descriptions: list[str] = field(default_factory=lambda: [
+        r"LOCALI[SZ]ER", r"SCOUT", r"SURVEY", r"\bLOC\b", r"CALIBRATION", r"3[- ]?PLANE"])
+    prefer_original: bool = True  # ImageType ORIGINAL before DERIVED (reformats, subtractions)
 
 
 @dataclass
@@ -95,6 +100,9 @@ class Candidate:
     inplane_mm: float
     series_number: int
     ident: str  # stable tie-break (hashed series UID or file path)
+    description: str = ""
+    derived: bool = False
+    localizer: bool = False
 
 
 def rank(cand: Candidate, cfg: ChoiceConfig) -> tuple:
@@ -102,15 +110,33 @@ def rank(cand: Candidate, cfg: ChoiceConfig) -> tuple:
     order = cfg.contrast_order
     contrast_rank = order.index(cand.contrast) if cand.contrast in order else len(order)
     oblique = cfg.prefer_non_oblique and cand.obliquity_deg > cfg.oblique_threshold_deg
-    return (contrast_rank, oblique, -cand.n_slices, cand.inplane_mm, cand.series_number, cand.ident)
+    derived = cfg.prefer_original and cand.derived
+    return (derived, contrast_rank, oblique, -cand.n_slices, cand.inplane_mm, cand.series_number,
+            cand.ident)
+
+
+def excluded(cand: Candidate, cfg: ChoiceConfig) -> str | None:
+    if cand.localizer:
+        return "ImageType LOCALIZER"
+    for pattern in cfg.exclude_descriptions:
+        if re.search(pattern, cand.description.upper()):
+            return f"description matches exclude pattern '{pattern}'"
+    return None
 
 
 def choose(cands: list[Candidate], cfg: ChoiceConfig) -> tuple[dict[str, Candidate], list[tuple[Candidate, str]]]:
-    """Best candidate per plane, and the others with the reason they were not used."""
+    """Best candidate per plane, and the others with the reason they were not used.
+
+    Rule: drop localizers/excluded descriptions, stacks tilted past ``max_obliquity_deg`` and
+    those under ``min_slices``; then rank by original before derived, ``contrast_order``,
+    non-oblique first, more slices, finer in-plane pixels, lower series number."""
     chosen: dict[str, Candidate] = {}
     rejected: list[tuple[Candidate, str]] = []
     for cand in sorted(cands, key=lambda c: rank(c, cfg)):
-        if cand.obliquity_deg > cfg.max_obliquity_deg:
+        why = excluded(cand, cfg)
+        if why:
+            rejected.append((cand, why))
+        elif cand.obliquity_deg > cfg.max_obliquity_deg:
             rejected.append((cand, f"obliquity {cand.obliquity_deg} deg > max_obliquity_deg"))
         elif cand.n_slices < cfg.min_slices:
             rejected.append((cand, f"{cand.n_slices} slices < min_slices {cfg.min_slices}"))
