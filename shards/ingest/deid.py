@@ -174,7 +174,9 @@ def screen_text(text: str, tokens: set[str]) -> str:
     """Free text with identifying values, dates and long numbers removed."""
     out = _SAFE_CHARS.sub(" ", str(text or ""))
     for token in sorted(tokens, key=len, reverse=True):
-        out = re.sub(re.escape(token), " ", out, flags=re.IGNORECASE)
+        # short tokens only as whole words ("AX" in a name must not eat "AX T2" mid-word elsewhere)
+        pattern = re.escape(token) if len(token) >= 3 else rf"(?<![A-Za-z0-9]){re.escape(token)}(?![A-Za-z0-9])"
+        out = re.sub(pattern, " ", out, flags=re.IGNORECASE)
     out = _DATE_LIKE.sub(" ", out)
     out = _LONG_NUMBER.sub(" ", out)
     return " ".join(out.split())
