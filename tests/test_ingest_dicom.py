@@ -236,15 +236,15 @@ def test_planes_spacing_intensities(export, ingested):
     planes = knee["meta"]["planes"]
     assert set(planes) == {"sag", "cor", "ax"}
     assert planes["sag"]["spacing"] == [3.0, 0.5, 0.6]           # positions win over thickness 2.5
-    assert planes["sag"]["contrast"] == "pd_fs"
+    assert planes["sag"]["contrast"] == "PD_FS"
     np.testing.assert_allclose(knee["sag"], export["sag"]["volume"])  # rescale 2x-100, sorted
-    assert planes["cor"]["spacing"] == [3.5, 0.4, 0.4] and planes["cor"]["contrast"] == "t1"
+    assert planes["cor"]["spacing"] == [3.5, 0.4, 0.4] and planes["cor"]["contrast"] == "T1"
     assert planes["cor"]["contrast_source"] == "parameters"
     np.testing.assert_allclose(knee["cor"], export["cor"])            # per-frame rescale
-    assert planes["ax"]["contrast"] == "t2_fs" and planes["ax"]["spacing"][0] == 4.0
+    assert planes["ax"]["contrast"] == "T2_FS" and planes["ax"]["spacing"][0] == 4.0
     assert abs(planes["ax"]["obliquity_deg"] - 15.0) < 0.01
     np.testing.assert_allclose(knee["ax"], export["ax"]["volume"])    # RLE decoded losslessly
-    assert knee["meta"]["vendor"] == "siemens" and knee["meta"]["field_strength"] == 3.0
+    assert knee["meta"]["vendor"] == "SIEMENS" and knee["meta"]["field_strength"] == 3.0
     # header characteristics + the EHR table joined on the keyed hash of PatientID
     assert knee["ehr"] == {"age": 45.0, "sex": "F", "height_cm": 172.0, "patient_type": "outpatient"}
     assert knee["labels"]["acl"] == 1 and knee["labels"]["effusion"] == 0 and knee["labels"]["pcl"] is None
@@ -253,7 +253,7 @@ def test_planes_spacing_intensities(export, ingested):
     assert ankle["meta"]["planes"]["sag"]["shape"] == [1, 16, 16]     # single-slice series
     assert ankle["meta"]["planes"]["sag"]["spacing"][0] == 4.0
     assert "cor" not in ankle  # its only cor series lost a truncated slice -> irregular gaps
-    assert ankle["meta"]["vendor"] == "ge" and ankle["meta"]["field_strength"] == 1.5
+    assert ankle["meta"]["vendor"] == "GE" and ankle["meta"]["field_strength"] == 1.5
     assert ankle["labels"]["atfl"] == 1 and ankle["labels"]["cfl"] is None  # joined by StudyInstanceUID
 
 
@@ -376,20 +376,20 @@ def test_deidentify_header():
 
 
 def test_contrast_and_choice_rule():
-    assert contrast_from_text("SAG PD FS") == "pd_fs" and contrast_from_text("COR T2 FSE") == "t2"
-    assert contrast_from_text("AX T2* MEDIC") == "gre" and contrast_from_text("STIR COR") == "stir"
-    assert contrast_from_parameters(3000, 30, None) == "pd" and contrast_from_parameters(500, 10, None) == "t1"
-    assert contrast_from_parameters(4000, 80, None, "SE", "FS") == "t2_fs"
-    assert contrast_from_parameters(5000, 40, 150, "IR") == "stir"
-    cands = [Candidate("sag", "t1", 20, 0.0, 0.5, 1, "a"),
-             Candidate("sag", "pd_fs", 18, 0.0, 0.5, 2, "b"),
-             Candidate("sag", "pd_fs", 18, 25.0, 0.5, 3, "c"),
-             Candidate("sag", "pd_fs", 30, 0.0, 0.5, 4, "d", derived=True),
-             Candidate("ax", "gre", 3, 0.0, 1.0, 5, "loc", description="3-PLANE LOC"),
-             Candidate("cor", "t2", 20, 45.0, 0.5, 6, "tilted")]
+    assert contrast_from_text("SAG PD FS") == "PD_FS" and contrast_from_text("COR T2 FSE") == "T2"
+    assert contrast_from_text("AX T2* MEDIC") == "GRE" and contrast_from_text("STIR COR") == "STIR"
+    assert contrast_from_parameters(3000, 30, None) == "PD" and contrast_from_parameters(500, 10, None) == "T1"
+    assert contrast_from_parameters(4000, 80, None, "SE", "FS") == "T2_FS"
+    assert contrast_from_parameters(5000, 40, 150, "IR") == "STIR"
+    cands = [Candidate("sag", "T1", 20, 0.0, 0.5, 1, "a"),
+             Candidate("sag", "PD_FS", 18, 0.0, 0.5, 2, "b"),
+             Candidate("sag", "PD_FS", 18, 25.0, 0.5, 3, "c"),
+             Candidate("sag", "PD_FS", 30, 0.0, 0.5, 4, "d", derived=True),
+             Candidate("ax", "GRE", 3, 0.0, 1.0, 5, "loc", description="3-PLANE LOC"),
+             Candidate("cor", "T2", 20, 45.0, 0.5, 6, "tilted")]
     chosen, rejected = choose(cands, ChoiceConfig())
     assert {p: c.ident for p, c in chosen.items()} == {"sag": "b"}
     reasons = {c.ident: why for c, why in rejected}
     assert "exclude" in reasons["loc"] and "obliquity" in reasons["tilted"]
-    chosen, _ = choose(cands, ChoiceConfig(contrast_order=["t1"], prefer_original=False))
+    chosen, _ = choose(cands, ChoiceConfig(contrast_order=["T1"], prefer_original=False))
     assert chosen["sag"].ident == "a"

@@ -82,7 +82,7 @@ def test_geometry_and_layout(nifti_run):
     assert nifti_run["code"] == 0
     a = _study_with(nifti_run["samples"], "cor", 3)
     planes = a["meta"]["planes"]
-    assert planes["sag"]["spacing"] == [3.0, 0.6, 0.5] and planes["sag"]["contrast"] == "pd_fs"
+    assert planes["sag"]["spacing"] == [3.0, 0.6, 0.5] and planes["sag"]["contrast"] == "PD_FS"
     sag = nifti_run["exp"]["sag"]
     # sagittal display: rows superior->inferior, columns anterior->posterior
     np.testing.assert_array_equal(a["sag"], sag.transpose(0, 2, 1)[:, ::-1, ::-1])

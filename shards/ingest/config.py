@@ -36,7 +36,7 @@ class IngestConfig:
     joint: str = ""        # force one joint for every study; empty: read it from the data
     site: str = ""         # a site name to record; empty: keyed hash of the institution
     strict: bool = False   # exit non-zero when anything was skipped or a table has problems
-    splits: dict[str, float] = field(default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1})
+    splits: dict[str, float] = field(default_factory=lambda: {"train": 0.7, "val": 0.15, "test": 0.15})
     split_seed: int = 0
     shard_max_count: int = 200
     shard_max_mb: int = 1000

@@ -1,8 +1,9 @@
 """Contrast, joint and vendor from (screened) descriptions and sequence parameters, and the rule
 that picks one stack per plane per study.
 
-Contrast vocabulary: ``t1``, ``t2``, ``pd``, ``stir``, ``gre`` with ``_fs`` appended when fat is
-suppressed, or ``unknown``. Descriptions win when they name a weighting (technologists name
+Contrast vocabulary (as in the synthetic generator): ``T1``, ``T2``, ``PD``, ``STIR``, ``GRE``
+with ``_FS`` appended when fat is suppressed, or ``unknown``. Vendors are upper-case short names
+(``SIEMENS``, ``GE``, ``PHILIPS``...), as in the synthetic data. Descriptions win when they name a weighting (technologists name
 series reliably); otherwise TR/TE/TI decide.
 """
 
@@ -13,27 +14,27 @@ from dataclasses import dataclass, field
 
 _FS = re.compile(r"(?<![A-Z])(FS|FAT ?SAT|FATSAT|SPAIR|SPIR|CHESS|FSAT|DIXON ?W|WATER)(?![A-Z])")
 _WEIGHTING = (
-    ("stir", re.compile(r"STIR|TIRM")),
-    ("pd", re.compile(r"(?<![A-Z])(PD|PDW|PROTON ?DENSITY|INTERMEDIATE)(?![A-Z])")),
-    ("gre", re.compile(r"(?<![A-Z])T2\*|(?<![A-Z])T2 ?STAR")),
-    ("t2", re.compile(r"(?<![A-Z])T2")),
-    ("t1", re.compile(r"(?<![A-Z])T1")),
-    ("gre", re.compile(r"(?<![A-Z])(GRE|MEDIC|MERGE|FFE|DESS|FLASH|SPGR|3D ?GE)(?![A-Z])")),
+    ("STIR", re.compile(r"STIR|TIRM")),
+    ("PD", re.compile(r"(?<![A-Z])(PD|PDW|PROTON ?DENSITY|INTERMEDIATE)(?![A-Z])")),
+    ("GRE", re.compile(r"(?<![A-Z])T2\*|(?<![A-Z])T2 ?STAR")),
+    ("T2", re.compile(r"(?<![A-Z])T2")),
+    ("T1", re.compile(r"(?<![A-Z])T1")),
+    ("GRE", re.compile(r"(?<![A-Z])(GRE|MEDIC|MERGE|FFE|DESS|FLASH|SPGR|3D ?GE)(?![A-Z])")),
 )
-VENDORS = (("siemens", "siemens"), ("ge", "ge "), ("ge", "general electric"), ("ge", "gems"),
-           ("philips", "philips"), ("canon", "canon"), ("canon", "toshiba"), ("hitachi", "hitachi"),
-           ("fujifilm", "fujifilm"), ("united-imaging", "united imaging"), ("esaote", "esaote"))
+VENDORS = (("SIEMENS", "siemens"), ("GE", "ge "), ("GE", "general electric"), ("GE", "gems"),
+           ("PHILIPS", "philips"), ("CANON", "canon"), ("CANON", "toshiba"), ("HITACHI", "hitachi"),
+           ("FUJIFILM", "fujifilm"), ("UNITED-IMAGING", "united imaging"), ("ESAOTE", "esaote"))
 JOINT_WORDS = {"knee": ("KNEE", "GENU"), "ankle": ("ANKLE", "FOOT", "TALUS", "ACHILL"),
                "shoulder": ("SHOULDER", "SHLDR", "HUMER", "ROTATOR")}
 
 
 def contrast_from_text(text: str) -> str | None:
-    """Weighting named in a description (``pd_fs``...), or None when it names none."""
+    """Weighting named in a description (``PD_FS``...), or None when it names none."""
     up = f" {str(text or '').upper().replace('_', ' ')} "
     for name, pattern in _WEIGHTING:
         if pattern.search(up):
-            fat_sat = name != "stir" and bool(_FS.search(up))
-            return name + ("_fs" if fat_sat else "")
+            fat_sat = name != "STIR" and bool(_FS.search(up))
+            return name + ("_FS" if fat_sat else "")
     return None
 
 
@@ -41,19 +42,19 @@ def contrast_from_parameters(tr: float | None, te: float | None, ti: float | Non
                              scanning_sequence: str = "", scan_options: str = "") -> str:
     """Weighting from timing: IR with short TI is STIR, short TR/TE T1, long TR short TE PD."""
     seq, opts = str(scanning_sequence).upper(), str(scan_options).upper()
-    fs = "_fs" if re.search(r"(?<![A-Z])(FS|SFS|FAT)", opts) else ""
+    fs = "_FS" if re.search(r"(?<![A-Z])(FS|SFS|FAT)", opts) else ""
     if "IR" in seq and ti and 80 <= ti <= 250:
-        return "stir"
+        return "STIR"
     if not tr or not te:
-        return "gre" + fs if "GR" in seq else "unknown"
+        return "GRE" + fs if "GR" in seq else "unknown"
     if "GR" in seq and tr < 100:
-        return "gre" + fs
+        return "GRE" + fs
     if tr < 900 and te < 30:
-        return "t1" + fs
+        return "T1" + fs
     if tr >= 1500 and te < 50:
-        return "pd" + fs
+        return "PD" + fs
     if tr >= 1500 and te >= 60:
-        return "t2" + fs
+        return "T2" + fs
     return "unknown"
 
 
@@ -62,7 +63,7 @@ def vendor_name(manufacturer: str) -> str:
     for name, needle in VENDORS:
         if needle in text:
             return name
-    return re.sub(r"[^a-z0-9]+", "-", text.strip())[:24] or "unknown"
+    return re.sub(r"[^a-z0-9]+", "-", text.strip())[:24].upper() or "unknown"
 
 
 def joint_from_text(*texts: str) -> str | None:
@@ -78,7 +79,7 @@ class ChoiceConfig:
     """Which stack to keep when a study has several for a plane (first rule that separates wins)."""
 
     contrast_order: list[str] = field(default_factory=lambda: [
-        "pd_fs", "t2_fs", "stir", "pd", "t2", "t1", "t1_fs", "gre", "gre_fs", "unknown"])
+        "PD_FS", "T2_FS", "STIR", "PD", "T2", "T1", "T1_FS", "GRE", "GRE_FS", "unknown"])
     prefer_non_oblique: bool = True
     oblique_threshold_deg: float = 10.0  # obliquity above this marks a stack oblique
     max_obliquity_deg: float = 40.0      # stacks tilted more than this are not used at all
