@@ -15,7 +15,8 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
-from ..config import save_config, to_dict
+from ..config import to_dict
+from ..runs import run_dir, write_run
 from ..schema import SchemaError, validate_study
 from ..splits import assign_split
 from ..writer import ShardWriter
@@ -40,8 +41,11 @@ class FoundStudy:
 
 
 def run_dir_of(cfg: IngestConfig, command: str) -> Path:
-    name = cfg.name or Path(cfg.out).name or "ingest"
-    return Path(cfg.run_dir) if cfg.run_dir else Path("runs") / command / name
+    """``run_dir`` if set, else ``$MSKFM_RUNS/<command>/<name>`` like every other command."""
+    if cfg.run_dir:
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        return Path(cfg.run_dir)
+    return run_dir(command, cfg.name or Path(cfg.out).name or "ingest")
 
 
 def open_tables(cfg: IngestConfig, to_key: Callable[[str, str], str]) -> dict[str, TableJoin]:
@@ -116,9 +120,9 @@ def finish(cfg: IngestConfig, command: str, report: IngestReport,
            tables: dict[str, TableJoin]) -> int:
     """Write the report and resolved config to the run folder; return the exit code."""
     report.tables = {kind: table.finish() for kind, table in tables.items()}
-    run_dir = run_dir_of(cfg, command)
-    save_config(cfg, run_dir / "config.yaml")
-    path = report.write(run_dir)
+    folder = run_dir_of(cfg, command)
+    write_run(folder, cfg, report.counts())
+    path = report.write(folder)
     print(report.summary())
     print(f"report: {path}")
     return 1 if report.failed(cfg.strict) else 0
