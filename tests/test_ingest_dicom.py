@@ -182,6 +182,17 @@ def export(tmp_path_factory) -> dict:
     (base / "B" / "trunc" / "IM0001").write_bytes(blob[: len(blob) - 100])
     # study C: other patient, shoulder; one file without orientation
     write_series(root / "p2" / "C", p2, c, COR, 4, 3.0, "COR T2 FS", rng, vendor="Philips", body="SHOULDER")
+    # a preferred PD FS series whose RLE data is cut short: decoding fails, T2 FS is used instead
+    write_series(root / "p2" / "C_pd", p2, c, COR, 3, 3.0, "COR PD FS", rng, vendor="Philips",
+                 body="SHOULDER", compress=True, series_number=2)
+    blob = bytearray((root / "p2" / "C_pd" / "IM0002").read_bytes())
+    fragment = blob.index(b"\xfe\xff\x00\xe0", blob.index(b"\xfe\xff\x00\xe0") + 8) + 8
+    blob[fragment:fragment + 4] = (15).to_bytes(4, "little")  # RLE header: 15 segments, not 2
+    (root / "p2" / "C_pd" / "IM0002").write_bytes(bytes(blob))
+    cut = pydicom.dcmread(root / "p2" / "C_pd" / "IM0001")  # RLE file cut short: truncated
+    cut.SOPInstanceUID = generate_uid()
+    cut.save_as(root / "p2" / "C_pd" / "IMCUT")
+    (root / "p2" / "C_pd" / "IMCUT").write_bytes((root / "p2" / "C_pd" / "IMCUT").read_bytes()[:-60])
     noori = pydicom.dcmread(root / "p2" / "C" / "IM0000")
     del noori.ImageOrientationPatient
     noori.SOPInstanceUID = generate_uid()
@@ -248,6 +259,8 @@ def test_planes_spacing_intensities(export, ingested):
     # header characteristics + the EHR table joined on the keyed hash of PatientID
     assert knee["ehr"] == {"age": 45.0, "sex": "F", "height_cm": 172.0, "patient_type": "outpatient"}
     assert knee["labels"]["acl"] == 1 and knee["labels"]["effusion"] == 0 and knee["labels"]["pcl"] is None
+    shoulder = _by_body(ingested["samples"], "shoulder")
+    assert shoulder["meta"]["planes"]["cor"]["contrast"] == "T2_FS"  # fell back after decode_error
     ankle = _by_body(ingested["samples"], "ankle")
     assert ankle["meta"]["planes"]["ax"]["shape"] == [5, 16, 16]
     assert ankle["meta"]["planes"]["sag"]["shape"] == [1, 16, 16]     # single-slice series
@@ -263,9 +276,10 @@ def test_report_entries(ingested):
     assert counts["studies_found"] == 3 and counts["studies_ingested"] == 3
     by_code = counts["skipped_by_code"]
     assert by_code["not_dicom"] == 1 and by_code["dicomdir"] == 1 and by_code["not_image"] == 2
-    assert by_code["size_mismatch"] == 1 and by_code["duplicate"] == 1 and by_code["truncated"] == 1
+    assert by_code["size_mismatch"] == 1 and by_code["duplicate"] == 1 and by_code["truncated"] == 2
     assert by_code["missing_geometry"] == 1 and by_code["needs_decoder"] == 1
     assert by_code["study_needs_decoder"] == 1 and by_code["bad_geometry"] == 3
+    assert by_code["decode_error"] == 1
     paths = {e["path"]: e for e in report["skipped"]}
     assert "Enhanced SR" in paths["DOE_JOHN_export/A/SR0001"]["reason"]
     assert "IMNOORI" in next(p for p, e in paths.items() if e["code"] == "missing_geometry")
@@ -387,9 +401,9 @@ def test_contrast_and_choice_rule():
              Candidate("sag", "PD_FS", 30, 0.0, 0.5, 4, "d", derived=True),
              Candidate("ax", "GRE", 3, 0.0, 1.0, 5, "loc", description="3-PLANE LOC"),
              Candidate("cor", "T2", 20, 45.0, 0.5, 6, "tilted")]
-    chosen, rejected = choose(cands, ChoiceConfig())
-    assert {p: c.ident for p, c in chosen.items()} == {"sag": "b"}
+    ranked, rejected = choose(cands, ChoiceConfig())
+    assert {p: [c.ident for c in cs] for p, cs in ranked.items()} == {"sag": ["b", "c", "a", "d"]}
     reasons = {c.ident: why for c, why in rejected}
     assert "exclude" in reasons["loc"] and "obliquity" in reasons["tilted"]
-    chosen, _ = choose(cands, ChoiceConfig(contrast_order=["T1"], prefer_original=False))
-    assert chosen["sag"].ident == "a"
+    ranked, _ = choose(cands, ChoiceConfig(contrast_order=["T1"], prefer_original=False))
+    assert ranked["sag"][0].ident == "a"

@@ -11,14 +11,13 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 from .common import FoundStudy, as_float32, finish, manifest_info, open_tables, write_studies
 from .config import DicomIngestConfig
 from .deid import Pseudonymizer, load_salt, study_date
 from .dicom_scan import scan_file, walk
-from .dicom_stacks import Stack, build_stacks, decode
+from .dicom_stacks import DecodeError, Stack, build_stacks, decode
 from .report import IngestReport
 from .series import choose, joint_from_text, vendor_name
 
@@ -68,28 +67,22 @@ def _header_ehr(header) -> dict:
 def _loader(stacks: list[Stack], cfg: DicomIngestConfig):
     """Decode the best stack per plane, falling back to the next one when decoding fails."""
     def load(report: IngestReport):
-        chosen, rejected = choose([s.candidate() for s in stacks], cfg.choice)
+        ranked, rejected = choose([s.candidate() for s in stacks], cfg.choice)
         by_ident = {s.candidate().ident: s for s in stacks}
-        ranked = [c for c in chosen.values()] + [c for c, reason in rejected if "ranks higher" in reason]
-        volumes, planes = {}, {}
-        for cand in ranked:
-            if cand.plane in volumes:
-                continue
-            stack = by_ident[cand.ident]
-            try:
-                volume = decode(stack)
-            except Exception as exc:  # damaged pixel data of any kind: report, try the next stack
-                report.skip(stack.frames[0].rel, "decode_error",
-                            f"pixel data of this series cannot be decoded: {type(exc).__name__}: {exc}")
-                continue
-            if not np.isfinite(volume).all():
-                report.skip(stack.frames[0].rel, "decode_error", "non-finite pixel values")
-                continue
-            volumes[cand.plane] = as_float32(volume)
-            planes[cand.plane] = stack.plane_meta(cfg.deid.keep_descriptions, cfg.choice.oblique_threshold_deg)
         for cand, reason in rejected:
-            if cand.plane not in volumes or "ranks higher" not in reason:
-                report.warn(by_ident[cand.ident].where, f"{cand.plane} series not used: {reason}")
+            report.warn(by_ident[cand.ident].where, f"{cand.plane} series not used: {reason}")
+        volumes, planes = {}, {}
+        for plane, cands in ranked.items():
+            for cand in cands:
+                stack = by_ident[cand.ident]
+                try:
+                    volume = decode(stack)
+                except DecodeError as exc:  # report, fall back to the next-ranked stack
+                    report.skip(exc.rel, "decode_error", f"pixel data cannot be decoded: {exc.reason}")
+                    continue
+                volumes[plane] = as_float32(volume)
+                planes[plane] = stack.plane_meta(cfg.deid.keep_descriptions, cfg.choice.oblique_threshold_deg)
+                break
         return volumes, planes, {}
     return load
 

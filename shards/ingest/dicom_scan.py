@@ -6,6 +6,7 @@ used get one report entry each, with a code and a reason.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,7 +161,9 @@ def scan_file(path: Path, rel: str, cfg: DeidConfig, pseudo: Pseudonymizer, site
               report: IngestReport) -> list[Frame]:
     """Frames of one file, or [] with a report entry saying why not."""
     try:
-        ds = pydicom.dcmread(path, defer_size=1024)
+        with warnings.catch_warnings():  # vendor quirks (VR lengths...) would flood the log
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path, defer_size=1024)
     except InvalidDicomError:
         report.skip(rel, "not_dicom", "not a DICOM file (no DICM preamble)")
         return []
@@ -172,8 +175,13 @@ def scan_file(path: Path, rel: str, cfg: DeidConfig, pseudo: Pseudonymizer, site
         report.skip(rel, "dicomdir", "DICOMDIR index; image files are found by walking the folder")
         return []
     if "PixelData" not in ds:
-        what = sop_class.name if sop_class else "no SOP class (truncated header?)"
-        report.skip(rel, "not_image", f"no pixel data: {what}")
+        if len(ds) == 0 or ("Rows" in ds and "Columns" in ds):
+            # pydicom drops the whole dataset when encapsulated pixel data ends before its delimiter
+            report.skip(rel, "truncated", f"{sop_class.name or 'DICOM'} file without (complete) "
+                        "data elements or pixel data: file cut short?")
+        else:
+            what = sop_class.name if sop_class else "no SOP class (truncated header?)"
+            report.skip(rel, "not_image", f"no pixel data: {what}")
         return []
     try:
         problem = _truncated(path, ds)

@@ -147,6 +147,19 @@ def build_stacks(frames: list[Frame], tolerance: float, report: IngestReport) ->
     return studies
 
 
+class DecodeError(ValueError):
+    def __init__(self, rel: str, reason: str):
+        super().__init__(f"{rel}: {reason}")
+        self.rel, self.reason = rel, reason
+
+
+def _pixels(frame: Frame) -> np.ndarray:
+    try:
+        return pydicom.dcmread(frame.path).pixel_array
+    except Exception as exc:  # truncated fragments, bad lengths, plugin errors: all undecodable
+        raise DecodeError(frame.rel, f"{type(exc).__name__}: {exc}") from exc
+
+
 def decode(stack: Stack) -> np.ndarray:
     """(slices, rows, cols) float32 with each frame's rescale slope/intercept applied."""
     out = np.empty((len(stack.frames), *stack.frames[0].shape), dtype=np.float32)
@@ -154,8 +167,12 @@ def decode(stack: Stack) -> np.ndarray:
     for i, frame in enumerate(stack.frames):
         if frame.path not in cache:
             cache.clear()  # hold one decoded file at a time
-            cache[frame.path] = pydicom.dcmread(frame.path).pixel_array
+            cache[frame.path] = _pixels(frame)
         pixels = cache[frame.path]
         image = pixels[frame.index] if frame.index is not None and pixels.ndim == 3 else pixels
+        if image.shape != frame.shape:
+            raise DecodeError(frame.rel, f"decoded shape {image.shape} != header {frame.shape}")
         out[i] = image.astype(np.float64) * frame.slope + frame.intercept
+    if not np.isfinite(out).all():
+        raise DecodeError(stack.frames[0].rel, "non-finite values after rescale")
     return out

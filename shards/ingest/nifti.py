@@ -157,29 +157,28 @@ def _load_image(vol: Volume, cfg: NiftiIngestConfig, report: IngestReport) -> np
 def _loader(vols: list[Volume], joint: str, cfg: NiftiIngestConfig):
     def load(report: IngestReport):
         cands = [Candidate(v.plane, v.contrast, v.shape[v.axis], v.obliquity,
-                           min(z for i, z in enumerate(v.zooms) if i != v.axis), 0, v.rel) for v in vols]
-        chosen, rejected = choose(cands, cfg.choice)
+                           min(z for i, z in enumerate(v.zooms) if i != v.axis), 0, v.rel,
+                           description=_stem(v.rel).replace("_", " ")) for v in vols]
+        ranked, rejected = choose(cands, cfg.choice)
+        for cand, why in rejected:
+            report.warn(cand.ident, f"{cand.plane} volume not used: {why}")
         by_rel = {v.rel: v for v in vols}
-        order = list(chosen.values()) + [c for c, why in rejected if "ranks higher" in why]
         volumes, planes, segs = {}, {}, {}
-        for cand in order:
-            vol = by_rel[cand.ident]
-            if vol.plane in volumes:
-                continue
-            image = _load_image(vol, cfg, report)
-            if image is None:
-                continue
-            volumes[vol.plane] = as_float32(image)
-            planes[vol.plane] = {"spacing": _spacing(vol.zooms, vol.axis), "shape": list(image.shape),
+        for plane, plane_cands in ranked.items():
+            for cand in plane_cands:
+                vol = by_rel[cand.ident]
+                image = _load_image(vol, cfg, report)
+                if image is None:
+                    continue
+                volumes[plane] = as_float32(image)
+                planes[plane] = {"spacing": _spacing(vol.zooms, vol.axis), "shape": list(image.shape),
                                  "contrast": vol.contrast, "obliquity_deg": vol.obliquity,
                                  "oblique": vol.obliquity > cfg.choice.oblique_threshold_deg,
                                  "normal": vol.normal}
-            seg = _load_seg(vol, joint, Path(cfg.source), report) if vol.seg else None
-            if seg is not None:
-                segs[f"{vol.plane}.seg"] = np.ascontiguousarray(seg)
-        for cand, why in rejected:
-            if "ranks higher" not in why:
-                report.warn(cand.ident, f"{cand.plane} volume not used: {why}")
+                seg = _load_seg(vol, joint, Path(cfg.source), report) if vol.seg else None
+                if seg is not None:
+                    segs[f"{plane}.seg"] = np.ascontiguousarray(seg)
+                break
         return volumes, planes, segs
     return load
 

@@ -125,13 +125,14 @@ def excluded(cand: Candidate, cfg: ChoiceConfig) -> str | None:
     return None
 
 
-def choose(cands: list[Candidate], cfg: ChoiceConfig) -> tuple[dict[str, Candidate], list[tuple[Candidate, str]]]:
-    """Best candidate per plane, and the others with the reason they were not used.
+def choose(cands: list[Candidate], cfg: ChoiceConfig) -> tuple[dict[str, list[Candidate]], list[tuple[Candidate, str]]]:
+    """Usable candidates per plane, best first (the first that decodes is used), and the
+    unusable ones with the reason.
 
     Rule: drop localizers/excluded descriptions, stacks tilted past ``max_obliquity_deg`` and
     those under ``min_slices``; then rank by original before derived, ``contrast_order``,
     non-oblique first, more slices, finer in-plane pixels, lower series number."""
-    chosen: dict[str, Candidate] = {}
+    ranked: dict[str, list[Candidate]] = {}
     rejected: list[tuple[Candidate, str]] = []
     for cand in sorted(cands, key=lambda c: rank(c, cfg)):
         why = excluded(cand, cfg)
@@ -141,8 +142,6 @@ def choose(cands: list[Candidate], cfg: ChoiceConfig) -> tuple[dict[str, Candida
             rejected.append((cand, f"obliquity {cand.obliquity_deg} deg > max_obliquity_deg"))
         elif cand.n_slices < cfg.min_slices:
             rejected.append((cand, f"{cand.n_slices} slices < min_slices {cfg.min_slices}"))
-        elif cand.plane in chosen:
-            rejected.append((cand, f"another {cand.plane} stack ranks higher"))
         else:
-            chosen[cand.plane] = cand
-    return chosen, rejected
+            ranked.setdefault(cand.plane, []).append(cand)
+    return ranked, rejected
