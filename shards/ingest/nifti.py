@@ -83,9 +83,12 @@ def _ids(rel: str, cfg: NiftiIngestConfig, mapping: dict) -> tuple[str, str, dic
     row = mapping.get(rel, {})
     match = re.search(cfg.study_regex, rel)
     groups = match.groupdict() if match else {}
-    study = row.get("study") or groups.get("study") or _stem(rel)
-    patient = row.get("patient") or groups.get("patient") or study
-    return study, patient, row
+    if row.get("study"):
+        return row["study"], row.get("patient") or row["study"], row
+    study = groups.get("study") or _stem(rel)
+    patient = groups.get("patient")
+    # a study folder name is only unique within its patient: <patient>/<study> is the study id
+    return (f"{patient}/{study}", patient, row) if patient else (study, study, row)
 
 
 def _volume(path: Path, rel: str, cfg: NiftiIngestConfig, mapping: dict, report: IngestReport) -> Volume | None:
