@@ -94,7 +94,7 @@ def _truncated(path: Path, ds: Dataset) -> str | None:
     return None
 
 
-def _first(ds: Dataset, seq_kw: str, attr: str, frame: int | None):
+def frame_attr(ds: Dataset, seq_kw: str, attr: str, frame: int | None):
     """An attribute from the per-frame functional group, else the shared group, else the top."""
     for group_kw, index in (("PerFrameFunctionalGroupsSequence", frame),
                             ("SharedFunctionalGroupsSequence", 0)):
@@ -114,9 +114,9 @@ def _frames_of(path: Path, rel: str, ds: Dataset, site: str) -> list[Frame]:
     frames = []
     for i in range(n_frames):
         idx = i if multi else None
-        iop = _first(ds, "PlaneOrientationSequence", "ImageOrientationPatient", idx)
-        ipp = _first(ds, "PlanePositionSequence", "ImagePositionPatient", idx)
-        spacing = _first(ds, "PixelMeasuresSequence", "PixelSpacing", idx)
+        iop = frame_attr(ds, "PlaneOrientationSequence", "ImageOrientationPatient", idx)
+        ipp = frame_attr(ds, "PlanePositionSequence", "ImagePositionPatient", idx)
+        spacing = frame_attr(ds, "PixelMeasuresSequence", "PixelSpacing", idx)
         if iop is None or ipp is None or spacing is None:
             missing = [n for n, v in (("ImageOrientationPatient", iop), ("ImagePositionPatient", ipp),
                                       ("PixelSpacing", spacing)) if v is None]
@@ -127,9 +127,9 @@ def _frames_of(path: Path, rel: str, ds: Dataset, site: str) -> list[Frame]:
             if step <= 0:
                 raise GeometryError("multi-frame without per-frame positions or slice spacing")
             position = position + i * step * slice_normal(iop)
-        slope = _first(ds, "PixelValueTransformationSequence", "RescaleSlope", idx)
-        intercept = _first(ds, "PixelValueTransformationSequence", "RescaleIntercept", idx)
-        thickness = _first(ds, "PixelMeasuresSequence", "SliceThickness", idx)
+        slope = frame_attr(ds, "PixelValueTransformationSequence", "RescaleSlope", idx)
+        intercept = frame_attr(ds, "PixelValueTransformationSequence", "RescaleIntercept", idx)
+        thickness = frame_attr(ds, "PixelMeasuresSequence", "SliceThickness", idx)
         frames.append(Frame(path, rel, idx, ds, tuple(float(v) for v in iop), position,
                             (float(spacing[0]), float(spacing[1])),
                             float(thickness) if thickness not in (None, "") else None,

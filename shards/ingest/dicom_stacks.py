@@ -12,7 +12,7 @@ import numpy as np
 import pydicom
 from pydicom.multival import MultiValue
 
-from .dicom_scan import Frame, _first
+from .dicom_scan import Frame, frame_attr
 from .geometry import GeometryError, PlaneInfo, plane_of, slice_normal, slice_spacing, sort_positions
 from .report import IngestReport
 from .series import Candidate, contrast_from_parameters, contrast_from_text
@@ -105,8 +105,8 @@ def _contrast(frame: Frame) -> tuple[str, str, str]:
         return float(value) if value not in (None, "") else None
 
     by_params = contrast_from_parameters(
-        number(_first(h, "MRTimingAndRelatedParametersSequence", "RepetitionTime", frame.index)),
-        number(_first(h, "MREchoSequence", "EffectiveEchoTime", frame.index)) or number(h.get("EchoTime")),
+        number(frame_attr(h, "MRTimingAndRelatedParametersSequence", "RepetitionTime", frame.index)),
+        number(frame_attr(h, "MREchoSequence", "EffectiveEchoTime", frame.index)) or number(h.get("EchoTime")),
         number(h.get("InversionTime")),
         str(h.get("ScanningSequence", "") or ""), str(h.get("ScanOptions", "") or ""))
     return by_params, "parameters", description
