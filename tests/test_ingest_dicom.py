@@ -176,6 +176,10 @@ def export(tmp_path_factory) -> dict:
     shutil.copy(base / "B" / "ax" / "IM0002", base / "B" / "ax" / "IM0002_copy")
     e["single"] = write_series(base / "B" / "sag1", p1, b, SAG, 1, 4.0, "SAG T2", rng,
                                vendor="GE MEDICAL SYSTEMS", field=1.5, body="ANKLE", series_number=2)
+    bare = pydicom.dcmread(base / "B" / "sag1" / "IM0000")  # old-PACS style: no preamble, no meta
+    bare.file_meta, bare.preamble = FileMetaDataset(), None
+    bare.save_as(base / "B" / "sag1" / "IM0000", implicit_vr=True, little_endian=True)
+    assert (base / "B" / "sag1" / "IM0000").read_bytes()[:2] == b"\x08\x00"
     write_series(base / "B" / "trunc", p1, b, COR, 4, 3.0, "COR T1", rng, vendor="GE", field=1.5, body="ANKLE",
                  series_number=3)
     blob = (base / "B" / "trunc" / "IM0001").read_bytes()
@@ -265,6 +269,7 @@ def test_planes_spacing_intensities(export, ingested):
     assert ankle["meta"]["planes"]["ax"]["shape"] == [5, 16, 16]
     assert ankle["meta"]["planes"]["sag"]["shape"] == [1, 16, 16]     # single-slice series
     assert ankle["meta"]["planes"]["sag"]["spacing"][0] == 4.0
+    np.testing.assert_allclose(ankle["sag"], export["single"]["volume"])  # bare dataset decoded
     assert "cor" not in ankle  # its only cor series lost a truncated slice -> irregular gaps
     assert ankle["meta"]["vendor"] == "GE" and ankle["meta"]["field_strength"] == 1.5
     assert ankle["labels"]["atfl"] == 1 and ankle["labels"]["cfl"] is None  # joined by StudyInstanceUID

@@ -15,7 +15,8 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import get_decoder
-from pydicom.uid import MediaStorageDirectoryStorage, UID
+from pydicom.uid import (UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
+                         MediaStorageDirectoryStorage)
 
 from .deid import DeidConfig, Pseudonymizer, deidentify
 from .geometry import GeometryError, orientation_key, slice_normal
@@ -62,6 +63,27 @@ def walk(source: Path) -> list[Path]:
         dirs.sort()
         files += [Path(root) / n for n in sorted(names) if n not in IGNORED_NAMES]
     return files
+
+
+def read_dicom(path: Path, **kwargs) -> Dataset:
+    """Read a DICOM file, also a bare dataset without preamble and file meta (old PACS exports)."""
+    with warnings.catch_warnings():  # vendor quirks (VR lengths...) would flood the log
+        warnings.simplefilter("ignore")
+        try:
+            return pydicom.dcmread(path, **kwargs)
+        except InvalidDicomError:
+            with open(path, "rb") as f:
+                head = f.read(4)
+            if head[:2] not in (b"\x08\x00", b"\x02\x00"):  # group 0008 or 0002 first
+                raise
+            ds = pydicom.dcmread(path, force=True, **kwargs)
+            if len(ds) == 0:
+                raise InvalidDicomError(f"{path}: no data elements")
+    if "TransferSyntaxUID" not in ds.file_meta:  # bare dataset: encoding was detected on read
+        implicit, little = ds.original_encoding
+        ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                          ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    return ds
 
 
 def decoder_problem(ts: UID) -> str | None:
@@ -161,11 +183,9 @@ def scan_file(path: Path, rel: str, cfg: DeidConfig, pseudo: Pseudonymizer, site
               report: IngestReport) -> list[Frame]:
     """Frames of one file, or [] with a report entry saying why not."""
     try:
-        with warnings.catch_warnings():  # vendor quirks (VR lengths...) would flood the log
-            warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(path, defer_size=1024)
+        ds = read_dicom(path, defer_size=1024)
     except InvalidDicomError:
-        report.skip(rel, "not_dicom", "not a DICOM file (no DICM preamble)")
+        report.skip(rel, "not_dicom", "not a DICOM file (no DICM preamble, no leading DICOM tag)")
         return []
     except Exception as exc:  # pydicom raises many error types on damaged files
         report.skip(rel, "unreadable", f"cannot read DICOM header: {type(exc).__name__}: {exc}")

@@ -9,10 +9,9 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
-import pydicom
 from pydicom.multival import MultiValue
 
-from .dicom_scan import Frame, frame_attr
+from .dicom_scan import Frame, frame_attr, read_dicom
 from .geometry import GeometryError, PlaneInfo, plane_of, slice_normal, slice_spacing, sort_positions
 from .report import IngestReport
 from .series import Candidate, contrast_from_parameters, contrast_from_text
@@ -155,7 +154,7 @@ class DecodeError(ValueError):
 
 def _pixels(frame: Frame) -> np.ndarray:
     try:
-        return pydicom.dcmread(frame.path).pixel_array
+        return read_dicom(frame.path).pixel_array
     except Exception as exc:  # truncated fragments, bad lengths, plugin errors: all undecodable
         raise DecodeError(frame.rel, f"{type(exc).__name__}: {exc}") from exc
 
