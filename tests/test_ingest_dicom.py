@@ -412,3 +412,25 @@ def test_contrast_and_choice_rule():
     assert "exclude" in reasons["loc"] and "obliquity" in reasons["tilted"]
     ranked, _ = choose(cands, ChoiceConfig(contrast_order=["T1"], prefer_original=False))
     assert ranked["sag"][0].ident == "a"
+
+
+def test_crash_then_resume(export, tmp_path, monkeypatch):
+    monkeypatch.setenv("MSKFM_DEID_SALT", SALT)
+    real_decode, calls = dicom_mod.decode, []
+
+    def crashing(stack):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # the process dies mid-study
+        return real_decode(stack)
+    monkeypatch.setattr(dicom_mod, "decode", crashing)
+    argv = ["dicom", str(export["root"]), "--out", str(tmp_path / "o"), "shard_max_count=1"]
+    with pytest.raises(KeyboardInterrupt):
+        ingest_main(argv + [f"run_dir={tmp_path / 'r1'}"])
+    assert not list((tmp_path / "o").glob("*.tmp")) and not (tmp_path / "o" / "manifest.json").exists()
+    monkeypatch.setattr(dicom_mod, "decode", real_decode)
+    assert ingest_main(argv + [f"run_dir={tmp_path / 'r2'}"]) == 0
+    counts = json.loads((tmp_path / "r2" / "ingest_report.json").read_text())["counts"]
+    assert counts["studies_resumed"] >= 1 and counts["studies_resumed"] + counts["studies_ingested"] == 3
+    manifest = load_manifest(tmp_path / "o")
+    assert manifest["stats"]["n_samples"] == 3 and verify_shards(manifest) == []
