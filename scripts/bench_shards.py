@@ -68,9 +68,7 @@ def read_nifti(root: Path, pattern: str) -> dict:
     load = LoadImage(image_only=True, dtype="float32")
     n = nbytes = disk = 0
     for folder in sorted(p for p in (root / pattern).iterdir() if p.is_dir()):
-        for f in sorted(folder.glob("[sca][ao][grx]*.nii*")):
-            if "_seg" in f.name:
-                continue
+        for f in sorted(f for f in folder.iterdir() if f.name.split(".")[0] in ("sag", "cor", "ax")):
             t = load(str(f)).float()
             nbytes += t.numel() * 4
             disk += f.stat().st_size
