@@ -222,6 +222,7 @@ def ingested(export, tmp_path_factory, monkeypatch_module) -> dict:
     (run / "labels.csv").write_text(f"study_uid,acl,effusion,atfl\n{a},1,0,\n{b},,,1\n")
     (run / "ehr.csv").write_text(f"patient_id,height_cm,patient_type\n{PHI['PatientID']},172,outpatient\n")
     code = ingest_main(["dicom", str(export["root"]), "--out", str(out), f"run_dir={run}",
+                        "--config", str(Path(__file__).parents[1] / "configs/shards/ingest-dicom.yaml"),
                         "deid.dates=shift", "shard_max_count=2", f"labels.path={run / 'labels.csv'}",
                         f"ehr.path={run / 'ehr.csv'}"])
     report = json.loads((run / "ingest_report.json").read_text())

@@ -66,7 +66,8 @@ def nifti_run(tmp_path_factory):
     out, run = root.parent / (root.name + "_shards"), root.parent / (root.name + "_run")
     mp = pytest.MonkeyPatch()
     mp.setenv("MSKFM_DEID_SALT", SALT)
-    code = ingest_main(["nifti", str(root), "--out", str(out), "joint=knee", f"run_dir={run}"])
+    code = ingest_main(["nifti", str(root), "--out", str(out), "joint=knee", f"run_dir={run}",
+                        "--config", str(Path(__file__).parents[1] / "configs/shards/ingest-nifti.yaml")])
     mp.undo()
     report = json.loads((run / "ingest_report.json").read_text())
     return {"code": code, "out": out, "report": report, "exp": exp,
