@@ -435,3 +435,17 @@ def test_crash_then_resume(export, tmp_path, monkeypatch):
     assert counts["studies_resumed"] >= 1 and counts["studies_resumed"] + counts["studies_ingested"] == 3
     manifest = load_manifest(tmp_path / "o")
     assert manifest["stats"]["n_samples"] == 3 and verify_shards(manifest) == []
+
+
+def test_salt_sources(tmp_path, monkeypatch):
+    from shards.ingest.deid import DeidError, load_salt
+
+    (tmp_path / "salt").write_text("file-salt-123\n")
+    monkeypatch.setenv("MSKFM_DEID_SALT", "env-salt-456")
+    assert load_salt(DeidConfig(salt_file=str(tmp_path / "salt"))) == b"file-salt-123"  # file wins
+    assert load_salt(DeidConfig()) == b"env-salt-456"
+    monkeypatch.setenv("OTHER_SALT", "short")
+    with pytest.raises(DeidError, match="OTHER_SALT"):
+        load_salt(DeidConfig(salt_env="OTHER_SALT"))
+    with pytest.raises(DeidError, match="does not exist"):
+        load_salt(DeidConfig(salt_file=str(tmp_path / "missing")))
