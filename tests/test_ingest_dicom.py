@@ -73,16 +73,18 @@ def _base(patient: dict, study_uid: str, series_uid: str, desc: str, vendor: str
 
 def write_series(folder: Path, patient: dict, study_uid: str, iop, n: int, gap: float, desc: str,
                  rng, vendor="SIEMENS", field=3.0, body="KNEE", slope=1.0, intercept=0.0,
-                 thickness=None, compress=False, shape=(16, 16), series_number=1) -> dict:
+                 thickness=None, compress=False, shape=(16, 16), series_number=1, series_uid=None,
+                 jitter=0.0, image_type=("ORIGINAL", "PRIMARY", "M")) -> dict:
     """Single-frame files written in shuffled order; returns the expected (sorted) volume."""
     folder.mkdir(parents=True, exist_ok=True)
-    series_uid = generate_uid()
+    series_uid = series_uid or generate_uid()
     normal = np.cross(iop[:3], iop[3:])
     raw = rng.integers(0, 1000, size=(n, *shape)).astype(np.uint16)
     for i in rng.permutation(n):
         ds = _base(patient, study_uid, series_uid, desc, vendor, field, body)
         ds.SeriesNumber, ds.InstanceNumber = series_number, int(i) + 1
-        ds.ImageOrientationPatient = [float(v) for v in iop]
+        ds.ImageOrientationPatient = [float(v) + jitter * (i % 2) for v in iop]  # scanner round-off
+        ds.ImageType = list(image_type)
         ds.ImagePositionPatient = [float(v) for v in (np.array([-10.0, 5.0, 20.0]) + i * gap * normal)]
         ds.PixelSpacing = [0.5, 0.6]
         ds.SliceThickness = thickness if thickness is not None else gap
@@ -153,7 +155,11 @@ def export(tmp_path_factory) -> dict:
     base = root / "DOE_JOHN_export"  # PHI in a folder name: must not reach the shards
     # study A: knee, sag PD FS (rescale, thickness != gap), a T1 sag (loses), enhanced cor, RLE oblique ax
     e["sag"] = write_series(base / "A" / "s1", p1, a, SAG, 6, 3.0, f"SAG PD FS {PHI['PatientID']} DOE",
-                            rng, slope=2.0, intercept=-100.0, thickness=2.5, series_number=1)
+                            rng, slope=2.0, intercept=-100.0, thickness=2.5, series_number=1, jitter=6e-4)
+    loc_uid = generate_uid()  # a three-plane localizer: one series, three orientations
+    for k, iop in enumerate((SAG, COR, AX)):
+        write_series(base / "A" / f"loc{k}", p1, a, iop, 3, 8.0, "3-PL LOC", rng, series_number=9,
+                     series_uid=loc_uid, image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))
     write_series(base / "A" / "s2", p1, a, SAG, 8, 3.0, "SAG T1", rng, series_number=2)
     e["cor"] = write_enhanced(base / "A" / "s3" / "MF0001.dcm", p1, a, rng)
     e["ax"] = write_series(base / "A" / "s4", p1, a, _oblique_axial(15.0), 4, 4.0, "AX T2 FS", rng,
@@ -292,6 +298,8 @@ def test_report_entries(ingested):
     needs = next(e for e in report["skipped"] if e["code"] == "needs_decoder")
     assert "pylibjpeg" in needs["reason"] and "JPEG Lossless" in needs["reason"]
     assert any("positions win" in w["message"] for w in report["warnings"])
+    localizer = [w for w in report["warnings"] if "LOCALIZER" in w["message"]]
+    assert sorted(w["message"][:3] for w in localizer) == ["ax ", "cor", "sag"]
     labels = {p["code"]: p for p in report["tables"]["labels"]["problems"]}
     assert "atfl" not in str(labels) and len(labels["study_without_row"]["studies"]) == 1  # shoulder
 

@@ -19,7 +19,7 @@ from pydicom.uid import (UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, Impli
                          MediaStorageDirectoryStorage)
 
 from .deid import DeidConfig, Pseudonymizer, deidentify
-from .geometry import GeometryError, orientation_key, slice_normal
+from .geometry import GeometryError, slice_normal
 from .report import IngestReport
 
 IGNORED_NAMES = {".DS_Store", "Thumbs.db"}
@@ -50,10 +50,10 @@ class Frame:
     site: str
 
     @property
-    def stack_key(self) -> tuple:
+    def series_key(self) -> tuple:
         h = self.header
         return (h.get("StudyInstanceUID", ""), h.get("SeriesInstanceUID", ""),
-                orientation_key(self.orientation), str(h.get("EchoNumbers", "") or ""))
+                str(h.get("EchoNumbers", "") or ""))
 
 
 def walk(source: Path) -> list[Path]:
