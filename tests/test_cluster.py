@@ -211,8 +211,8 @@ def test_two_node_deepspeed_pretraining_checkpoints_to_s3(tmp_path, tiny_shards,
 
     args = ["--config", str(ROOT / "configs/pretrain/tiny.yaml"), f"data.source={tiny_shards}",
             f"run_root={tmp_path}/runs", "storage_path=s3://mskfm-test/two-node", "name=two-node",
-            "launcher=ray", "ray.num_workers=2", "ray.cpus_per_worker=1", "optim.total_steps=4",
-            "checkpoint_every=4"]
+            "launcher=ray", "ray.num_workers=2", "ray.cpus_per_worker=1", "optim.total_steps=2",
+            "checkpoint_every=2", "log_every=1"]
     proc = subprocess.run([sys.executable, str(ROOT / "scripts/two_node_local.py"), "--", *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=400)
     lines = [line for line in proc.stdout.splitlines() if line.startswith('{"rc"')]
@@ -226,4 +226,4 @@ def test_two_node_deepspeed_pretraining_checkpoints_to_s3(tmp_path, tiny_shards,
     assert start["event"] == "start" and start["world_size"] == 2
     keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(
         Bucket="mskfm-test", Prefix="two-node/two-node/sag/")["Contents"]]
-    assert any("checkpoint_00000004/loop_state.json" in k for k in keys), keys
+    assert any("checkpoint_00000002/loop_state.json" in k for k in keys), keys
