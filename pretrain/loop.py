@@ -111,7 +111,7 @@ class MetricsLog:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
         if show:
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in record.items()), flush=True)
@@ -194,7 +194,9 @@ def train_unit(cfg: PretrainConfig, unit: str, session) -> dict:
             log.write(record)
             window.reset()
         if step % cfg.checkpoint_every == 0 or step == total:
+            t0 = time.perf_counter()
             _checkpoint(cfg, engine, ema, session, step, history, unit)
+            window.t0 += time.perf_counter() - t0  # checkpoint time is not step time
     final = {"steps": step, "final_loss": history[-1]["loss"] if history else math.nan,
              "unit": unit, "world_size": world}
     log.write({"event": "done", **final})
