@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 # CPU benchmark model: the demo U-Net at 8x32x32 (see configs/pretrain/demo-knee.yaml)
-CPU_OVERRIDES = ["planes=[sag]", "ray.max_failures=0", "log_every=1", "data.num_workers=1"]
+CPU_OVERRIDES = ["planes=[sag]", "ray.max_failures=0", "log_every=1", "data.num_workers=1",
+                 "ray.cpus_per_worker=1", "ray.concurrent_planes=false"]
 
 
 def plain_step_rate(cfg, steps: int, warmup: int) -> dict:
