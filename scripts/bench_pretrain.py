@@ -33,6 +33,9 @@ sys.path.insert(0, str(ROOT))
 # CPU benchmark model: the demo U-Net at 8x32x32 (see configs/pretrain/demo-knee.yaml)
 CPU_OVERRIDES = ["planes=[sag]", "ray.max_failures=0", "log_every=1", "data.num_workers=1",
                  "ray.cpus_per_worker=1", "ray.concurrent_planes=false"]
+# One intra-op thread per training process in every variant (Ray sets OMP_NUM_THREADS to a
+# worker's CPUs): the comparison is then of the step, not of thread oversubscription.
+THREADS = 1
 
 
 def plain_step_rate(cfg, steps: int, warmup: int) -> dict:
@@ -42,6 +45,7 @@ def plain_step_rate(cfg, steps: int, warmup: int) -> dict:
     from shards.manifest import load_manifest
 
     torch.manual_seed(cfg.seed)
+    torch.set_num_threads(THREADS)
     objective = build_objective(cfg, cfg.planes[0], load_manifest(cfg.data.source))
     model = objective.build_model()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
@@ -72,9 +76,10 @@ def platform_rate(config: str, shards: str, work: Path, tag: str, steps: int, wa
            f"run_root={work}/runs", f"storage_path={work}/ckpt", f"name={name}",
            f"optim.total_steps={warmup + steps}", f"checkpoint_every={warmup + steps}",
            *CPU_OVERRIDES, *extra]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "RAY_USAGE_STATS_ENABLED": "0",
+           "OMP_NUM_THREADS": str(THREADS)}
     start = time.time()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, start_new_session=True)
     total = time.time() - start
     if proc.returncode != 0:
         raise RuntimeError(f"{tag} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -87,14 +92,29 @@ def platform_rate(config: str, shards: str, work: Path, tag: str, steps: int, wa
             "first_step_s": steps_recs[0]["time"] - start, "command_s": total}
 
 
-def cpu_bench(args) -> list[tuple[str, dict]]:
+def plain_in_subprocess(args) -> dict:
+    """Run (a) as its own process and session, like the platform commands: on a shared machine the
+    kernel shares CPU time per session (autogroup), so every variant must get its own."""
+    cmd = [sys.executable, __file__, "--plain-only", "--config", args.config, "--shards", args.shards,
+           "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS)}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, start_new_session=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"plain step failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def plain_config(args):
     from pretrain.cli import _resolve_paths
     from pretrain.config import PretrainConfig
     from shards.config import load_config
 
-    cfg = _resolve_paths(load_config(PretrainConfig, args.config,
-                                     [f"data.source={args.shards}", *CPU_OVERRIDES]))
-    rows = [("(a) plain PyTorch step", plain_step_rate(cfg, args.steps, args.warmup))]
+    return _resolve_paths(load_config(PretrainConfig, args.config, [f"data.source={args.shards}", *CPU_OVERRIDES]))
+
+
+def cpu_bench(args) -> list[tuple[str, dict]]:
+    cfg = plain_config(args)
+    rows = [("(a) plain PyTorch step", plain_in_subprocess(args))]
     with tempfile.TemporaryDirectory(prefix="bench-pretrain-") as tmp:
         work = Path(tmp)
         rows.append(("(b) platform, launcher=local", platform_rate(
@@ -164,7 +184,8 @@ def write_markdown(rows, args, path: Path) -> str:
     floor = rows[0][1]["samples_per_s"]
     lines = [f"Command: `python scripts/{Path(__file__).name} {' '.join(sys.argv[1:])}`", "",
              f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}; {args.steps} timed steps "
-             f"after {args.warmup} warm-up steps.", ""]
+             f"after {args.warmup} warm-up steps; {THREADS} torch thread per training process; "
+             f"load average at start {os.getloadavg()[0]:.1f}.", ""]
     if args.gpu:
         lines += ["| variant | samples/s | TFLOP/s |", "|---|---|---|"]
         lines += [f"| {n} | {r['samples_per_s']:.2f} | {r['tflops']:.1f} |" for n, r in rows]
@@ -172,7 +193,7 @@ def write_markdown(rows, args, path: Path) -> str:
         lines += ["| variant | samples/s | vs plain | command start -> first step (s) | data wait |",
                   "|---|---|---|---|---|"]
         for n, r in rows:
-            first = f"{r['first_step_s']:.1f}" if r.get("first_step_s") else "n/a (in-process)"
+            first = f"{r['first_step_s']:.1f}" if r.get("first_step_s") else "n/a"
             lines.append(f"| {n} | {r['samples_per_s']:.2f} | {r['samples_per_s'] / floor:.2f}x | {first} | "
                          f"{100 * r['data_wait_frac']:.1f}% |")
     text = "\n".join(lines) + "\n"
@@ -191,7 +212,11 @@ def main() -> None:
     p.add_argument("--gpu", action="store_true", help="the GPU variant (needs CUDA)")
     p.add_argument("--gpu-batch", type=int, default=2)
     p.add_argument("--out", type=Path, default=None, help="write the markdown table here")
+    p.add_argument("--plain-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.plain_only:
+        print(json.dumps(plain_step_rate(plain_config(args), args.steps, args.warmup)))
+        return
     rows = gpu_bench(args) if args.gpu else cpu_bench(args)
     for name, r in rows:
         print(name, json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}))
