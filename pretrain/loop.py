@@ -57,10 +57,22 @@ def deepspeed_config(cfg: PretrainConfig) -> dict:
     }
 
 
+def _skip_cpu_shm_op(deepspeed) -> None:
+    """Use gloo's allreduce on CPU instead of DeepSpeed's shared-memory op.
+
+    DeepSpeed JIT-compiles that op in every new process whose probed SIMD flags differ from the
+    cached build (55-95 s each here), after probing every op with compiler subprocesses. Its
+    only gate is ``deepspeed.ops.__compatible_ops__``; presetting it skips probe and build.
+    """
+    deepspeed.ops.__compatible_ops__ = {"deepspeed_shm_comm": False}
+
+
 def build_engine(cfg: PretrainConfig, model: torch.nn.Module):
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     import deepspeed
 
+    if not torch.cuda.is_available():
+        _skip_cpu_shm_op(deepspeed)
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     o = cfg.optim
