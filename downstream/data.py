@@ -119,7 +119,7 @@ def split_rows(frame: pd.DataFrame, task: TaskConfig) -> tuple[np.ndarray, np.nd
         train = train[frame.loc[train, "patient"].isin(patient_subset(frame.loc[train, "patient"], t.train_fraction,
                                                                       t.seed)).to_numpy()]
     evaluate = _in_domain(frame, task, t.eval_split, t.eval_domain, "eval_domain")
-    return train, evaluate
+    return np.array(train, dtype=np.int64), np.array(evaluate, dtype=np.int64)
 
 
 def patient_subset(patients: pd.Series, fraction: float, seed: int) -> list[str]:

@@ -2,8 +2,8 @@
 
 A cache entry is a folder ``<cache_dir>/<key>/`` where ``key`` is the sha256 of a JSON of its key
 parts: backbone identity (sha256 of config + weights), preprocessing spec, timesteps, blocks, noise
-draws, noise seed, shard manifest identity, joint and plane. It holds ``keys.json`` (study order),
-``parts.json`` and one ``.npy`` per feature map, read back memory-mapped. Writers build the entry in
+draws, noise seed, shard manifest identity, joint, plane and the list of studies. It holds
+``keys.json`` (study order), ``parts.json`` and one ``.npy`` per feature map, read back memory-mapped. Writers build the entry in
 a temporary folder and ``os.replace`` it into place, under an ``fcntl`` lock so that concurrent
 processes compute it once; readers only ever see complete entries.
 """
@@ -74,7 +74,9 @@ class FeatureCache:
 
     def get_or_create(self, parts: dict, keys: Sequence[str],
                       compute: Callable[[Path, list[str]], None]) -> dict[str, np.ndarray]:
-        """Arrays of the entry for ``parts``; ``compute(tmp_dir, keys)`` fills a missing entry."""
+        """Arrays of the entry for ``parts`` and the study ``keys`` (their digest joins the key);
+        ``compute(tmp_dir, keys)`` fills a missing entry."""
+        parts = parts | {"studies": digest(list(keys))}
         final = self.path(parts)
         if not final.is_dir():
             with self._lock(final.name):

@@ -33,7 +33,7 @@ def prepare(root: Path, n_patients: int) -> dict:
                       [f"out={root / 'shards'}", f"synth.n_patients={n_patients}", "synth.kspace.enabled=false",
                        "shard_max_bytes=100000000", "workers=2"])
     manifest = build_shards(cfg, progress=False)
-    for sample in iter_samples(root / "shards", None, ("__key__", "meta", "sag", "cor", "ax")):
+    for sample in iter_samples(root / "shards", None, ("meta", "sag", "cor", "ax"), require=()):
         sample = {k: v for k, v in sample.items() if k in ("__key__", "meta", "sag", "cor", "ax")}
         export_study(sample, root / "nifti", "nifti")
         folder = root / "nii" / sample["__key__"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import os
 import time
 from pathlib import Path
 
@@ -248,6 +247,9 @@ def test_feature_cache_reused_and_invalidated(tmp_path):
         get(**kw)
         assert cache.misses == i, f"variant {kw} should miss the cache"
     assert cache.hits == 1
+    subset = cached_features(cache, model, backbone_identity(model), vols[:2], spec, base["feat"], "m1", "knee",
+                             "sag", keys[:2])                      # other studies (e.g. other planes required)
+    assert cache.misses == len(variants) + 2 and np.allclose(subset["t10/mid"], first["t10/mid"][:2], atol=1e-5)
     assert not list(tmp_path.glob(".*tmp*"))                        # no temporary folder left
 
 
