@@ -82,8 +82,8 @@ def test_sweep_best_head_and_from_sweep(sweep_env, ray_local, tmp_path):
 def test_interrupted_sweep_resumes(sweep_env, ray_local, tmp_path):
     run = tmp_path / "sweep"
     argv = ["sweep", "--task", str(sweep_env["task"]), "--space", str(sweep_env["space"]), "--run-dir", str(run),
-            "max_concurrent_trials=1", "train.epochs=400", "scheduler.report_every=20",
-            "scheduler.grace_period=20"]  # 20 reports, no early stop: a few seconds per trial
+            "max_concurrent_trials=1", "train.epochs=1000", "scheduler.report_every=50",
+            "scheduler.grace_period=20"]  # 20 reports, no early stop: seconds per trial, not milliseconds
     env = os.environ | {"RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     proc = subprocess.Popen([sys.executable, "-m", "downstream", *argv], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
