@@ -46,3 +46,34 @@ def ray_local():
                  log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     yield ray
     ray.shutdown()
+
+
+S3_TEST_BUCKET = "mskfm-test"
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 API (moto server) on 127.0.0.1 for the session, with bucket ``mskfm-test``.
+
+    Yields the endpoint URL and sets ``AWS_ENDPOINT_URL`` plus dummy credentials in the environment,
+    which botocore (hence s3fs/fsspec ``s3://`` URLs, boto3, and subprocesses) honour.
+    """
+    import fsspec
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    fsspec.filesystem("s3", skip_instance_cache=True).mkdir(S3_TEST_BUCKET)
+    yield url
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

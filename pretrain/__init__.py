@@ -1,0 +1,1 @@
+"""Pretraining: backbones, noise schedules, the training loop, launchers and publishing."""
