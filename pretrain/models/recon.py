@@ -136,3 +136,6 @@ class UNetReconBackbone(_FeatureMixin, ModelMixin, ConfigMixin):
         mean = zf.mean(dim=(-2, -1), keepdim=True)
         std = zf.std(dim=(-2, -1), keepdim=True).clamp_min(1e-6)
         return (self.unet((zf - mean) / std) * std + mean)[:, 0]
+
+
+RECON_BACKBONES = {"varnet": VarNetBackbone, "unet-recon": UNetReconBackbone}

@@ -1,0 +1,66 @@
+"""``pretrain eval-recon <backbone> --data <recon shards> --masks ... --accelerations 4,8 [key=value ...]``.
+
+:func:`add_eval_recon_parser` adds the subcommand to the ``pretrain`` CLI; ``python -m pretrain.recon
+eval-recon ...`` runs the same thing on its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from shards.config import ConfigError, load_config
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def add_eval_recon_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("eval-recon", help="fastMRI metrics of a reconstruction backbone")
+    p.add_argument("backbone", help="published reconstruction backbone folder or URL")
+    p.add_argument("--config", default=None, help="YAML with EvalReconConfig keys (configs/pretrain/eval-recon.yaml)")
+    p.add_argument("--data", default=None, help="recon shards folder or URL (key 'source')")
+    p.add_argument("--masks", default=None, help="comma-separated mask kinds, e.g. equispaced1d,random1d")
+    p.add_argument("--accelerations", default=None, help="comma-separated accelerations, e.g. 4,8")
+    p.add_argument("--baseline", action="append", default=[], metavar="NAME=URL",
+                   help="another published backbone to score in the same table (repeatable)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of EvalReconConfig")
+    p.set_defaults(func=run_eval_recon_cli)
+    return p
+
+
+def run_eval_recon_cli(args) -> int:
+    from .evaluate import EvalReconConfig, evaluate_recon
+
+    overrides = [f"backbone={args.backbone}"]
+    if args.data:
+        overrides.append(f"source={args.data}")
+    if args.masks:
+        overrides.append(f"masks=[{','.join(_csv(args.masks))}]")
+    if args.accelerations:
+        overrides.append(f"accelerations=[{','.join(_csv(args.accelerations))}]")
+    for item in args.baseline:
+        name, _, url = item.partition("=")
+        if not url:
+            raise ConfigError(f"--baseline '{item}': expected NAME=URL")
+        overrides.append(f"baselines.{name}={url}")
+    cfg = load_config(EvalReconConfig, args.config, overrides + list(args.overrides))
+    result = evaluate_recon(cfg)
+    print("\n\n".join(result["tables"]))
+    for setting, speed in result["throughput_slices_per_s"].items():
+        print(f"throughput {setting}: " + ", ".join(f"{k} {v:.1f} slices/s" for k, v in speed.items()))
+    print(f"run folder: {result['run_dir']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pretrain.recon")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_eval_recon_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

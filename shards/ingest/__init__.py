@@ -1,0 +1,1 @@
+"""Ingest of external formats into shards (fastMRI HDF5, ...)."""
