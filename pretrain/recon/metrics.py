@@ -28,7 +28,7 @@ def volume_metrics(target: np.ndarray, recon: np.ndarray) -> dict[str, float]:
     """NMSE, PSNR, SSIM of one volume (``(slices, rows, cols)``), recon cropped to the target."""
     target = np.asarray(target, np.float64)
     recon = center_crop(np.asarray(recon, np.float64), target.shape[-2:])
-    return {name: float(fn(target, recon)) for name, fn in METRICS.items()}
+    return {name: float(np.asarray(fn(target, recon)).reshape(-1)[0]) for name, fn in METRICS.items()}
 
 
 class VolumeAccumulator:
