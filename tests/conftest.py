@@ -48,28 +48,30 @@ def ray_local():
     ray.shutdown()
 
 
-S3_TEST_BUCKET = "mskfm-test"
-
-
 @pytest.fixture(scope="session")
 def s3_endpoint():
-    """A real S3 API (moto server) on 127.0.0.1 for the session, with bucket ``mskfm-test``.
+    """A real S3 endpoint (moto's server) on 127.0.0.1 with bucket ``mskfm-test``.
 
-    Yields the endpoint URL and sets ``AWS_ENDPOINT_URL`` plus dummy credentials in the environment,
-    which botocore (hence s3fs/fsspec ``s3://`` URLs, boto3, and subprocesses) honour.
+    Sets AWS_ENDPOINT_URL and dummy credentials in the environment, which botocore, s3fs and
+    therefore fsspec ``s3://`` URLs (and Ray workers started afterwards) all honour.
     """
-    import fsspec
+    import socket
+
+    import boto3
     from moto.server import ThreadedMotoServer
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    host, port = server.get_host_and_port()
-    url = f"http://{host}:{port}"
-    env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1"}
+    url = f"http://127.0.0.1:{port}"
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": url}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    fsspec.filesystem("s3", skip_instance_cache=True).mkdir(S3_TEST_BUCKET)
+    boto3.client("s3").create_bucket(Bucket="mskfm-test")
     yield url
     server.stop()
     for k, v in saved.items():
