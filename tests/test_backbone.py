@@ -160,7 +160,7 @@ def test_save_pretrained_round_trip(manifest, tmp_path):
     model = tiny_backbone(manifest, "ax", beta_schedule="cosine", prediction_type="v_prediction")
     model.save_pretrained(tmp_path)
     assert (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
-    loaded = DiffusionBackbone.from_pretrained(tmp_path, low_cpu_mem_usage=False).eval()
+    loaded = DiffusionBackbone.from_pretrained(tmp_path).eval()
     x, t = torch.randn(1, 1, *SHAPE), torch.tensor([321])
     with torch.no_grad():
         assert torch.equal(model(x, t), loaded(x, t))
@@ -233,6 +233,10 @@ def test_publish_and_load_s3(manifest, s3_endpoint, tmp_path):
     assert fs.exists("mskfm-test/backbones/cor-v1/scheduler/scheduler_config.json")
     assert "Final loss: 0.4321" in fs.cat("mskfm-test/backbones/cor-v1/README.md").decode()
     _check_loaded(model, url, cache_dir=tmp_path / "cache")
+    direct = DiffusionBackbone.from_pretrained(url, cache_dir=tmp_path / "cache2").eval()
+    x = torch.randn(1, 1, *SHAPE)
+    with torch.no_grad():
+        assert torch.equal(direct(x, torch.tensor([9])), model(x, torch.tensor([9])))
     with pytest.raises(FileExistsError, match="s3://mskfm-test/backbones/cor-v1"):
         _publish(manifest, url)
     _publish(manifest, url, overwrite=True)

@@ -24,6 +24,7 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from monai.networks.nets import DiffusionModelUNet
 
+from ..hub import HF_PREFIX, fetch_folder, is_local
 from ..preprocess import PlanePreprocessing
 from ..schedule import ScheduleConfig, build_scheduler
 
@@ -68,6 +69,17 @@ class DiffusionBackbone(ModelMixin, ConfigMixin):
             resblock_updown=resblock_updown,
             use_flash_attention=use_flash_attention,
         )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' ``from_pretrained``, also for ``s3://`` (fetched to ``cache_dir``) and ``hf://`` URLs."""
+        url = str(pretrained_model_name_or_path)
+        kwargs.setdefault("low_cpu_mem_usage", False)  # accelerate is optional; skip its warning
+        if url.startswith(HF_PREFIX):
+            url = url[len(HF_PREFIX):]
+        elif not is_local(url):
+            url = str(fetch_folder(url, kwargs.pop("cache_dir", None), kwargs.pop("storage_options", None)))
+        return super().from_pretrained(url, **kwargs)
 
     # ----- description -------------------------------------------------------------------------
     @property
