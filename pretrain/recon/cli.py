@@ -1,4 +1,4 @@
-"""``pretrain eval-recon <backbone> --data <recon shards> --masks ... --accelerations 4,8 [key=value ...]``.
+"""``pretrain eval-recon <backbone> --data <recon shards> --masks ... --accelerations 4,8 [--set key=value ...]``.
 
 :func:`add_eval_recon_parser` adds the subcommand to the ``pretrain`` CLI; ``python -m pretrain.recon
 eval-recon ...`` runs the same thing on its own.
@@ -25,7 +25,8 @@ def add_eval_recon_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--accelerations", default=None, help="comma-separated accelerations, e.g. 4,8")
     p.add_argument("--baseline", action="append", default=[], metavar="NAME=URL",
                    help="another published backbone to score in the same table (repeatable)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides of EvalReconConfig")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any EvalReconConfig key, e.g. --set max_slices=20 (repeatable)")
     p.set_defaults(func=run_eval_recon_cli)
     return p
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from .. import publish as hub
+from ..hub import fetch_folder, put_folder
 from ..models.recon import RECON_BACKBONES
 
 
@@ -59,19 +59,14 @@ def publish_recon_backbone(model, out_url: str, train_config: dict, manifest: di
         (staged / "training_config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(train_config or {})))
         (staged / "metrics.json").write_text(json.dumps(metrics or {}, indent=1, sort_keys=True, default=str))
         (staged / "README.md").write_text(render_recon_card(model, manifest, metrics or {}, train_config))
-        if out_url.startswith(hub.HF_PREFIX):
-            hub._push_hf(staged, out_url[len(hub.HF_PREFIX):], overwrite)
-        elif "://" not in out_url or out_url.startswith("file://"):
-            hub._put_local(staged, Path(out_url.removeprefix("file://")), overwrite)
-        else:
-            hub._put_fsspec(staged, out_url, overwrite, storage_options or {})
+        put_folder(staged, out_url, overwrite, storage_options)
     return out_url
 
 
 def load_recon_backbone(url: str, cache_dir: str | Path | None = None, storage_options: dict | None = None,
                         device: str = "cpu"):
     """A published reconstruction backbone (eval mode), from a folder or URL."""
-    folder = hub._fetch(str(url), cache_dir, storage_options or {})
+    folder = fetch_folder(str(url), cache_dir, storage_options)
     class_name = json.loads((folder / "config.json").read_text()).get("_class_name")
     classes = {cls.__name__: cls for cls in RECON_BACKBONES.values()}
     if class_name not in classes:
