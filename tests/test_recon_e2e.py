@@ -46,3 +46,15 @@ def test_nan_kspace_stops_training_naming_the_slice(tmp_path):
         pretrain_main(["run", "--config", CONFIG, f"data.source={tmp_path}/bad", f"run_root={tmp_path}/runs",
                        f"storage_path={tmp_path}/ckpt", "optim.total_steps=2"])
     assert not list((tmp_path / "ckpt").rglob("checkpoint_*"))
+
+
+def test_transfer_study_heatmap(tiny_recon_shards, tmp_path, capsys):
+    overrides = ["kind=transfer", f"source={tiny_recon_shards}", "anatomies=[knee,shoulder]", "train_slices=4",
+                 "base_config=configs/pretrain/recon-tiny.yaml", "overrides=[optim.total_steps=1]",
+                 "max_eval_slices=8", f"run_root={tmp_path}", "name=t"]
+    assert pretrain_main(["recon-study", "--config", "configs/sweeps/recon-transfer.yaml", *overrides]) == 0
+    assert "knee (4 slices): ssim" in capsys.readouterr().out
+    results = json.loads((tmp_path / "t" / "metrics.json").read_text())["results"]
+    assert [r["condition"] for r in results] == ["knee", "shoulder"]
+    assert all(0 < r["test"][a]["ssim"] <= 1 for r in results for a in r["test"])
+    assert (tmp_path / "t" / "heatmap.png").stat().st_size > 1000

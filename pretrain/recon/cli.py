@@ -1,7 +1,9 @@
 """``pretrain eval-recon <backbone> --data <recon shards> --masks ... --accelerations 4,8 [--set key=value ...]``.
 
-:func:`add_eval_recon_parser` adds the subcommand to the ``pretrain`` CLI; ``python -m pretrain.recon
-eval-recon ...`` runs the same thing on its own.
+:func:`add_recon_parsers` adds ``eval-recon`` and ``recon-study`` to the ``pretrain`` CLI;
+``python -m pretrain.recon eval-recon ...`` runs the same things on their own.
+
+    pretrain recon-study --config configs/sweeps/recon-transfer.yaml [key=value ...]
 """
 
 from __future__ import annotations
@@ -55,10 +57,36 @@ def run_eval_recon_cli(args) -> int:
     return 0
 
 
+def add_recon_study_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("recon-study", help="cross-anatomy transfer / data-size reconstruction study")
+    p.add_argument("--config", required=True, help="configs/sweeps/recon-transfer.yaml or recon-data-size.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of ReconStudyConfig")
+    p.set_defaults(func=run_recon_study_cli)
+    return p
+
+
+def run_recon_study_cli(args) -> int:
+    from .study import ReconStudyConfig, run_study
+
+    cfg = load_config(ReconStudyConfig, args.config, list(args.overrides))
+    result = run_study(cfg)
+    for r in result["results"]:
+        scores = ", ".join(f"{a} {v[cfg.metric]:.4f}" for a, v in r["test"].items())
+        print(f"{r['condition']} ({r['train_slices']} slices): {cfg.metric} {scores}")
+    print(f"run folder: {result['run_dir']} (heatmap.png)")
+    return 0
+
+
+def add_recon_parsers(subparsers) -> None:
+    """The reconstruction subcommands of the ``pretrain`` CLI: ``eval-recon`` and ``recon-study``."""
+    add_eval_recon_parser(subparsers)
+    add_recon_study_parser(subparsers)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pretrain.recon")
     sub = parser.add_subparsers(dest="command", required=True)
-    add_eval_recon_parser(sub)
+    add_recon_parsers(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
