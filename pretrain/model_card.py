@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+SYNTHETIC_SOURCES = ("synth", "synthetic")
+
 
 def _counts(d: dict | None) -> str:
     return ", ".join(f"{k}: {v}" for k, v in sorted((d or {}).items())) or "n/a"
@@ -12,7 +14,7 @@ def _counts(d: dict | None) -> str:
 
 def _data_summary(manifest: dict) -> list[str]:
     stats = manifest.get("stats", {})
-    lines = [f"- Shard manifest: schema v{manifest.get('schema_version', '?')}, kind "
+    lines = [f"- Shard manifest `{manifest.get('name', '?')}`: schema v{manifest.get('schema_version', '?')}, kind "
              f"`{manifest.get('kind', '?')}`, created {manifest.get('created', '?')}"
              + (f", source `{manifest['_base']}`" if manifest.get("_base") else ""),
              f"- Source: {manifest.get('source') or manifest.get('sources') or 'n/a'}",
@@ -63,7 +65,10 @@ def render_model_card(model, scheduler, manifest: dict, metrics: dict, train_con
         lines.append(f"- Other metrics: {json.dumps(extra, sort_keys=True)}")
     if train_config:
         lines.append("- Full resolved training config: `training_config.yaml`")
-    lines += ["", "## Data", "", *_data_summary(manifest or {}), "",
+    lines += ["", "## Data", ""]
+    if str((manifest or {}).get("source", "")).lower() in SYNTHETIC_SOURCES:
+        lines += ["**Trained on synthetic studies (`shards.synth` phantoms), not patient data.**", ""]
+    lines += [*_data_summary(manifest or {}), "",
               "## Preprocessing", "",
               "Applied by `pretrain.preprocess.preprocess_volume(volume, model.preprocessing)`; stored in "
               "`config.json` so downstream code reuses it exactly:", "", "```json", pre, "```", "",
@@ -75,9 +80,8 @@ def render_model_card(model, scheduler, manifest: dict, metrics: dict, train_con
               "```", "", f"Block names: {', '.join(f'`{b}`' for b in model.block_names())}.", "",
               "## Intended use and limits", "",
               "- Research use only. Not a medical device; not validated for clinical decisions.",
-              "- If the data summary above lists the `synthetic` source, or the shards were made by "
-              "`shards.synth`, the weights learned synthetic phantoms, not patient anatomy: use them to test "
-              "pipelines, not to report clinical performance.",
+              "- Weights trained on synthetic shards (source `synth`) learned procedural phantoms, not patient "
+              "anatomy: use them to test pipelines, not to report clinical performance.",
               f"- Trained for one plane (`{plane}`) and the preprocessing above; other planes, grids or "
               "intensity windows are out of distribution.",
               "- Dataset biases (joints, sites, vendors, field strengths listed above) carry into the features.",

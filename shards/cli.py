@@ -9,7 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-from .build import BuildConfig, build_shards
 from .config import ConfigError, load_config
 from .manifest import load_manifest, verify_shards
 from .runs import run_dir, write_run
@@ -18,12 +17,16 @@ from .schema import SchemaError
 DEFAULT_CONFIG = "configs/shards/demo.yaml"
 
 
-def _config(args) -> BuildConfig:
+def _config(args):
+    from .build import BuildConfig
+
     path = args.config if args.config else (DEFAULT_CONFIG if Path(DEFAULT_CONFIG).exists() else None)
     return load_config(BuildConfig, path, args.overrides)
 
 
 def cmd_build(args) -> int:
+    from .build import build_shards
+
     cfg = _config(args)
     t0 = time.time()
     manifest = build_shards(cfg, progress=not args.quiet)

@@ -177,13 +177,14 @@ class ShardReader(torch.utils.data.IterableDataset):
                 counted = _CountingReader(stream)
                 for group in group_by_keys(members(counted)):
                     seen += 1
+                    sample = {"__key__": group["__key__"]}
                     try:
-                        sample = {"__key__": group["__key__"]}
                         for suffix, data in group.items():
                             if not suffix.startswith("_"):
+                                member = f"{sample['__key__']}.{suffix}"
                                 sample[field_of(suffix)] = decode_member(suffix, data)
                     except Exception as exc:  # a damaged member: name it, maybe go on
-                        yield from self._fail(path, last["member"], exc)
+                        yield from self._fail(path, member, exc)
                         continue
                     yield sample
                 self.bytes_read += counted.n

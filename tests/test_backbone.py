@@ -68,6 +68,10 @@ def test_plane_backbone_shapes(manifest, plane):
         assert feats[f"t10/{b}"].shape == (2, model.block_channels()[b], *(d // s for d in SHAPE))
 
 
+def manual_noise(seed):
+    return torch.randn((1, 1, *SHAPE), generator=torch.Generator().manual_seed(seed))
+
+
 def test_features_seeded_batch_invariant_and_averaged(manifest):
     model = tiny_backbone(manifest)
     x = torch.randn(2, 1, *SHAPE, generator=torch.Generator().manual_seed(3))
@@ -91,6 +95,12 @@ def test_features_seeded_batch_invariant_and_averaged(manifest):
     torch.testing.assert_close(two["t200/mid"], (manual[0] + manual[1]) / 2)
     torch.testing.assert_close(manual[0], a["t200/mid"])
     assert not torch.allclose(two["t200/mid"], a["t200/mid"])
+    # stopping after the last requested block changes nothing; full forward hooks see the same maps
+    with torch.no_grad(), model._capture(["down.1", "up.1"]) as store:
+        model.unet(sched.add_noise(x, manual_noise(7).expand_as(x), t), t)
+        full = dict(store)
+        early = model.features(x, torch.tensor(200), ["down.1", "up.1"], seed=7)
+    assert torch.equal(full["down.1"], early["t200/down.1"]) and torch.equal(full["up.1"], early["t200/up.1"])
 
 
 def test_features_allow_grad_and_reject_bad_input(manifest):
@@ -242,3 +252,26 @@ def test_publish_and_load_s3(manifest, s3_endpoint, tmp_path):
     _publish(manifest, url, overwrite=True)
     with pytest.raises(FileNotFoundError, match="no published backbone"):
         load_backbone("s3://mskfm-test/backbones/missing", cache_dir=tmp_path / "cache")
+
+
+def test_real_synthetic_shards_to_published_card(tiny_shards, tmp_path):
+    """The real path: tiny synthetic shards -> manifest spec -> preprocess -> features -> card."""
+    from shards.manifest import load_manifest
+    from shards.reader import iter_samples
+
+    manifest = load_manifest(str(tiny_shards))
+    spec = spec_from_manifest(manifest, "sag", SHAPE)
+    sample = next(iter(iter_samples(str(tiny_shards), "train", fields=("sag",))))
+    x = preprocess_volume(sample["sag"], spec)
+    torch.manual_seed(0)
+    model = DiffusionBackbone(**TINY, plane="sag", preprocessing=spec.to_dict()).eval()
+    with torch.no_grad():
+        feats = model.features(x, [0, 999], "mid")
+    assert feats["t0/mid"].shape == (1, 8, 4, 8, 8) and all(torch.isfinite(f).all() for f in feats.values())
+    assert not torch.allclose(feats["t0/mid"], feats["t999/mid"])
+    publish_backbone(model, model.make_scheduler(), str(tmp_path / "knee-sag"), {}, manifest, {"steps": 0})
+    card = (tmp_path / "knee-sag" / "README.md").read_text()
+    stats = manifest["stats"]
+    assert "Trained on synthetic studies" in card and "Shard manifest `tiny`" in card
+    assert f"knee: {stats['joint']['knee']}" in card and f"shoulder: {stats['joint']['shoulder']}" in card
+    assert f"{stats['planes']['sag']['intensity']['p99.5']}" in card

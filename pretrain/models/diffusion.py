@@ -29,6 +29,10 @@ from ..preprocess import PlanePreprocessing
 from ..schedule import ScheduleConfig, build_scheduler
 
 
+class _Captured(Exception):
+    """Raised by a feature hook once every requested block is stored: skips the rest of the U-Net."""
+
+
 class DiffusionBackbone(ModelMixin, ConfigMixin):
     """3D U-Net noise predictor for one plane; ``forward`` is the DDPM training pass."""
 
@@ -126,9 +130,10 @@ class DiffusionBackbone(ModelMixin, ConfigMixin):
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """Predict the schedule's target (noise or velocity) for noisy ``x`` (B, C, S, R, C) at ``timesteps`` (B,)."""
         self._check_input(x)
+        timesteps = torch.as_tensor(timesteps, device=x.device)
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x.shape[0])
-        return self.unet(x, timesteps.to(x.device))
+        return self.unet(x, timesteps)
 
     def _resolve_blocks(self, blocks: str | Iterable[str] | None) -> list[str]:
         valid = self.block_names()
@@ -141,14 +146,22 @@ class DiffusionBackbone(ModelMixin, ConfigMixin):
         return names
 
     @contextmanager
-    def _capture(self, names: list[str]):
-        """Forward hooks that store the named block outputs into the yielded dict."""
+    def _capture(self, names: list[str], stop_after_last: bool = False):
+        """Forward hooks that store the named block outputs into the yielded dict.
+
+        With ``stop_after_last`` the hook of the last block (in execution order) raises
+        :class:`_Captured`, so the rest of the U-Net is not computed.
+        """
         store: dict[str, torch.Tensor] = {}
         handles = []
+        order = self.block_names()
+        last = max(names, key=order.index)
 
         def keep(name, pick):
             def hook(_module, args, output):
                 store[name] = pick(args, output)
+                if stop_after_last and name == last:
+                    raise _Captured
             return hook
 
         for name in names:
@@ -195,7 +208,7 @@ class DiffusionBackbone(ModelMixin, ConfigMixin):
         if noise_draws < 1:
             raise ValueError(f"noise_draws must be >= 1, got {noise_draws}")
         names = self._resolve_blocks(blocks)
-        steps = [int(timesteps)] if isinstance(timesteps, int) else [int(t) for t in timesteps]
+        steps = [int(t) for t in torch.as_tensor(timesteps).flatten().tolist()]
         scheduler = scheduler or self.make_scheduler()
         n_train = scheduler.config.num_train_timesteps
         bad = [t for t in steps if not 0 <= t < n_train]
@@ -203,12 +216,15 @@ class DiffusionBackbone(ModelMixin, ConfigMixin):
             raise ValueError(f"timesteps {bad or steps} outside [0, {n_train}) of the noise schedule")
         noises = self._draw_noise(volume, noise_draws, seed)
         out: dict[str, torch.Tensor] = {}
-        with self._capture(names) as store:
+        with self._capture(names, stop_after_last=True) as store:
             for t in steps:
                 t_batch = torch.full((volume.shape[0],), t, dtype=torch.long, device=volume.device)
                 sums: dict[str, torch.Tensor] = {}
                 for noise in noises:
-                    self.unet(scheduler.add_noise(volume, noise.expand_as(volume), t_batch), t_batch)
+                    try:
+                        self.unet(scheduler.add_noise(volume, noise.expand_as(volume), t_batch), t_batch)
+                    except _Captured:
+                        pass
                     for name in names:
                         sums[name] = store[name] if name not in sums else sums[name] + store[name]
                 for name in names:

@@ -84,6 +84,23 @@ def _at(center, sigma, p: FindingParams) -> Blob:
     return Blob(np.asarray(center, np.float32) + p.jitter * 0.5, np.asarray(sigma, np.float32) * p.size)
 
 
+# Structures a finding may change: a tear brightens the ligament itself, marrow edema the bone.
+HOSTS: dict[str, tuple[str, ...]] = {
+    "biceps_long_head": ("biceps_tendon",),
+    "cartilage_bml": ("femur", "femoral_cartilage", "tibia", "tibial_cartilage"),
+    "osteochondral": ("talus", "talar_cartilage"),
+    "effusion": ("fluid", "fat", "muscle"),
+    "subacromial_bursa": ("bursa", "fat", "muscle"),
+    "biceps_effusion": ("fluid", "fat", "muscle"),
+    "ac_joint": ("acromion", "clavicle", "fat", "muscle"),
+    "glenohumeral": ("humerus", "humeral_cartilage", "glenoid", "labrum", "fluid"),
+}
+
+
+def hosts(label: str) -> tuple[str, ...]:
+    return HOSTS.get(label, (label,))
+
+
 def lesion(label: str, anatomy: Anatomy, p: FindingParams) -> Blob:
     """Where the finding of ``label`` sits for this patient."""
     m = anatomy.landmarks
@@ -115,10 +132,11 @@ def lesion(label: str, anatomy: Anatomy, p: FindingParams) -> Blob:
     raise KeyError(f"no finding model for label '{label}'")
 
 
-def mimic(anatomy: Anatomy, rng: np.random.Generator) -> tuple[Blob, float]:
+def mimic(anatomy: Anatomy, rng: np.random.Generator) -> tuple[Blob, tuple[str, ...], float]:
     """A faint normal-variant signal on a random tendon/ligament (magic angle, vessels):
     present in healthy and diseased studies alike, so findings are not trivially separable."""
-    capsules = [v for v in anatomy.landmarks.values() if isinstance(v, Capsule)]
-    c = capsules[int(rng.integers(len(capsules)))]
+    names = [k for k, v in anatomy.landmarks.items() if isinstance(v, Capsule)]
+    name = names[int(rng.integers(len(names)))]
     p = draw_params(rng)
-    return _on_capsule(c, p, 1.2), float(rng.uniform(0.1, 0.35))
+    host = "biceps_tendon" if name == "biceps" else name
+    return _on_capsule(anatomy.landmarks[name], p, 1.2), (host,), float(rng.uniform(0.1, 0.35))

@@ -8,7 +8,6 @@ root-sum-of-squares of the fully sampled (noisy) coil images, like fastMRI's
 from __future__ import annotations
 
 import numpy as np
-import sigpy.mri
 
 
 def fft2c(x: np.ndarray) -> np.ndarray:
@@ -27,6 +26,8 @@ def rss(coil_images: np.ndarray, axis: int = 0) -> np.ndarray:
 
 def coil_maps(n_coils: int, shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
     """Smooth complex coil sensitivities (coils, rows, cols), slightly varied per study."""
+    import sigpy.mri  # slow to import (numba); only needed when k-space is simulated
+
     maps = sigpy.mri.birdcage_maps((n_coils, *shape), r=float(rng.uniform(1.3, 1.7)))
     return maps.astype(np.complex64)
 

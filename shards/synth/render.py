@@ -42,7 +42,7 @@ def _structure_signal(joint: str, contrast: str) -> np.ndarray:
 
 
 def render_plane(anatomy: Anatomy, grid: PlaneGrid, contrast: str,
-                 findings: list[tuple[Blob, float]], scanner: Scanner,
+                 findings: list[tuple[Blob, tuple[str, ...], float]], scanner: Scanner,
                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Returns (image, label map, noise-free image), each (slices, rows, cols)."""
     sampler = Sampler(grid)
@@ -51,8 +51,10 @@ def render_plane(anatomy: Anatomy, grid: PlaneGrid, contrast: str,
         paint(labels, sampler, shape, anatomy.structure_index(name))
     image = _structure_signal(anatomy.joint, contrast)[labels]
     fluid = CONTRASTS[contrast]["fluid"]
-    for blob, amount in findings:
-        blend(image, sampler, blob, fluid, amount, within=labels > 0)
+    names = STRUCTURES[anatomy.joint]
+    for blob, host, amount in findings:
+        within = np.isin(labels, [names.index(h) for h in host])
+        blend(image, sampler, blob, fluid, amount, within=within)
     image *= _bias_field(sampler, scanner.bias)
     if scanner.field_strength < 2.0:  # 1.5 T: flatter contrast
         image = image ** 1.12

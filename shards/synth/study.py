@@ -16,7 +16,7 @@ import numpy as np
 from ..config import ConfigError
 from ..schema import JOINTS, LABELS, PLANES, STRUCTURES
 from .anatomy import BUILDERS
-from .findings import VISIBILITY, draw_params, lesion, mimic
+from .findings import VISIBILITY, draw_params, hosts, lesion, mimic
 from .geometry import PlaneGrid
 from .kspace import simulate_kspace
 from .population import draw_ehr, draw_labels
@@ -139,10 +139,10 @@ def generate_study(cfg: SynthConfig, plan: PatientPlan, visit: int, key: str,
         if plane not in present:
             continue
         contrast = protocol_contrast(joint, plane, plan.site)
-        findings = [(lesion(lbl, anatomy, params[lbl]),
+        findings = [(lesion(lbl, anatomy, params[lbl]), hosts(lbl),
                      min(1.0, cfg.finding_strength * params[lbl].severity * VISIBILITY[lbl][plane]))
                     for lbl, y in truth.items() if y]
-        findings += [(blob, amount * cfg.finding_strength) for blob, amount in mimics]
+        findings += [(blob, host, amount * cfg.finding_strength) for blob, host, amount in mimics]
         image, seg, clean[plane] = render_plane(anatomy, grid, contrast, findings, scanner, plane_rng)
         sample[plane], sample[f"{plane}.seg"] = image, seg
         meta_planes[plane] = {"spacing": list(grid.spacing), "shape": list(grid.shape),

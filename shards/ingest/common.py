@@ -1,0 +1,143 @@
+"""What every ingest shares: studies found in a source become schema-v1 samples, joined to label
+and EHR tables, split by patient and written with the resumable :class:`ShardWriter`.
+
+A source (DICOM, NIfTI) yields :class:`FoundStudy` records whose pixels are not read yet; a study
+already in a finished shard is skipped before :meth:`FoundStudy.load` decodes anything.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from tqdm import tqdm
+
+from ..config import to_dict
+from ..runs import run_dir, write_run
+from ..schema import SchemaError, validate_study
+from ..splits import assign_split
+from ..writer import ShardWriter
+from .config import IngestConfig
+from .report import IngestReport
+from .tables import TableJoin, labels_for
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FoundStudy:
+    key: str                     # s-… (keyed hash of the study id)
+    patient: str                 # p-… (keyed hash of the patient id)
+    joint: str
+    meta: dict                   # de-identified study meta without planes/split
+    join_keys: dict[str, str]    # study / patient / accession -> the key a table row maps to
+    n_files: int
+    # Decodes the chosen stacks: returns {plane: volume}, {plane: plane meta}, {plane.seg: map}
+    load: Callable[[IngestReport], tuple[dict, dict, dict]]
+    ehr: dict = field(default_factory=dict)  # from the headers (retained patient characteristics)
+
+
+def run_dir_of(cfg: IngestConfig, command: str) -> Path:
+    """``run_dir`` if set, else ``$MSKFM_RUNS/<command>/<name>`` like every other command."""
+    if cfg.run_dir:
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        return Path(cfg.run_dir)
+    return run_dir(command, cfg.name or Path(cfg.out).name or "ingest")
+
+
+def open_tables(cfg: IngestConfig, to_key: Callable[[str, str], str]) -> dict[str, TableJoin]:
+    tables = {}
+    for kind, tcfg in (("labels", cfg.labels), ("ehr", cfg.ehr)):
+        if tcfg.path:
+            tables[kind] = TableJoin(tcfg, kind, to_key)
+    return tables
+
+
+def _sample(study: FoundStudy, split: str, volumes: dict, planes: dict, segs: dict,
+            tables: dict[str, TableJoin]) -> dict:
+    meta = {**study.meta, "study": study.key, "patient": study.patient, "joint": study.joint,
+            "split": split, "planes": planes}
+    sample = {"__key__": study.key, "meta": meta, **volumes, **segs}
+    if "labels" in tables:
+        sample["labels"] = labels_for(study.joint, tables["labels"].lookup(study.key, study.join_keys))
+    ehr = dict(study.ehr)
+    if "ehr" in tables:
+        row = tables["ehr"].lookup(study.key, study.join_keys) or {}
+        ehr.update({k: v for k, v in row.items() if v is not None})
+    if ehr:
+        sample["ehr"] = ehr
+    return sample
+
+
+def write_studies(studies: list[FoundStudy], cfg: IngestConfig, report: IngestReport,
+                  tables: dict[str, TableJoin], info: dict) -> dict | None:
+    """Write every study not already in a finished shard; returns the manifest (None if none)."""
+    report.studies_found = len(studies)
+    if not studies:
+        return None
+    writer = ShardWriter(cfg.out, kind="study", max_bytes=cfg.shard_max_mb * 1_000_000,
+                         max_count=cfg.shard_max_count, info=info)
+    try:
+        for study in tqdm(studies, desc="studies", unit="study", disable=len(studies) < 5):
+            _write_one(study, cfg, report, tables, writer)
+    except BaseException as exc:  # keep finished shards for the rerun, drop partial ones
+        writer.__exit__(type(exc), exc, exc.__traceback__)
+        raise
+    if report.ingested or writer.finished:
+        return writer.close()
+    if not any(Path(cfg.out).iterdir()):
+        Path(cfg.out).rmdir()  # nothing usable: leave no empty shard folder behind
+    return None
+
+
+def _write_one(study: FoundStudy, cfg: IngestConfig, report: IngestReport,
+               tables: dict[str, TableJoin], writer: ShardWriter) -> None:
+    split = assign_split(study.patient, dict(cfg.splits), cfg.split_seed)
+    if writer.done(study.key):
+        report.resumed.append(study.key)
+        for table in tables.values():
+            table.lookup(study.key, study.join_keys)
+        return
+    volumes, planes, segs = study.load(report)
+    if not volumes:
+        report.skip(study.key, "no_series", "no stack of this study could be used "
+                    "(see the entries of its files)", study=study.key)
+        return
+    sample = _sample(study, split, volumes, planes, segs, tables)
+    try:
+        validate_study(sample)
+    except SchemaError as exc:
+        report.skip(study.key, "schema", str(exc), study=study.key)
+        return
+    writer.write(sample, split)
+    report.ingest(study.key, {p: planes[p]["contrast"] for p in planes}, study.n_files)
+
+
+def finish(cfg: IngestConfig, command: str, report: IngestReport,
+           tables: dict[str, TableJoin]) -> int:
+    """Write the report and resolved config to the run folder; return the exit code."""
+    report.tables = {kind: table.finish() for kind, table in tables.items()}
+    folder = run_dir_of(cfg, command)
+    write_run(folder, cfg, report.counts())
+    path = report.write(folder)
+    print(report.summary())
+    print(f"report: {path}")
+    return 1 if report.failed(cfg.strict) else 0
+
+
+def manifest_info(cfg: IngestConfig, command: str) -> dict:
+    """What the manifest records about an ingest: no paths, no salt, no identifiers."""
+    conf = to_dict(cfg)
+    for key in ("source", "out", "run_dir", "name"):
+        conf.pop(key, None)
+    for table in ("labels", "ehr"):
+        conf[table]["path"] = Path(conf[table]["path"]).name if conf[table]["path"] else ""
+    conf["deid"].pop("salt_file", None)
+    return {"name": cfg.name or Path(cfg.out).name, "source": command, "ingest_config": conf}
+
+
+def as_float32(arr: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(arr, dtype=np.float32)
