@@ -1,31 +1,24 @@
 """fastMRI HDF5 ingest on files written here in the fastMRI layout; bad input names file and slice."""
 
-import argparse
-
 import numpy as np
 import pytest
 
-from shards.ingest.fastmri import FastMRIError, acquisition_meta, add_fastmri_parser, ingest_fastmri
+from shards.ingest.cli import main as ingest_main
+from shards.ingest.fastmri import FastMRIError, acquisition_meta, ingest_fastmri
 from shards.reader import iter_samples
 from tests.recon_data import write_fastmri_file
 
 
-def _cli(argv):
-    parser = argparse.ArgumentParser(prog="shards")
-    ingest = parser.add_subparsers(dest="command").add_parser("ingest").add_subparsers(dest="source")
-    add_fastmri_parser(ingest)
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-def test_ingest_fastmri_layout(tmp_path, capsys):
+def test_ingest_fastmri_layout(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     src = tmp_path / "fastmri"
     src.mkdir()
     write_fastmri_file(src / "file1000001.h5", slices=3, coils=4, grid=(40, 32), recon=(32, 32), seed=0)
     write_fastmri_file(src / "file1000002.h5", slices=2, coils=6, grid=(48, 36), recon=(32, 32), seed=5,
                        acquisition="AXT2_FBK", mask=(np.arange(36) % 3 == 0).astype(np.float32))
-    assert _cli(["ingest", "fastmri", str(src), "--out", str(tmp_path / "shards"), "--val", "0.5"]) == 0
+    assert ingest_main(["fastmri", str(src), "--out", str(tmp_path / "shards"), "splits={train: 0.5, val: 0.5}"]) == 0
     assert "fastmri ->" in capsys.readouterr().out
+    assert (tmp_path / "runs" / "ingest" / "shards" / "metrics.json").is_file()
     samples = list(iter_samples(str(tmp_path / "shards"), None, None))
     assert len(samples) == 5
     by_study = {}

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 from ..config import ConfigError, load_config
 from .config import DicomIngestConfig, NiftiIngestConfig
 from .dicom import ingest_dicom
+from .fastmri import FastMRIIngestConfig, run_fastmri
 from .nifti import ingest_nifti
 
 
@@ -33,6 +34,9 @@ INGESTERS: dict[str, Ingester] = {
     "nifti": Ingester(NiftiIngestConfig, ingest_nifti,
                       "NIfTI volumes (+ *_seg label maps) -> study shards",
                       "folder of .nii/.nii.gz volumes"),
+    "fastmri": Ingester(FastMRIIngestConfig, run_fastmri,
+                        "fastMRI HDF5 files -> reconstruction shards (one sample per slice)",
+                        "folder of fastMRI .h5 files (searched recursively)"),
 }
 
 

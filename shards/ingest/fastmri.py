@@ -7,21 +7,25 @@ cols)), optionally ``reconstruction_rss`` (slices, r, c) and ``mask`` (cols,) fo
 k-space grid equal to the header's encoded matrix, target equal to the header's recon matrix; an
 error names the file and the slice.
 
-    shards ingest fastmri <dir> --out <shards> [--anatomy knee] [--val 0.2 --test 0.0]
+    shards ingest fastmri <dir> --out <shards> [anatomy=knee] [splits.val=0.2 ...]
+
+Registered as the ``fastmri`` kind of :data:`shards.ingest.cli.INGESTERS`.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
+import json
 import re
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
 import numpy as np
 from tqdm import tqdm
 
+from ..config import ConfigError, save_config
 from ..manifest import load_manifest
 from ..splits import assign_split
 from ..writer import ShardWriter
@@ -145,22 +149,30 @@ def ingest_fastmri(src: str | Path, out: str | Path, anatomy: str | None = None,
     return load_manifest(out)
 
 
-def add_fastmri_parser(subparsers) -> argparse.ArgumentParser:
-    """``shards ingest fastmri <dir> --out <shards>``: call with the ``ingest`` subparsers."""
-    p = subparsers.add_parser("fastmri", help="fastMRI HDF5 files -> reconstruction shards")
-    p.add_argument("src", help="folder with fastMRI .h5 files (searched recursively)")
-    p.add_argument("--out", required=True, help="output folder for the recon shards")
-    p.add_argument("--anatomy", default=None, help="anatomy for every file (default: from the file name, else knee)")
-    p.add_argument("--val", type=float, default=0.2, help="fraction of patients for validation")
-    p.add_argument("--test", type=float, default=0.0, help="fraction of patients for test")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=run_fastmri_cli)
-    return p
+@dataclass
+class FastMRIIngestConfig:
+    """``shards ingest fastmri <dir> --out <shards> [key=value ...]``."""
+
+    source: str = ""          # folder of fastMRI .h5 files (searched recursively)
+    out: str = ""             # recon shard folder (resumable: rerun to continue)
+    name: str = ""            # run name; default: the shard folder's name
+    anatomy: str = ""         # anatomy of every file; empty: from the file name (file_brain_...), else knee
+    splits: dict[str, float] = field(default_factory=lambda: {"train": 0.8, "val": 0.2})
+    split_seed: int = 0
+    shard_max_count: int = 256
+
+    def validate(self) -> None:
+        if not self.source or not self.out:
+            raise ConfigError("shards ingest fastmri: give the input folder and --out")
 
 
-def run_fastmri_cli(args) -> int:
-    fractions = {"train": 1.0 - args.val - args.test, "val": args.val, "test": args.test}
-    manifest = ingest_fastmri(args.src, args.out, args.anatomy, fractions, args.seed)
+def run_fastmri(cfg: FastMRIIngestConfig) -> int:
+    """Ingest, write ``runs/ingest/<name>/{config.yaml, metrics.json}``, print the split counts."""
+    manifest = ingest_fastmri(cfg.source, cfg.out, cfg.anatomy or None, dict(cfg.splits), cfg.split_seed,
+                              cfg.shard_max_count)
     counts = {s: v["n_samples"] for s, v in manifest["splits"].items()}
-    print(f"fastmri -> {args.out}: {counts}")
+    run_dir = Path("runs") / "ingest" / (cfg.name or Path(cfg.out).name)
+    save_config(cfg, run_dir / "config.yaml")
+    (run_dir / "metrics.json").write_text(json.dumps({"slices": counts, "stats": manifest["stats"]}, indent=1))
+    print(f"fastmri -> {cfg.out}: {counts} slices")
     return 0
