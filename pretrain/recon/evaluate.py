@@ -43,6 +43,7 @@ class EvalReconConfig:
     max_slices: int | None = None
     figure_slices: int = 3
     seed: int = 0
+    device: str = "cpu"                # "cuda" to reconstruct on a GPU
     name: str = "eval"
     run_root: str = "runs/eval-recon"
 
@@ -72,9 +73,12 @@ def _slices(cfg: EvalReconConfig) -> list[dict]:
 
 
 @torch.no_grad()
-def _run_models(models: dict, batch: dict) -> dict[str, np.ndarray]:
-    return {name: m(batch["masked_kspace"], batch["mask"], batch["num_low_frequencies"])[0].numpy()
-            for name, m in models.items()}
+def _run_models(models: dict, batch: dict, device: str) -> dict[str, np.ndarray]:
+    k, mask = batch["masked_kspace"].to(device), batch["mask"].to(device)
+    out = {name: m(k, mask, batch["num_low_frequencies"])[0].float().cpu().numpy() for name, m in models.items()}
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return out
 
 
 def evaluate_setting(cfg: EvalReconConfig, models: dict, slices: list[dict], kind: str, acc: float):
@@ -90,7 +94,7 @@ def evaluate_setting(cfg: EvalReconConfig, models: dict, slices: list[dict], kin
         outs = {"zero-filled": item["zero_filled"].numpy()}
         for name, m in models.items():
             t0 = time.perf_counter()
-            outs[name] = _run_models({name: m}, batch)[name]
+            outs[name] = _run_models({name: m}, batch, cfg.device)[name]
             seconds[name] += time.perf_counter() - t0
         meta = item["meta"]
         volume = f"{meta.get('study', item['key'])}/{meta.get('orientation', '')}"
@@ -142,8 +146,8 @@ def evaluate_recon(cfg: EvalReconConfig) -> dict:
     from .publish import load_recon_backbone
 
     torch.manual_seed(cfg.seed)
-    models = {"backbone": load_recon_backbone(cfg.backbone)}
-    models |= {name: load_recon_backbone(url) for name, url in cfg.baselines.items()}
+    models = {"backbone": load_recon_backbone(cfg.backbone, device=cfg.device)}
+    models |= {name: load_recon_backbone(url, device=cfg.device) for name, url in cfg.baselines.items()}
     slices = _slices(cfg)
     out_dir = Path(cfg.run_root) / cfg.name
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -162,7 +166,7 @@ def evaluate_recon(cfg: EvalReconConfig) -> dict:
         for acc in cfg.accelerations:
             tables.append(format_table(summary, kind, float(acc)))
     result = {"summary": summary, "volumes": volumes, "throughput_slices_per_s": throughput,
-              "slices": len(slices), "device": "cpu"}
+              "slices": len(slices), "device": cfg.device}
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=1, default=float))
     (out_dir / "table.md").write_text("\n\n".join(tables) + "\n")
     return result | {"tables": tables, "run_dir": str(out_dir)}
