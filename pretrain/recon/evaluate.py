@@ -38,8 +38,9 @@ class EvalReconConfig:
     accelerations: list[float] = field(default_factory=lambda: [4.0, 8.0])
     center_fractions: dict[str, float] = field(default_factory=dict)  # "4": 0.08; default fastMRI's
     baselines: dict[str, str] = field(default_factory=dict)            # method name -> backbone URL
-    normalisation: str = "max"
-    virtual_coils: int | None = None
+    normalisation: str = ""            # empty: as the backbone was trained (else max | mean | none)
+    virtual_coils: int | None = None   # None: as the backbone was trained (its training_config.yaml)
+    prewhiten: bool | None = None      # None: as trained
     max_slices: int | None = None
     figure_slices: int = 3
     seed: int = 0
@@ -59,6 +60,31 @@ class EvalReconConfig:
     def center_fraction(self, acc: float) -> float:
         key = f"{acc:g}"
         return float(self.center_fractions.get(key, DEFAULT_CENTER.get(int(acc), 0.32 / acc)))
+
+
+def trained_recon_settings(url: str) -> dict:
+    """``model.recon`` coil/normalisation settings from a published backbone's training config."""
+    from omegaconf import OmegaConf
+
+    from ..hub import fetch_folder
+
+    path = fetch_folder(url) / "training_config.yaml"
+    if not path.is_file():
+        return {}
+    recon = (OmegaConf.to_container(OmegaConf.load(path)).get("model") or {}).get("recon") or {}
+    return {k: recon[k] for k in ("virtual_coils", "normalisation", "prewhiten") if recon.get(k) is not None}
+
+
+def resolve_coil_settings(cfg: EvalReconConfig) -> EvalReconConfig:
+    """Fill unset coil handling from the backbone's training (the same inputs it learned on)."""
+    trained = trained_recon_settings(cfg.backbone)
+    if cfg.virtual_coils is None:
+        cfg.virtual_coils = trained.get("virtual_coils")
+    if not cfg.normalisation:
+        cfg.normalisation = trained.get("normalisation", "max")
+    if cfg.prewhiten is None:
+        cfg.prewhiten = bool(trained.get("prewhiten", False))
+    return cfg
 
 
 def _slices(cfg: EvalReconConfig) -> list[dict]:
@@ -84,7 +110,8 @@ def _run_models(models: dict, batch: dict, device: str) -> dict[str, np.ndarray]
 def evaluate_setting(cfg: EvalReconConfig, models: dict, slices: list[dict], kind: str, acc: float):
     """Per-volume rows for one mask kind and acceleration, plus examples for the figure and timing."""
     tcfg = ReconTransformConfig(masks=[{"kind": kind, "acceleration": acc, "center_fraction": cfg.center_fraction(acc)}],
-                                virtual_coils=cfg.virtual_coils, normalisation=cfg.normalisation, seed=cfg.seed)
+                                virtual_coils=cfg.virtual_coils, normalisation=cfg.normalisation,
+                                prewhiten=bool(cfg.prewhiten), seed=cfg.seed)
     transform, acc_store = ReconTransform(tcfg), VolumeAccumulator()
     examples, seconds = [], {name: 0.0 for name in models}
     for sample in tqdm(slices, desc=f"{kind} x{acc:g}", unit="slice", leave=False):
@@ -146,6 +173,7 @@ def evaluate_recon(cfg: EvalReconConfig) -> dict:
     from .publish import load_recon_backbone
 
     torch.manual_seed(cfg.seed)
+    cfg = resolve_coil_settings(cfg)
     models = {"backbone": load_recon_backbone(cfg.backbone, device=cfg.device)}
     models |= {name: load_recon_backbone(url, device=cfg.device) for name, url in cfg.baselines.items()}
     slices = _slices(cfg)
