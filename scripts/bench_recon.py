@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -37,6 +38,7 @@ def train_and_publish(config: str, data: Path, steps: int, hub: Path) -> tuple[s
     from pretrain.cli import main as pretrain
 
     name = Path(config).stem
+    shutil.rmtree(Path("runs/pretrain") / name, ignore_errors=True)  # a fresh run, not a resumed one
     start = time.perf_counter()
     overrides = [f"data.source={data}", f"optim.total_steps={steps}", f"checkpoint_every={steps}"]
     if pretrain(["run", "--config", config, *overrides]) != 0:
