@@ -33,7 +33,7 @@ def prepare(root: Path, n_patients: int) -> dict:
                       [f"out={root / 'shards'}", f"synth.n_patients={n_patients}", "synth.kspace.enabled=false",
                        "shard_max_bytes=100000000", "workers=2"])
     manifest = build_shards(cfg, progress=False)
-    for sample in iter_samples(root / "shards", None, ("__key__", "meta", "sag", "cor", "ax")):
+    for sample in iter_samples(root / "shards", None, ("meta", "sag", "cor", "ax"), require=()):
         sample = {k: v for k, v in sample.items() if k in ("__key__", "meta", "sag", "cor", "ax")}
         export_study(sample, root / "nifti", "nifti")
         folder = root / "nii" / sample["__key__"]
@@ -68,9 +68,7 @@ def read_nifti(root: Path, pattern: str) -> dict:
     load = LoadImage(image_only=True, dtype="float32")
     n = nbytes = disk = 0
     for folder in sorted(p for p in (root / pattern).iterdir() if p.is_dir()):
-        for f in sorted(folder.glob("[sca][ao][grx]*.nii*")):
-            if "_seg" in f.name:
-                continue
+        for f in sorted(f for f in folder.iterdir() if f.name.split(".")[0] in ("sag", "cor", "ax")):
             t = load(str(f)).float()
             nbytes += t.numel() * 4
             disk += f.stat().st_size

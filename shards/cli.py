@@ -100,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=cmd_synth)
 
+    from .ingest.cli import add_ingest_parsers
+
+    add_ingest_parsers(sub)
+
     p = sub.add_parser("verify", help="check every shard's size and sha256 against the manifest")
     p.add_argument("shards", help="shard folder, manifest.json or s3:// URL")
     p.set_defaults(func=cmd_verify)

@@ -73,16 +73,18 @@ def _base(patient: dict, study_uid: str, series_uid: str, desc: str, vendor: str
 
 def write_series(folder: Path, patient: dict, study_uid: str, iop, n: int, gap: float, desc: str,
                  rng, vendor="SIEMENS", field=3.0, body="KNEE", slope=1.0, intercept=0.0,
-                 thickness=None, compress=False, shape=(16, 16), series_number=1) -> dict:
+                 thickness=None, compress=False, shape=(16, 16), series_number=1, series_uid=None,
+                 jitter=0.0, image_type=("ORIGINAL", "PRIMARY", "M")) -> dict:
     """Single-frame files written in shuffled order; returns the expected (sorted) volume."""
     folder.mkdir(parents=True, exist_ok=True)
-    series_uid = generate_uid()
+    series_uid = series_uid or generate_uid()
     normal = np.cross(iop[:3], iop[3:])
     raw = rng.integers(0, 1000, size=(n, *shape)).astype(np.uint16)
     for i in rng.permutation(n):
         ds = _base(patient, study_uid, series_uid, desc, vendor, field, body)
         ds.SeriesNumber, ds.InstanceNumber = series_number, int(i) + 1
-        ds.ImageOrientationPatient = [float(v) for v in iop]
+        ds.ImageOrientationPatient = [float(v) + jitter * (i % 2) for v in iop]  # scanner round-off
+        ds.ImageType = list(image_type)
         ds.ImagePositionPatient = [float(v) for v in (np.array([-10.0, 5.0, 20.0]) + i * gap * normal)]
         ds.PixelSpacing = [0.5, 0.6]
         ds.SliceThickness = thickness if thickness is not None else gap
@@ -153,7 +155,11 @@ def export(tmp_path_factory) -> dict:
     base = root / "DOE_JOHN_export"  # PHI in a folder name: must not reach the shards
     # study A: knee, sag PD FS (rescale, thickness != gap), a T1 sag (loses), enhanced cor, RLE oblique ax
     e["sag"] = write_series(base / "A" / "s1", p1, a, SAG, 6, 3.0, f"SAG PD FS {PHI['PatientID']} DOE",
-                            rng, slope=2.0, intercept=-100.0, thickness=2.5, series_number=1)
+                            rng, slope=2.0, intercept=-100.0, thickness=2.5, series_number=1, jitter=6e-4)
+    loc_uid = generate_uid()  # a three-plane localizer: one series, three orientations
+    for k, iop in enumerate((SAG, COR, AX)):
+        write_series(base / "A" / f"loc{k}", p1, a, iop, 3, 8.0, "3-PL LOC", rng, series_number=9,
+                     series_uid=loc_uid, image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))
     write_series(base / "A" / "s2", p1, a, SAG, 8, 3.0, "SAG T1", rng, series_number=2)
     e["cor"] = write_enhanced(base / "A" / "s3" / "MF0001.dcm", p1, a, rng)
     e["ax"] = write_series(base / "A" / "s4", p1, a, _oblique_axial(15.0), 4, 4.0, "AX T2 FS", rng,
@@ -176,6 +182,10 @@ def export(tmp_path_factory) -> dict:
     shutil.copy(base / "B" / "ax" / "IM0002", base / "B" / "ax" / "IM0002_copy")
     e["single"] = write_series(base / "B" / "sag1", p1, b, SAG, 1, 4.0, "SAG T2", rng,
                                vendor="GE MEDICAL SYSTEMS", field=1.5, body="ANKLE", series_number=2)
+    bare = pydicom.dcmread(base / "B" / "sag1" / "IM0000")  # old-PACS style: no preamble, no meta
+    bare.file_meta, bare.preamble = FileMetaDataset(), None
+    bare.save_as(base / "B" / "sag1" / "IM0000", implicit_vr=True, little_endian=True)
+    assert (base / "B" / "sag1" / "IM0000").read_bytes()[:2] == b"\x08\x00"
     write_series(base / "B" / "trunc", p1, b, COR, 4, 3.0, "COR T1", rng, vendor="GE", field=1.5, body="ANKLE",
                  series_number=3)
     blob = (base / "B" / "trunc" / "IM0001").read_bytes()
@@ -218,6 +228,7 @@ def ingested(export, tmp_path_factory, monkeypatch_module) -> dict:
     (run / "labels.csv").write_text(f"study_uid,acl,effusion,atfl\n{a},1,0,\n{b},,,1\n")
     (run / "ehr.csv").write_text(f"patient_id,height_cm,patient_type\n{PHI['PatientID']},172,outpatient\n")
     code = ingest_main(["dicom", str(export["root"]), "--out", str(out), f"run_dir={run}",
+                        "--config", str(Path(__file__).parents[1] / "configs/shards/ingest-dicom.yaml"),
                         "deid.dates=shift", "shard_max_count=2", f"labels.path={run / 'labels.csv'}",
                         f"ehr.path={run / 'ehr.csv'}"])
     report = json.loads((run / "ingest_report.json").read_text())
@@ -265,6 +276,7 @@ def test_planes_spacing_intensities(export, ingested):
     assert ankle["meta"]["planes"]["ax"]["shape"] == [5, 16, 16]
     assert ankle["meta"]["planes"]["sag"]["shape"] == [1, 16, 16]     # single-slice series
     assert ankle["meta"]["planes"]["sag"]["spacing"][0] == 4.0
+    np.testing.assert_allclose(ankle["sag"], export["single"]["volume"])  # bare dataset decoded
     assert "cor" not in ankle  # its only cor series lost a truncated slice -> irregular gaps
     assert ankle["meta"]["vendor"] == "GE" and ankle["meta"]["field_strength"] == 1.5
     assert ankle["labels"]["atfl"] == 1 and ankle["labels"]["cfl"] is None  # joined by StudyInstanceUID
@@ -286,6 +298,8 @@ def test_report_entries(ingested):
     needs = next(e for e in report["skipped"] if e["code"] == "needs_decoder")
     assert "pylibjpeg" in needs["reason"] and "JPEG Lossless" in needs["reason"]
     assert any("positions win" in w["message"] for w in report["warnings"])
+    localizer = [w for w in report["warnings"] if "LOCALIZER" in w["message"]]
+    assert sorted(w["message"][:3] for w in localizer) == ["ax ", "cor", "sag"]
     labels = {p["code"]: p for p in report["tables"]["labels"]["problems"]}
     assert "atfl" not in str(labels) and len(labels["study_without_row"]["studies"]) == 1  # shoulder
 
@@ -407,3 +421,39 @@ def test_contrast_and_choice_rule():
     assert "exclude" in reasons["loc"] and "obliquity" in reasons["tilted"]
     ranked, _ = choose(cands, ChoiceConfig(contrast_order=["T1"], prefer_original=False))
     assert ranked["sag"][0].ident == "a"
+
+
+def test_crash_then_resume(export, tmp_path, monkeypatch):
+    monkeypatch.setenv("MSKFM_DEID_SALT", SALT)
+    real_decode, calls = dicom_mod.decode, []
+
+    def crashing(stack):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # the process dies mid-study
+        return real_decode(stack)
+    monkeypatch.setattr(dicom_mod, "decode", crashing)
+    argv = ["dicom", str(export["root"]), "--out", str(tmp_path / "o"), "shard_max_count=1"]
+    with pytest.raises(KeyboardInterrupt):
+        ingest_main(argv + [f"run_dir={tmp_path / 'r1'}"])
+    assert not list((tmp_path / "o").glob("*.tmp")) and not (tmp_path / "o" / "manifest.json").exists()
+    monkeypatch.setattr(dicom_mod, "decode", real_decode)
+    assert ingest_main(argv + [f"run_dir={tmp_path / 'r2'}"]) == 0
+    counts = json.loads((tmp_path / "r2" / "ingest_report.json").read_text())["counts"]
+    assert counts["studies_resumed"] >= 1 and counts["studies_resumed"] + counts["studies_ingested"] == 3
+    manifest = load_manifest(tmp_path / "o")
+    assert manifest["stats"]["n_samples"] == 3 and verify_shards(manifest) == []
+
+
+def test_salt_sources(tmp_path, monkeypatch):
+    from shards.ingest.deid import DeidError, load_salt
+
+    (tmp_path / "salt").write_text("file-salt-123\n")
+    monkeypatch.setenv("MSKFM_DEID_SALT", "env-salt-456")
+    assert load_salt(DeidConfig(salt_file=str(tmp_path / "salt"))) == b"file-salt-123"  # file wins
+    assert load_salt(DeidConfig()) == b"env-salt-456"
+    monkeypatch.setenv("OTHER_SALT", "short")
+    with pytest.raises(DeidError, match="OTHER_SALT"):
+        load_salt(DeidConfig(salt_env="OTHER_SALT"))
+    with pytest.raises(DeidError, match="does not exist"):
+        load_salt(DeidConfig(salt_file=str(tmp_path / "missing")))

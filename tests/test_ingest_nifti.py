@@ -66,7 +66,8 @@ def nifti_run(tmp_path_factory):
     out, run = root.parent / (root.name + "_shards"), root.parent / (root.name + "_run")
     mp = pytest.MonkeyPatch()
     mp.setenv("MSKFM_DEID_SALT", SALT)
-    code = ingest_main(["nifti", str(root), "--out", str(out), "joint=knee", f"run_dir={run}"])
+    code = ingest_main(["nifti", str(root), "--out", str(out), "joint=knee", f"run_dir={run}",
+                        "--config", str(Path(__file__).parents[1] / "configs/shards/ingest-nifti.yaml")])
     mp.undo()
     report = json.loads((run / "ingest_report.json").read_text())
     return {"code": code, "out": out, "report": report, "exp": exp,
@@ -134,3 +135,19 @@ def test_mapping_file_and_plane_override(tmp_path, monkeypatch):
     np.testing.assert_array_equal(sample["cor.seg"], (sample["cor"] % 3).astype(np.uint8))
     report = json.loads((tmp_path / "run" / "ingest_report.json").read_text())
     assert not report["skipped"]  # the label map named in the mapping is not an image of its own
+
+
+def test_canonical_geometry_matches_nibabel():
+    from scipy.spatial.transform import Rotation
+
+    from shards.ingest.nifti import canonical_geometry
+
+    rng = np.random.default_rng(3)
+    for seed in range(12):
+        affine = np.eye(4)
+        affine[:3, :3] = Rotation.random(random_state=seed).as_matrix() @ np.diag(rng.uniform(0.3, 4, 3))
+        img = nib.Nifti1Image(np.zeros(tuple(rng.integers(2, 9, 3)), np.float32), affine)
+        canon = nib.as_closest_canonical(img)
+        shape, zooms, aff = canonical_geometry(img)
+        assert shape == canon.shape and np.allclose(zooms, canon.header.get_zooms())
+        np.testing.assert_allclose(aff, canon.affine)

@@ -55,10 +55,10 @@ def _problems(report: dict, kind: str) -> dict[str, list[dict]]:
 def test_labels_and_ehr_join(source, tmp_path):
     labels = tmp_path / "labels.csv"
     labels.write_text("study,acl,pcl,aclx,medial_meniscus\n"
-                      "S1,1,0,1,\n"
-                      "S2,0,2,0,1\n"
-                      "S2,1,1,1,1\n"
-                      "S9,1,1,1,1\n")
+                      "MRN001/S1,1,0,1,\n"
+                      "MRN001/S2,0,2,0,1\n"
+                      "MRN001/S2,1,1,1,1\n"
+                      "MRN001/S9,1,1,1,1\n")
     ehr = tmp_path / "ehr.parquet"
     pd.DataFrame({"patient": ["MRN001", "MRN002"], "age": [95.0, 30.0], "sex": ["female", "M"],
                   "weight_kg": [900.0, 70.0], "bmi": [22.0, 23.0]}).to_parquet(ehr)
@@ -89,7 +89,7 @@ def test_labels_and_ehr_join(source, tmp_path):
 
 def test_key_column_typo(source, tmp_path):
     labels = tmp_path / "labels.csv"
-    labels.write_text("studdy,acl\nS1,1\n")
+    labels.write_text("studdy,acl\nMRN001/S1,1\n")
     code, report, samples = _run(source, tmp_path, f"labels.path={labels}", "labels.key_column=study")
     problem = report["tables"]["labels"]["problems"][0]
     assert problem["code"] == "missing_key_column" and "did you mean 'studdy'" in problem["message"]

@@ -62,8 +62,11 @@ def ensure_ray(cfg: PretrainConfig):
         return ray
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
            "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
-    if cfg.ray.address:
-        ray.init(address=cfg.ray.address, runtime_env={"env_vars": env}, log_to_driver=True)
+    # Inside a Ray job (`cluster submit`, a KubeRay RayJob) RAY_ADDRESS names the job's cluster:
+    # the same command then trains on that cluster instead of starting a private local Ray.
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
     else:
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
                  runtime_env={"env_vars": env}, log_to_driver=True)

@@ -8,33 +8,39 @@ validated config and returning the exit code. Another kind (e.g. ``fastmri``) re
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from ..config import ConfigError, load_config
-from .config import DicomIngestConfig, NiftiIngestConfig
-from .dicom import ingest_dicom
-from .fastmri import FastMRIIngestConfig, run_fastmri
-from .nifti import ingest_nifti
+
+
+def _resolve(target):
+    """``"package.module:name"`` -> the object (imported only when a subcommand runs, so that
+    ``shards --help`` does not import pydicom, nibabel and pandas)."""
+    if not isinstance(target, str):
+        return target
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 @dataclass(frozen=True)
 class Ingester:
-    schema: type
-    run: Callable[[object], int]
+    schema: type | str                      # config dataclass, or "module:Name"
+    run: Callable[[object], int] | str      # validated config -> exit code, or "module:name"
     help: str
     source_help: str = "input folder"
 
 
 INGESTERS: dict[str, Ingester] = {
-    "dicom": Ingester(DicomIngestConfig, ingest_dicom,
+    "dicom": Ingester("shards.ingest.config:DicomIngestConfig", "shards.ingest.dicom:ingest_dicom",
                       "DICOM export (any folder layout) -> de-identified study shards",
                       "folder of DICOM files (nested, with or without extension, DICOMDIR or not)"),
-    "nifti": Ingester(NiftiIngestConfig, ingest_nifti,
+    "nifti": Ingester("shards.ingest.config:NiftiIngestConfig", "shards.ingest.nifti:ingest_nifti",
                       "NIfTI volumes (+ *_seg label maps) -> study shards",
                       "folder of .nii/.nii.gz volumes"),
-    "fastmri": Ingester(FastMRIIngestConfig, run_fastmri,
+    "fastmri": Ingester("shards.ingest.fastmri:FastMRIIngestConfig", "shards.ingest.fastmri:run_fastmri",
                         "fastMRI HDF5 files -> reconstruction shards (one sample per slice)",
                         "folder of fastMRI .h5 files (searched recursively)"),
 }
@@ -62,12 +68,12 @@ def run_ingest(args: argparse.Namespace) -> int:
     ingester = INGESTERS[args.ingest_kind]
     overrides = list(args.overrides) + [f"source={args.source}", f"out={args.out}"]
     try:
-        cfg = load_config(ingester.schema, args.config, overrides)
+        cfg = load_config(_resolve(ingester.schema), args.config, overrides)
     except ConfigError as exc:
         print(f"shards ingest {args.ingest_kind}: {exc}")
         return 2
     try:
-        return ingester.run(cfg)
+        return _resolve(ingester.run)(cfg)
     except ConfigError as exc:  # e.g. no de-identification salt: nothing was read or written
         print(f"shards ingest {args.ingest_kind}: {exc}")
         return 2

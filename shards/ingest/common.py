@@ -7,7 +7,6 @@ already in a finished shard is skipped before :meth:`FoundStudy.load` decodes an
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -23,8 +22,6 @@ from ..writer import ShardWriter
 from .config import IngestConfig
 from .report import IngestReport
 from .tables import TableJoin, labels_for
-
-log = logging.getLogger(__name__)
 
 
 @dataclass

@@ -67,7 +67,8 @@ class DicomIngestConfig(IngestConfig):
 @dataclass
 class NiftiIngestConfig(IngestConfig):
     # Study (and optional patient) id from the file path relative to the input folder. The default
-    # takes the file's parent folder; files at the top level are their own study (name w/o suffix).
+    # reads <patient>/<study>/<file> (study id "<patient>/<study>") or <study>/<file>; files at the
+    # top level are their own study (name without suffix).
     study_regex: str = r"(?:(?P<patient>[^/]+)/)?(?P<study>[^/]+)/[^/]+$"
     mapping: str = ""          # CSV with columns image, study[, patient, seg, joint, plane]
     seg_suffix: str = "_seg"   # label map of X.nii.gz is X_seg.nii.gz

@@ -15,10 +15,11 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import get_decoder
-from pydicom.uid import MediaStorageDirectoryStorage, UID
+from pydicom.uid import (UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
+                         MediaStorageDirectoryStorage)
 
 from .deid import DeidConfig, Pseudonymizer, deidentify
-from .geometry import GeometryError, orientation_key, slice_normal
+from .geometry import GeometryError, slice_normal
 from .report import IngestReport
 
 IGNORED_NAMES = {".DS_Store", "Thumbs.db"}
@@ -49,10 +50,10 @@ class Frame:
     site: str
 
     @property
-    def stack_key(self) -> tuple:
+    def series_key(self) -> tuple:
         h = self.header
         return (h.get("StudyInstanceUID", ""), h.get("SeriesInstanceUID", ""),
-                orientation_key(self.orientation), str(h.get("EchoNumbers", "") or ""))
+                str(h.get("EchoNumbers", "") or ""))
 
 
 def walk(source: Path) -> list[Path]:
@@ -62,6 +63,27 @@ def walk(source: Path) -> list[Path]:
         dirs.sort()
         files += [Path(root) / n for n in sorted(names) if n not in IGNORED_NAMES]
     return files
+
+
+def read_dicom(path: Path, **kwargs) -> Dataset:
+    """Read a DICOM file, also a bare dataset without preamble and file meta (old PACS exports)."""
+    with warnings.catch_warnings():  # vendor quirks (VR lengths...) would flood the log
+        warnings.simplefilter("ignore")
+        try:
+            return pydicom.dcmread(path, **kwargs)
+        except InvalidDicomError:
+            with open(path, "rb") as f:
+                head = f.read(4)
+            if head[:2] not in (b"\x08\x00", b"\x02\x00"):  # group 0008 or 0002 first
+                raise
+            ds = pydicom.dcmread(path, force=True, **kwargs)
+            if len(ds) == 0:
+                raise InvalidDicomError(f"{path}: no data elements")
+    if "TransferSyntaxUID" not in ds.file_meta:  # bare dataset: encoding was detected on read
+        implicit, little = ds.original_encoding
+        ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                          ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    return ds
 
 
 def decoder_problem(ts: UID) -> str | None:
@@ -94,7 +116,7 @@ def _truncated(path: Path, ds: Dataset) -> str | None:
     return None
 
 
-def _first(ds: Dataset, seq_kw: str, attr: str, frame: int | None):
+def frame_attr(ds: Dataset, seq_kw: str, attr: str, frame: int | None):
     """An attribute from the per-frame functional group, else the shared group, else the top."""
     for group_kw, index in (("PerFrameFunctionalGroupsSequence", frame),
                             ("SharedFunctionalGroupsSequence", 0)):
@@ -114,9 +136,9 @@ def _frames_of(path: Path, rel: str, ds: Dataset, site: str) -> list[Frame]:
     frames = []
     for i in range(n_frames):
         idx = i if multi else None
-        iop = _first(ds, "PlaneOrientationSequence", "ImageOrientationPatient", idx)
-        ipp = _first(ds, "PlanePositionSequence", "ImagePositionPatient", idx)
-        spacing = _first(ds, "PixelMeasuresSequence", "PixelSpacing", idx)
+        iop = frame_attr(ds, "PlaneOrientationSequence", "ImageOrientationPatient", idx)
+        ipp = frame_attr(ds, "PlanePositionSequence", "ImagePositionPatient", idx)
+        spacing = frame_attr(ds, "PixelMeasuresSequence", "PixelSpacing", idx)
         if iop is None or ipp is None or spacing is None:
             missing = [n for n, v in (("ImageOrientationPatient", iop), ("ImagePositionPatient", ipp),
                                       ("PixelSpacing", spacing)) if v is None]
@@ -127,9 +149,9 @@ def _frames_of(path: Path, rel: str, ds: Dataset, site: str) -> list[Frame]:
             if step <= 0:
                 raise GeometryError("multi-frame without per-frame positions or slice spacing")
             position = position + i * step * slice_normal(iop)
-        slope = _first(ds, "PixelValueTransformationSequence", "RescaleSlope", idx)
-        intercept = _first(ds, "PixelValueTransformationSequence", "RescaleIntercept", idx)
-        thickness = _first(ds, "PixelMeasuresSequence", "SliceThickness", idx)
+        slope = frame_attr(ds, "PixelValueTransformationSequence", "RescaleSlope", idx)
+        intercept = frame_attr(ds, "PixelValueTransformationSequence", "RescaleIntercept", idx)
+        thickness = frame_attr(ds, "PixelMeasuresSequence", "SliceThickness", idx)
         frames.append(Frame(path, rel, idx, ds, tuple(float(v) for v in iop), position,
                             (float(spacing[0]), float(spacing[1])),
                             float(thickness) if thickness not in (None, "") else None,
@@ -161,11 +183,9 @@ def scan_file(path: Path, rel: str, cfg: DeidConfig, pseudo: Pseudonymizer, site
               report: IngestReport) -> list[Frame]:
     """Frames of one file, or [] with a report entry saying why not."""
     try:
-        with warnings.catch_warnings():  # vendor quirks (VR lengths...) would flood the log
-            warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(path, defer_size=1024)
+        ds = read_dicom(path, defer_size=1024)
     except InvalidDicomError:
-        report.skip(rel, "not_dicom", "not a DICOM file (no DICM preamble)")
+        report.skip(rel, "not_dicom", "not a DICOM file (no DICM preamble, no leading DICOM tag)")
         return []
     except Exception as exc:  # pydicom raises many error types on damaged files
         report.skip(rel, "unreadable", f"cannot read DICOM header: {type(exc).__name__}: {exc}")

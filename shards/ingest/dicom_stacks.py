@@ -9,11 +9,11 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
-import pydicom
 from pydicom.multival import MultiValue
 
-from .dicom_scan import Frame, _first
-from .geometry import GeometryError, PlaneInfo, plane_of, slice_normal, slice_spacing, sort_positions
+from .dicom_scan import Frame, frame_attr, read_dicom
+from .geometry import (GeometryError, PlaneInfo, cluster_orientations, plane_of, slice_normal,
+                       slice_spacing, sort_positions)
 from .report import IngestReport
 from .series import Candidate, contrast_from_parameters, contrast_from_text
 
@@ -40,7 +40,7 @@ class Stack:
         image_type = [str(v).upper() for v in (self.header.get("ImageType") or [])]
         return Candidate(self.plane.plane, self.contrast, len(self.frames), self.plane.obliquity_deg,
                          min(self.spacing[1:]), int(self.header.get("SeriesNumber", 0) or 0),
-                         f"{self.header.get('SeriesInstanceUID', '')}/{self.frames[0].rel}",
+                         f"{self.header.get('SeriesInstanceUID', '')}/{self.frames[0].rel}/{self.frames[0].index}",
                          self.description, "DERIVED" in image_type, "LOCALIZER" in image_type)
 
     def plane_meta(self, keep_description: bool, oblique_threshold: float) -> dict:
@@ -105,8 +105,8 @@ def _contrast(frame: Frame) -> tuple[str, str, str]:
         return float(value) if value not in (None, "") else None
 
     by_params = contrast_from_parameters(
-        number(_first(h, "MRTimingAndRelatedParametersSequence", "RepetitionTime", frame.index)),
-        number(_first(h, "MREchoSequence", "EffectiveEchoTime", frame.index)) or number(h.get("EchoTime")),
+        number(frame_attr(h, "MRTimingAndRelatedParametersSequence", "RepetitionTime", frame.index)),
+        number(frame_attr(h, "MREchoSequence", "EffectiveEchoTime", frame.index)) or number(h.get("EchoTime")),
         number(h.get("InversionTime")),
         str(h.get("ScanningSequence", "") or ""), str(h.get("ScanOptions", "") or ""))
     return by_params, "parameters", description
@@ -132,18 +132,23 @@ def make_stack(frames: list[Frame], tolerance: float, report: IngestReport,
 
 
 def build_stacks(frames: list[Frame], tolerance: float, report: IngestReport) -> dict[str, list[Stack]]:
-    """Stacks per (hashed) StudyInstanceUID."""
-    groups: dict[tuple, list[Frame]] = defaultdict(list)
+    """Stacks per (hashed) StudyInstanceUID: a series (and echo) split by orientation, so that
+    e.g. a three-plane localizer series gives three stacks."""
+    series: dict[tuple, list[Frame]] = defaultdict(list)
     for frame in frames:
-        groups[frame.stack_key].append(frame)
+        series[frame.series_key].append(frame)
     reported: set[str] = set()
     studies: dict[str, list[Stack]] = defaultdict(list)
-    for key in sorted(groups, key=str):
-        stack = make_stack(groups[key], tolerance, report, reported)
-        if stack is not None:
-            for message in stack.warnings:
-                report.warn(stack.where, message)
-            studies[key[0]].append(stack)
+    for key in sorted(series, key=str):
+        members = series[key]
+        labels = cluster_orientations([f.orientation for f in members])
+        for label in sorted(set(labels)):
+            stack = make_stack([f for f, lab in zip(members, labels) if lab == label], tolerance,
+                               report, reported)
+            if stack is not None:
+                for message in stack.warnings:
+                    report.warn(stack.where, message)
+                studies[key[0]].append(stack)
     return studies
 
 
@@ -155,7 +160,7 @@ class DecodeError(ValueError):
 
 def _pixels(frame: Frame) -> np.ndarray:
     try:
-        return pydicom.dcmread(frame.path).pixel_array
+        return read_dicom(frame.path).pixel_array
     except Exception as exc:  # truncated fragments, bad lengths, plugin errors: all undecodable
         raise DecodeError(frame.rel, f"{type(exc).__name__}: {exc}") from exc
 

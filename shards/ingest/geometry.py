@@ -48,9 +48,21 @@ def plane_of(normal) -> PlaneInfo:
     return PlaneInfo(AXIS_PLANE[axis], round(angle, 2), tuple(round(float(v), 6) for v in n))
 
 
-def orientation_key(orientation, decimals: int = 3) -> tuple:
-    """Hashable, rounded orientation used to split a series into stacks of one orientation."""
-    return tuple(np.round(np.asarray(orientation, dtype=np.float64), decimals).tolist())
+def cluster_orientations(orientations, tolerance: float = 0.01) -> list[int]:
+    """Cluster index of each orientation: same cluster when every cosine agrees within
+    ``tolerance`` (scanner round-off differs per slice; rounding would split at a boundary)."""
+    centers: list[np.ndarray] = []
+    labels = []
+    for orientation in orientations:
+        o = np.asarray(orientation, dtype=np.float64)
+        for i, center in enumerate(centers):
+            if np.max(np.abs(o - center)) <= tolerance:
+                labels.append(i)
+                break
+        else:
+            centers.append(o)
+            labels.append(len(centers) - 1)
+    return labels
 
 
 def sort_positions(positions, normal) -> tuple[np.ndarray, np.ndarray]:

@@ -83,28 +83,46 @@ def _ids(rel: str, cfg: NiftiIngestConfig, mapping: dict) -> tuple[str, str, dic
     row = mapping.get(rel, {})
     match = re.search(cfg.study_regex, rel)
     groups = match.groupdict() if match else {}
-    study = row.get("study") or groups.get("study") or _stem(rel)
-    patient = row.get("patient") or groups.get("patient") or study
-    return study, patient, row
+    if row.get("study"):
+        return row["study"], row.get("patient") or row["study"], row
+    study = groups.get("study") or _stem(rel)
+    patient = groups.get("patient")
+    # a study folder name is only unique within its patient: <patient>/<study> is the study id
+    return (f"{patient}/{study}", patient, row) if patient else (study, study, row)
 
 
-def _volume(path: Path, rel: str, cfg: NiftiIngestConfig, mapping: dict, report: IngestReport) -> Volume | None:
-    try:
-        img = nib.as_closest_canonical(nib.load(path))
-    except Exception as exc:  # nibabel raises several types on damaged files
-        report.skip(rel, "unreadable", f"cannot read NIfTI: {type(exc).__name__}: {exc}")
-        return None
+def canonical_geometry(img) -> tuple[tuple[int, ...], tuple[float, ...], np.ndarray]:
+    """Shape, voxel sizes and affine the image will have after ``as_closest_canonical``, from the
+    header alone (reorienting the image itself would read every voxel)."""
     shape = tuple(int(n) for n in img.shape)
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
     if len(shape) != 3:
-        report.skip(rel, "not_3d", f"volume shape {list(img.shape)}; one 3-D volume per file expected")
+        raise ValueError(f"volume shape {list(img.shape)}; one 3-D volume per file expected")
+    ornt = nib.orientations.io_orientation(img.affine)
+    affine = img.affine @ nib.orientations.inv_ornt_aff(ornt, shape)
+    zooms = [float(z) for z in img.header.get_zooms()[:3]]
+    out_shape, out_zooms = [0, 0, 0], [0.0, 0.0, 0.0]
+    for axis, (target, _) in enumerate(ornt.astype(int)):
+        out_shape[target], out_zooms[target] = shape[axis], zooms[axis]
+    return tuple(out_shape), tuple(out_zooms), affine
+
+
+def _volume(path: Path, rel: str, cfg: NiftiIngestConfig, mapping: dict, report: IngestReport) -> Volume | None:
+    try:
+        img = nib.load(path)
+    except Exception as exc:  # nibabel raises several types on damaged files
+        report.skip(rel, "unreadable", f"cannot read NIfTI: {type(exc).__name__}: {exc}")
+        return None
+    try:
+        shape, zooms, affine = canonical_geometry(img)
+    except ValueError as exc:
+        report.skip(rel, "not_3d", str(exc))
         return None
     study, patient, row = _ids(rel, cfg, mapping)
-    zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
     forced = row.get("plane") or cfg.plane
     axis = _slice_axis(zooms, shape, forced)
-    info = plane_of(img.affine[:3, axis])
+    info = plane_of(affine[:3, axis])
     if not forced and max(zooms) <= 1.1 * min(zooms) and 1 not in shape:
         report.warn(rel, "isotropic voxels: slice axis taken as the third; set plane= to choose")
     seg = row.get("seg")

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The main job on embedded defaults, end to end (called by `make demo`, console scripts on PATH).
+set -euo pipefail
+SHARDS=data/shards/demo
+
+echo "== 1/4 synthesize: a few example studies as NIfTI + previews (runs/demo/synth-preview)"
+shards -q synth --config configs/shards/demo.yaml --out runs/demo/synth-preview --n 3
+
+echo "== 2/4 build shards (resumable; reruns skip finished shards)"
+shards -q build --config configs/shards/demo.yaml out="$SHARDS"
+
+echo "== 3/4 verify shards against the manifest (sizes + sha256)"
+shards verify "$SHARDS"
+
+echo "== 4/4 dataset summary"
+shards info "$SHARDS"
