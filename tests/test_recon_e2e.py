@@ -23,7 +23,7 @@ def test_varnet_pretrain_publish_eval(tiny_recon_shards, tmp_path, capsys):
     capsys.readouterr()
     assert pretrain_main(["eval-recon", str(published), "--data", str(tiny_recon_shards), "--masks",
                           "equispaced1d", "--accelerations", "4,8", "--set", f"run_root={tmp_path}/eval",
-                          "--set", "max_slices=6", "--set", "figure_slices=2"]) == 0
+                          "--set", "max_slices=4", "--set", "figure_slices=2"]) == 0
     out = capsys.readouterr().out
     assert "### equispaced1d, 4x" in out and "### equispaced1d, 8x" in out and "| all | zero-filled |" in out
     metrics = json.loads((tmp_path / "eval" / "eval" / "metrics.json").read_text())

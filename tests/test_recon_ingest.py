@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from shards.ingest.cli import main as ingest_main
+from shards.cli import main as shards_main
 from shards.ingest.fastmri import FastMRIError, acquisition_meta, ingest_fastmri
 from shards.reader import iter_samples
 from tests.recon_data import write_fastmri_file
@@ -16,7 +16,7 @@ def test_ingest_fastmri_layout(tmp_path, capsys, monkeypatch):
     write_fastmri_file(src / "file1000001.h5", slices=3, coils=4, grid=(40, 32), recon=(32, 32), seed=0)
     write_fastmri_file(src / "file1000002.h5", slices=2, coils=6, grid=(48, 36), recon=(32, 32), seed=5,
                        acquisition="AXT2_FBK", mask=(np.arange(36) % 3 == 0).astype(np.float32))
-    assert ingest_main(["fastmri", str(src), "--out", str(tmp_path / "shards"), "splits={train: 0.5, val: 0.5}"]) == 0
+    assert shards_main(["ingest", "fastmri", str(src), "--out", str(tmp_path / "shards"), "splits={train: 0.5, val: 0.5}"]) == 0
     assert "fastmri ->" in capsys.readouterr().out
     assert (tmp_path / "runs" / "ingest" / "shards" / "metrics.json").is_file()
     samples = list(iter_samples(str(tmp_path / "shards"), None, None))
