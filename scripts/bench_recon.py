@@ -91,6 +91,7 @@ def main() -> None:
     cfg = load_config(EvalReconConfig, None, [f"backbone={varnet}", f"source={data}", f"baselines.unet={unet}",
                                               "masks=[equispaced1d]", "accelerations=[4,8]", "name=recon-bench"])
     result = evaluate_recon(cfg)
+    Path(args.doc).parent.mkdir(parents=True, exist_ok=True)
     speed = {f"batch {b}": round(throughput(varnet, data, b), 2) for b in (1, 8)}
     gpu = "no GPU in this environment: GPU throughput not measured"
     params = {}
@@ -115,8 +116,10 @@ def main() -> None:
         "## VarNet inference throughput (CPU)", "",
         *[f"- {k}: {v} slices/s" for k, v in speed.items()],
         f"- GPU: {gpu}.", "",
-        f"Figure of target / zero-filled / reconstructions / error maps: `{result['run_dir']}/examples.png`.", ""]
-    Path(args.doc).parent.mkdir(parents=True, exist_ok=True)
+        "Figure of target / zero-filled / reconstructions / error maps (written by eval-recon to "
+        f"`{Path(result['run_dir']).relative_to(ROOT) if Path(result['run_dir']).is_absolute() else result['run_dir']}"
+        "/examples.png`, copied here): `docs/perf/recon-examples.png`.", ""]
+    shutil.copy(Path(result["run_dir"]) / "examples.png", Path(args.doc).parent / "recon-examples.png")
     Path(args.doc).write_text("\n".join(doc))
     print("\n".join(doc))
     print(json.dumps({"throughput_slices_per_s": speed, "train_s": {"varnet": t_var, "unet": t_unet}}))
