@@ -117,8 +117,7 @@ def main() -> None:
         *[f"- {k}: {v} slices/s" for k, v in speed.items()],
         f"- GPU: {gpu}.", "",
         "Figure of target / zero-filled / reconstructions / error maps (written by eval-recon to "
-        f"`{Path(result['run_dir']).relative_to(ROOT) if Path(result['run_dir']).is_absolute() else result['run_dir']}"
-        "/examples.png`, copied here): `docs/perf/recon-examples.png`.", ""]
+        f"`{result['run_dir']}/examples.png`, copied here): `docs/perf/recon-examples.png`.", ""]
     shutil.copy(Path(result["run_dir"]) / "examples.png", Path(args.doc).parent / "recon-examples.png")
     Path(args.doc).write_text("\n".join(doc))
     print("\n".join(doc))
