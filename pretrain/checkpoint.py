@@ -115,11 +115,11 @@ def load_checkpoint(engine, ema, folder: str | Path) -> dict:
     return state
 
 
-def consolidated_state_dict(folder: str | Path, prefer_ema: bool = True) -> tuple[dict, str]:
-    """Full fp32 weights of a checkpoint (ZeRO partitions merged); EMA weights when present.
+def consolidated_state_dict(folder: str | Path, prefer_ema: bool = True) -> tuple[dict, str, dict]:
+    """Full fp32 weights of a checkpoint (ZeRO partitions merged with DeepSpeed's zero_to_fp32).
 
-    Returns ``(state_dict, source)`` with source ``"ema"`` or ``"zero"``/``"module"``. EMA weights
-    are returned as ``{"__ema__": ema_state}``: apply them with :func:`apply_weights`.
+    Returns ``(weights, source, loop_state)``; source is ``"ema"`` when the EMA state is included
+    (under the key ``"__ema__"``; :func:`apply_weights` applies it), else ``"zero"``/``"module"``.
     """
     folder = Path(folder)
     state = read_loop_state(folder)

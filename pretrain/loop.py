@@ -57,10 +57,22 @@ def deepspeed_config(cfg: PretrainConfig) -> dict:
     }
 
 
+def _skip_cpu_shm_op(deepspeed) -> None:
+    """Use gloo's allreduce on CPU instead of DeepSpeed's shared-memory op.
+
+    DeepSpeed JIT-compiles that op in every new process whose probed SIMD flags differ from the
+    cached build (55-95 s each here), after probing every op with compiler subprocesses. Its
+    only gate is ``deepspeed.ops.__compatible_ops__``; presetting it skips probe and build.
+    """
+    deepspeed.ops.__compatible_ops__ = {"deepspeed_shm_comm": False}
+
+
 def build_engine(cfg: PretrainConfig, model: torch.nn.Module):
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     import deepspeed
 
+    if not torch.cuda.is_available():
+        _skip_cpu_shm_op(deepspeed)
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     o = cfg.optim
@@ -111,7 +123,7 @@ class MetricsLog:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
         if show:
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in record.items()), flush=True)
@@ -194,7 +206,9 @@ def train_unit(cfg: PretrainConfig, unit: str, session) -> dict:
             log.write(record)
             window.reset()
         if step % cfg.checkpoint_every == 0 or step == total:
+            t0 = time.perf_counter()
             _checkpoint(cfg, engine, ema, session, step, history, unit)
+            window.t0 += time.perf_counter() - t0  # checkpoint time is not step time
     final = {"steps": step, "final_loss": history[-1]["loss"] if history else math.nan,
              "unit": unit, "world_size": world}
     log.write({"event": "done", **final})

@@ -14,3 +14,14 @@ shards verify "$SHARDS"
 
 echo "== 4/4 dataset summary"
 shards info "$SHARDS"
+
+echo "== pretrain: three knee plane backbones on a local Ray, two DeepSpeed workers (a rerun resumes)"
+pretrain run --config configs/pretrain/demo-knee.yaml data.source="$SHARDS"
+
+echo "== publish: consolidate ZeRO checkpoints (EMA weights) into hub/knee-{sag,cor,ax}"
+pretrain publish demo-knee --to hub --overwrite
+
+echo "== published backbones"
+for plane in sag cor ax; do
+  echo "  hub/knee-$plane: $(ls hub/knee-$plane | tr '\n' ' ')"
+done

@@ -31,21 +31,53 @@ def _records(tmp: Path, name: str, plane: str = "sag") -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def test_ray_deepspeed_train_resume_publish_reload(tiny_shards, ray_local, tmp_path, capsys):
-    assert main(_args(tiny_shards, tmp_path, "two")) == 0
-    recs = _records(tmp_path, "two")
-    steps = [r for r in recs if "loss" in r and "event" not in r]
-    assert [r["step"] for r in steps] == [2, 4, 6, 8]
-    assert all(k in steps[0] for k in ("lr", "samples_per_s", "data_wait_frac"))
-    assert recs[0] == {**recs[0], "event": "start", "world_size": 2}
-    assert (tmp_path / "ckpt" / "two" / "sag" / "checkpoint_00000008" / "loop_state.json").is_file()
+def _kill_after_checkpoint(tmp: Path, name: str, step: int, runner: threading.Thread) -> int:
+    """SIGKILL rank 1 once Ray Train has registered checkpoint ``step``; returns the killed pid.
 
-    # the same command with more steps resumes at step 8 instead of starting over
-    assert main(_args(tiny_shards, tmp_path, "two", "optim.total_steps=10")) == 0
+    Ray Train registers a reported checkpoint when its controller next polls the workers and
+    records it in the run's snapshot, so wait for it there (a report alone may be lost).
+    """
+    snapshot = tmp / "ckpt" / name / "sag" / "checkpoint_manager_snapshot.json"
+    deadline = time.monotonic() + 240
+    while not (snapshot.is_file() and f"checkpoint_{step:08d}" in snapshot.read_text()):
+        assert runner.is_alive() and time.monotonic() < deadline, "run ended before the kill"
+        time.sleep(0.05)
+    victim = int((tmp / "runs" / name / "sag" / "pids" / "rank1.pid").read_text())
+    os.kill(victim, signal.SIGKILL)
+    return victim
+
+
+def test_ray_kill_restart_resume_publish_reload(tiny_shards, ray_local, tmp_path, capsys):
+    """Two Ray Train workers with DeepSpeed ZeRO-1: a SIGKILLed worker restarts the group from the
+    last checkpoint, a second run of the same name resumes, and the published EMA backbone reloads."""
+    args = _args(tiny_shards, tmp_path, "two", "optim.total_steps=24", "optim.lr=0.01",
+                 "checkpoint_every=8", "log_every=1")
+    outcome: dict = {}
+    runner = threading.Thread(target=lambda: outcome.update(rc=main(args)), daemon=True)
+    runner.start()
+    victim = _kill_after_checkpoint(tmp_path, "two", 8, runner)
+    runner.join(timeout=300)
+    assert outcome.get("rc") == 0
     recs = _records(tmp_path, "two")
-    resumed = [r for r in recs if r.get("event") == "resume"]
-    assert len(resumed) == 1 and resumed[0]["step"] == 8
-    assert [r["steps"] for r in recs if r.get("event") == "done"] == [8, 10]
+    assert recs[0] == {**recs[0], "event": "start", "world_size": 2}
+    assert all(k in recs[1] for k in ("loss", "lr", "samples_per_s", "data_wait_frac"))
+    resume = [r for r in recs if r.get("event") == "resume"]
+    assert len(resume) == 1 and resume[0]["step"] in (8, 16), recs
+    assert int((tmp_path / "runs" / "two" / "sag" / "pids" / "rank1.pid").read_text()) != victim
+    after = recs[recs.index(resume[0]) + 1:]
+    assert [r["step"] for r in after if "loss" in r][0] == resume[0]["step"] + 1
+    first_loss = next(r["loss"] for r in recs if r.get("step") == 1)
+    resumed_loss = next(r["loss"] for r in after if "loss" in r)
+    # restored weights: the loss continues from the checkpointed state, far below the initial loss
+    assert resumed_loss < 0.8 * first_loss, (first_loss, resumed_loss)
+    assert [r["steps"] for r in recs if r.get("event") == "done"] == [24]
+
+    # the same command again (two more steps) resumes at step 24 instead of starting over
+    assert main(args + ["optim.total_steps=26"]) == 0
+    recs = _records(tmp_path, "two")
+    assert [r["step"] for r in recs if r.get("event") == "resume"][-1] == 24
+    assert [r["steps"] for r in recs if r.get("event") == "done"] == [24, 26]
+    assert [r["step"] for r in recs if "loss" in r][-2:] == [25, 26]
 
     hub = tmp_path / "hub"
     argv = ["publish", "two", "--to", str(hub), "--run-root", str(tmp_path / "runs")]
@@ -54,52 +86,19 @@ def test_ray_deepspeed_train_resume_publish_reload(tiny_shards, ray_local, tmp_p
 
     model = DiffusionBackbone.from_pretrained(hub / "knee-sag").eval()
     assert model.config.plane == "sag"
-    x = torch.zeros(1, 1, 8, 32, 32)
     with torch.no_grad():
-        feats = model.features(x, timesteps=[10], blocks=["down.0", "mid", "up.1"])
+        feats = model.features(torch.zeros(1, 1, 8, 32, 32), timesteps=[10], blocks=["down.0", "mid", "up.1"])
     assert sorted(feats) == ["t10/down.0", "t10/mid", "t10/up.1"]
     assert tuple(feats["t10/down.0"].shape) == (1, 4, 8, 32, 32)
     assert tuple(feats["t10/mid"].shape) == (1, 8, 4, 16, 16)
     assert tuple(feats["t10/up.1"].shape) == (1, 4, 8, 32, 32)
     card = json.loads((hub / "knee-sag" / "metrics.json").read_text())
-    assert card["steps"] == 10 and card["weights"] == "ema"
+    assert card["steps"] == 26 and card["weights"] == "ema"
 
     capsys.readouterr()
     assert main(argv) == 2  # an existing version is not overwritten silently
     assert "already exists" in capsys.readouterr().err
     assert main(argv + ["--overwrite"]) == 0
-
-
-def test_killed_worker_restarts_from_checkpoint(tiny_shards, ray_local, tmp_path):
-    args = _args(tiny_shards, tmp_path, "kill", "optim.total_steps=24", "optim.lr=0.01",
-                 "checkpoint_every=8", "log_every=1")
-    outcome: dict = {}
-    runner = threading.Thread(target=lambda: outcome.update(rc=main(args)), daemon=True)
-    runner.start()
-    pid_file = tmp_path / "runs" / "kill" / "sag" / "pids" / "rank1.pid"
-    deadline = time.monotonic() + 240
-    # Ray Train registers a reported checkpoint when its controller next polls the workers, and
-    # records it in the run's snapshot: kill only once checkpoint 8 is registered there.
-    snapshot = tmp_path / "ckpt" / "kill" / "sag" / "checkpoint_manager_snapshot.json"
-    while not (snapshot.is_file() and "checkpoint_00000008" in snapshot.read_text()):
-        assert runner.is_alive() and time.monotonic() < deadline, "run ended before the kill"
-        time.sleep(0.05)
-    victim = int(pid_file.read_text())
-    os.kill(victim, signal.SIGKILL)
-    runner.join(timeout=300)
-    assert outcome.get("rc") == 0
-    recs = _records(tmp_path, "kill")
-    resume = [r for r in recs if r.get("event") == "resume"]
-    assert len(resume) == 1 and resume[0]["step"] in (8, 16), recs
-    assert int(pid_file.read_text()) != victim  # a fresh worker group ran the rest
-    after = recs[recs.index(resume[0]) + 1:]
-    first_loss = next(r["loss"] for r in recs if r.get("step") == 1)
-    ckpt_loss = next(r["loss"] for r in recs if r.get("step") == resume[0]["step"])
-    resumed_loss = next(r["loss"] for r in after if "loss" in r)
-    assert [r["step"] for r in after if "loss" in r][0] == resume[0]["step"] + 1
-    # restored weights: the loss continues near the checkpoint, far below the from-scratch loss
-    assert resumed_loss < 0.8 * first_loss, (first_loss, ckpt_loss, resumed_loss)
-    assert [r["steps"] for r in recs if r.get("event") == "done"] == [24]
 
 
 def test_corrupt_checkpoint_is_reported_by_path(tiny_shards, tmp_path, capsys):
