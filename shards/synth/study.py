@@ -165,6 +165,8 @@ def _recon_slices(cfg: SynthConfig, sample: dict, clean: dict, rng: np.random.Ge
         plane = list(clean)[int(rng.integers(len(clean)))]
         vol = clean[plane]
         idx = int(rng.integers(vol.shape[0] // 4, max(vol.shape[0] // 4 + 1, 3 * vol.shape[0] // 4)))
+        if any(r["meta"]["orientation"] == plane and r["meta"]["slice"] == idx for r in out):
+            continue  # the same slice drawn twice would repeat its shard key
         kspace, target = simulate_kspace(vol[idx], n_coils, cfg.kspace.noise, rng)
         contrast = meta["planes"][plane]["contrast"]
         out.append({"__key__": f"{meta['study']}-{plane}{idx:03d}", "kspace": kspace, "target": target,
