@@ -2,6 +2,8 @@
 
     pretrain run --config configs/pretrain/tiny.yaml [key=value ...]
     pretrain publish <run name or folder> --to hub [--plane sag] [--overwrite]
+    pretrain eval-recon <published recon backbone> --data <recon shards> --masks ... --accelerations 4,8
+    pretrain recon-study --config configs/sweeps/recon-transfer.yaml [key=value ...]
 
 ``run`` trains every plane of the config with its launcher and writes ``<run_root>/<name>/``
 (``config.yaml``, ``metrics.json``, per plane ``metrics.jsonl``); running it again with the same
@@ -20,6 +22,7 @@ from pathlib import Path
 from shards.config import ConfigError, load_config, save_config, to_dict
 
 from .checkpoint import CheckpointError
+from .recon.cli import add_recon_parsers
 
 
 def _resolve_paths(cfg):
@@ -113,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--overwrite", action="store_true", help="replace an existing published version")
     pub.add_argument("--run-root", default="runs/pretrain")
     pub.set_defaults(func=cmd_publish)
+    add_recon_parsers(sub)
     return p
 
 

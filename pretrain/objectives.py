@@ -29,6 +29,8 @@ import torch.nn.functional as F
 
 from shards.config import ConfigError, lookup
 
+from .recon.objective import ReconObjective
+
 
 class DiffusionObjective:
     """DDPM noise (or velocity) regression on one plane's volumes with a 3D diffusion U-Net.
@@ -95,7 +97,7 @@ class DiffusionObjective:
                                 metrics, overwrite=overwrite)
 
 
-OBJECTIVES = {"diffusion": DiffusionObjective}
+OBJECTIVES = {"diffusion": DiffusionObjective, "recon": ReconObjective}
 
 
 def build_objective(cfg, unit: str, manifest: dict):

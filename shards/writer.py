@@ -20,7 +20,7 @@ import webdataset as wds
 
 from . import stats as stats_mod
 from .manifest import MANIFEST_NAME
-from .schema import SCHEMA_VERSION, encode_sample
+from .schema import SCHEMA_VERSION, SchemaError, encode_sample
 
 JOURNAL_NAME = "_progress.jsonl"
 
@@ -85,6 +85,7 @@ class ShardWriter:
         self.info = info or {}
         self.journal_path = self.out_dir / JOURNAL_NAME
         self._open: dict[str, _OpenShard] = {}
+        self._written: set[str] = set()
         for stray in self.out_dir.glob("*.tar.tmp"):
             stray.unlink()
         self.finished: list[dict] = self._read_journal()
@@ -113,9 +114,14 @@ class ShardWriter:
         return key in self.done_keys
 
     def write(self, sample: dict[str, Any], split: str) -> None:
+        """Add a sample; keys already in finished shards are skipped (resume), a key written twice
+        in this run is an error (two samples under one key would corrupt the shard)."""
         key = sample["__key__"]
         if key in self.done_keys:
             return
+        if key in self._written:
+            raise SchemaError(f"duplicate sample key '{key}' in {self.out_dir}")
+        self._written.add(key)
         shard = self._open.get(split)
         if shard is None:
             shard = self._open[split] = _OpenShard(self.out_dir, split, self._next_index.get(split, 0))

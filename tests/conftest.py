@@ -12,6 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # accelerator before it is imported anywhere.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# One intra-op thread per process: tests run Ray workers and DataLoader workers side by side on
+# few cores, where torch's default thread pools oversubscribe the CPU by an order of magnitude.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -224,3 +224,14 @@ def test_reader_streams_from_s3(tiny_shards, s3_endpoint):
     local = [s["__key__"] for s in iter_samples(tiny_shards, "val", ("sag", "labels"))]
     remote = list(iter_samples(url, "val", ("sag", "labels"), verify=True))
     assert [s["__key__"] for s in remote] == local and remote[0]["sag"].shape == (8, 32, 32)
+
+
+def test_writer_rejects_a_key_written_twice(tmp_path):
+    from shards.writer import ShardWriter
+
+    sample = {"__key__": "s1", "meta": {"joint": "knee", "planes": {}}, "labels": {"acl": 1}}
+    with pytest.raises(SchemaError, match="duplicate sample key 's1'"):
+        with ShardWriter(tmp_path, max_count=10) as w:
+            w.write(sample, "train")
+            w.write(sample, "train")
+    assert not list(tmp_path.glob("*.tar"))

@@ -40,6 +40,9 @@ INGESTERS: dict[str, Ingester] = {
     "nifti": Ingester("shards.ingest.config:NiftiIngestConfig", "shards.ingest.nifti:ingest_nifti",
                       "NIfTI volumes (+ *_seg label maps) -> study shards",
                       "folder of .nii/.nii.gz volumes"),
+    "fastmri": Ingester("shards.ingest.fastmri:FastMRIIngestConfig", "shards.ingest.fastmri:run_fastmri",
+                        "fastMRI HDF5 files -> reconstruction shards (one sample per slice)",
+                        "folder of fastMRI .h5 files (searched recursively)"),
 }
 
 

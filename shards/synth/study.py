@@ -160,12 +160,12 @@ def generate_study(cfg: SynthConfig, plan: PatientPlan, visit: int, key: str,
 def _recon_slices(cfg: SynthConfig, sample: dict, clean: dict, rng: np.random.Generator) -> list[dict]:
     meta = sample["meta"]
     n_coils = int(cfg.kspace.coils.get(meta["joint"], 8))
+    candidates = [(plane, idx) for plane, vol in clean.items()
+                  for idx in range(vol.shape[0] // 4, max(vol.shape[0] // 4 + 1, 3 * vol.shape[0] // 4))]
+    picks = rng.choice(len(candidates), size=min(cfg.kspace.slices_per_study, len(candidates)), replace=False)
     out = []
-    for i in range(cfg.kspace.slices_per_study):
-        plane = list(clean)[int(rng.integers(len(clean)))]
-        vol = clean[plane]
-        idx = int(rng.integers(vol.shape[0] // 4, max(vol.shape[0] // 4 + 1, 3 * vol.shape[0] // 4)))
-        kspace, target = simulate_kspace(vol[idx], n_coils, cfg.kspace.noise, rng)
+    for plane, idx in (candidates[int(i)] for i in picks):  # distinct slices: keys stay unique
+        kspace, target = simulate_kspace(clean[plane][idx], n_coils, cfg.kspace.noise, rng)
         contrast = meta["planes"][plane]["contrast"]
         out.append({"__key__": f"{meta['study']}-{plane}{idx:03d}", "kspace": kspace, "target": target,
                     "meta": {"anatomy": meta["joint"], "contrast": contrast, "orientation": plane,

@@ -1,0 +1,1 @@
+"""MRI reconstruction: masks, coil handling, transforms, fastMRI metrics, the recon objective, evaluation."""

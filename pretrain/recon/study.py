@@ -1,0 +1,145 @@
+"""MosaicMRI-style reconstruction studies: ``pretrain recon-study --config configs/sweeps/recon-*.yaml``.
+
+- ``transfer``: train one backbone per anatomy (``anatomies``), evaluate each on every anatomy's
+  validation slices: the cross-anatomy transfer matrix (rows: trained on, columns: tested on).
+- ``data-size``: for each training size in ``sizes`` (slices), train on one anatomy alone
+  (``single:<anatomy>``) and on all ``anatomies`` mixed (``multi``, same number of slices), and test on
+  every anatomy: does multi-anatomy data help at a given budget?
+
+Each condition writes a seeded subset of the source's train split to ``<study>/data/<condition>``
+(recon shards), runs the same training engine (``pretrain run`` with ``base_config`` + ``overrides``),
+publishes to ``<study>/hub/<condition>`` and scores it with :func:`pretrain.recon.evaluate.evaluate_recon`.
+Output: ``<run_root>/<name>/`` with ``config.yaml``, ``metrics.json`` (per condition x anatomy SSIM,
+PSNR, NMSE) and ``heatmap.png`` (the metric, conditions x test anatomies).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from shards.config import ConfigError, save_config
+from shards.reader import iter_samples
+from shards.writer import ShardWriter
+
+STUDY_KINDS = ("transfer", "data-size")
+
+
+@dataclass
+class ReconStudyConfig:
+    name: str = "recon-transfer"
+    kind: str = "transfer"
+    source: str = "data/shards/demo/recon"
+    anatomies: list[str] = field(default_factory=lambda: ["knee", "ankle", "shoulder"])
+    sizes: list[int] = field(default_factory=lambda: [16, 64])   # training slices (data-size study)
+    train_slices: int | None = None                                # cap per condition (transfer study)
+    base_config: str = "configs/pretrain/recon-tiny.yaml"
+    overrides: list[str] = field(default_factory=list)             # key=value for every training run
+    masks: list[str] = field(default_factory=lambda: ["equispaced1d"])
+    accelerations: list[float] = field(default_factory=lambda: [4.0])
+    eval_split: str = "val"
+    max_eval_slices: int | None = None
+    metric: str = "ssim"
+    seed: int = 0
+    run_root: str = "runs/recon-study"
+
+    def validate(self) -> None:
+        if self.kind not in STUDY_KINDS:
+            raise ConfigError(f"key 'kind': '{self.kind}' is not one of {STUDY_KINDS}")
+        if self.metric not in ("ssim", "psnr", "nmse"):
+            raise ConfigError(f"key 'metric': '{self.metric}' is not one of ssim, psnr, nmse")
+        if not self.anatomies:
+            raise ConfigError("key 'anatomies': give at least one anatomy")
+        if self.kind == "data-size" and (not self.sizes or min(self.sizes) < 1):
+            raise ConfigError(f"key 'sizes': {self.sizes} must be positive slice counts")
+
+
+def conditions(cfg: ReconStudyConfig) -> list[tuple[str, list[str], int | None]]:
+    """(condition name, training anatomies, number of training slices or None for all)."""
+    if cfg.kind == "transfer":
+        return [(a, [a], cfg.train_slices) for a in cfg.anatomies]
+    out = []
+    for n in cfg.sizes:
+        out += [(f"single-{a}-n{n}", [a], n) for a in cfg.anatomies]
+        out.append((f"multi-n{n}", list(cfg.anatomies), n))
+    return out
+
+
+def write_subset(source: str, out: Path, anatomies: list[str], n: int | None, seed: int) -> int:
+    """Recon shards at ``out`` with a seeded subset of ``source``'s train slices of ``anatomies``."""
+    keys = [s["__key__"] for s in iter_samples(source, "train", ("meta",), require=())
+            if s["meta"].get("anatomy") in anatomies]
+    if not keys:
+        raise ConfigError(f"key 'source': no train slices of {anatomies} in {source}")
+    if n is not None and n > len(keys):
+        raise ConfigError(f"asked for {n} training slices of {anatomies}, {source} has {len(keys)}")
+    chosen = set(random.Random(seed).sample(keys, n) if n is not None else keys)
+    with ShardWriter(out, kind="recon", info={"source": f"subset of {source}", "anatomies": anatomies}) as w:
+        for s in iter_samples(source, "train", None):
+            if s["__key__"] in chosen:
+                w.write(s, "train")
+    return len(chosen)
+
+
+def run_condition(cfg: ReconStudyConfig, study_dir: Path, name: str, anatomies: list[str], n: int | None) -> dict:
+    from pretrain.cli import main as pretrain
+
+    from .evaluate import EvalReconConfig, evaluate_recon
+
+    data = study_dir / "data" / name
+    count = write_subset(cfg.source, data, anatomies, n, cfg.seed)
+    common = [f"name={name}", f"data.source={data}", f"run_root={study_dir}/runs", f"storage_path={study_dir}/ckpt"]
+    if pretrain(["run", "--config", cfg.base_config, *cfg.overrides, *common]) != 0:
+        raise RuntimeError(f"condition {name}: training failed")
+    hub = study_dir / "hub" / name
+    if pretrain(["publish", name, "--run-root", f"{study_dir}/runs", "--to", str(hub), "--overwrite"]) != 0:
+        raise RuntimeError(f"condition {name}: publishing failed")
+    published = next(p for p in hub.iterdir() if (p / "config.json").is_file())
+    ev = EvalReconConfig(backbone=str(published), source=cfg.source, split=cfg.eval_split, masks=list(cfg.masks),
+                         accelerations=list(cfg.accelerations), max_slices=cfg.max_eval_slices, name=name,
+                         run_root=str(study_dir / "eval"), figure_slices=0)
+    ev.validate()
+    summary = evaluate_recon(ev)["summary"]
+    scores = {}
+    for test in cfg.anatomies:
+        rows = [r for r in summary if r["group"] == test and r["method"] == "backbone"]
+        if rows:
+            scores[test] = {m: float(np.mean([r[m] for r in rows])) for m in ("ssim", "psnr", "nmse")}
+    return {"condition": name, "train_anatomies": anatomies, "train_slices": count, "test": scores}
+
+
+def save_heatmap(results: list[dict], anatomies: list[str], metric: str, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = np.array([[r["test"].get(a, {}).get(metric, np.nan) for a in anatomies] for r in results])
+    fig, ax = plt.subplots(figsize=(1.4 * len(anatomies) + 2, 0.5 * len(results) + 1.5))
+    im = ax.imshow(grid, cmap="viridis" if metric != "nmse" else "viridis_r", aspect="auto")
+    ax.set_xticks(range(len(anatomies)), anatomies)
+    ax.set_yticks(range(len(results)), [r["condition"] for r in results])
+    ax.set_xlabel("tested on")
+    ax.set_ylabel("trained on")
+    for (i, j), v in np.ndenumerate(grid):
+        ax.text(j, i, f"{v:.3f}", ha="center", va="center", color="w", fontsize=8)
+    fig.colorbar(im, ax=ax, label=metric.upper())
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_study(cfg: ReconStudyConfig) -> dict:
+    study_dir = (Path(cfg.run_root) / cfg.name).resolve()
+    study_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, study_dir / "config.yaml")
+    results = [run_condition(cfg, study_dir, name, anats, n) for name, anats, n in conditions(cfg)]
+    (study_dir / "metrics.json").write_text(json.dumps({"kind": cfg.kind, "results": results}, indent=1))
+    title = f"{cfg.kind}: {cfg.metric.upper()} ({', '.join(cfg.masks)} x{'/'.join(f'{a:g}' for a in cfg.accelerations)})"
+    save_heatmap(results, list(cfg.anatomies), cfg.metric, study_dir / "heatmap.png", title)
+    return {"results": results, "run_dir": str(study_dir)}

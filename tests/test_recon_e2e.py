@@ -1,0 +1,60 @@
+"""Tiny VarNet: pretrain (DeepSpeed, local launcher) -> publish -> eval-recon, all through the CLIs."""
+
+import json
+
+import numpy as np
+import pytest
+
+from pretrain.cli import main as pretrain_main
+from shards.writer import ShardWriter
+from tests.recon_data import phantom_slice
+
+pytestmark = pytest.mark.integration
+CONFIG = "configs/pretrain/recon-tiny.yaml"
+
+
+def test_varnet_pretrain_publish_eval(tiny_recon_shards, tmp_path, capsys):
+    common = [f"data.source={tiny_recon_shards}", f"run_root={tmp_path}/runs", f"storage_path={tmp_path}/ckpt"]
+    assert pretrain_main(["run", "--config", CONFIG, *common, "optim.total_steps=2"]) == 0
+    assert pretrain_main(["publish", "recon-tiny", "--run-root", f"{tmp_path}/runs", "--to", f"{tmp_path}/hub"]) == 0
+    published = tmp_path / "hub" / "recon-varnet"
+    assert (published / "diffusion_pytorch_model.safetensors").is_file()
+    assert "reconstruction backbone" in (published / "README.md").read_text()
+    capsys.readouterr()
+    assert pretrain_main(["eval-recon", str(published), "--data", str(tiny_recon_shards), "--masks",
+                          "equispaced1d", "--accelerations", "4,8", "--set", f"run_root={tmp_path}/eval",
+                          "--set", "max_slices=4", "--set", "figure_slices=2"]) == 0
+    out = capsys.readouterr().out
+    assert "### equispaced1d, 4x" in out and "### equispaced1d, 8x" in out and "| all | zero-filled |" in out
+    metrics = json.loads((tmp_path / "eval" / "eval" / "metrics.json").read_text())
+    methods = {(r["acceleration"], r["method"]) for r in metrics["summary"] if r["group"] == "all"}
+    assert methods == {(a, m) for a in (4.0, 8.0) for m in ("backbone", "zero-filled")}
+    zf = {r["acceleration"]: r["ssim"] for r in metrics["summary"] if r["group"] == "all" and r["method"] == "zero-filled"}
+    assert zf[4.0] > zf[8.0]  # more undersampling, worse zero-filled image
+    assert (tmp_path / "eval" / "eval" / "examples.png").stat().st_size > 1000
+
+
+def test_nan_kspace_stops_training_naming_the_slice(tmp_path):
+    with ShardWriter(tmp_path / "bad", kind="recon") as w:
+        for i in range(2):
+            k, _, _ = phantom_slice((32, 32), coils=3, seed=i)
+            if i == 1:
+                k[0, 5, 5] = np.nan
+            w.write({"__key__": f"s-bad-sag00{i}", "kspace": k, "meta": {"coils": 3, "slice": i, "study": "s-bad",
+                                                                         "anatomy": "knee"}}, "train")
+    with pytest.raises(ValueError, match=r"sample 's-bad-sag001' \(study s-bad, slice 1\): kspace contains NaN"):
+        pretrain_main(["run", "--config", CONFIG, f"data.source={tmp_path}/bad", f"run_root={tmp_path}/runs",
+                       f"storage_path={tmp_path}/ckpt", "optim.total_steps=2"])
+    assert not list((tmp_path / "ckpt").rglob("checkpoint_*"))
+
+
+def test_transfer_study_heatmap(tiny_recon_shards, tmp_path, capsys):
+    overrides = ["kind=transfer", f"source={tiny_recon_shards}", "anatomies=[knee,shoulder]", "train_slices=4",
+                 "base_config=configs/pretrain/recon-tiny.yaml", "overrides=[optim.total_steps=1]",
+                 "max_eval_slices=8", f"run_root={tmp_path}", "name=t"]
+    assert pretrain_main(["recon-study", "--config", "configs/sweeps/recon-transfer.yaml", *overrides]) == 0
+    assert "knee (4 slices): ssim" in capsys.readouterr().out
+    results = json.loads((tmp_path / "t" / "metrics.json").read_text())["results"]
+    assert [r["condition"] for r in results] == ["knee", "shoulder"]
+    assert all(0 < r["test"][a]["ssim"] <= 1 for r in results for a in r["test"])
+    assert (tmp_path / "t" / "heatmap.png").stat().st_size > 1000

@@ -1,0 +1,72 @@
+"""Reconstruction backbones (fastMRI VarNet, U-Net) as diffusers models; transforms and bad input."""
+
+import numpy as np
+import pytest
+import torch
+
+from pretrain.models import BACKBONES
+from pretrain.recon.transforms import ReconInputError, ReconTransform, ReconTransformConfig, collate_recon
+from tests.recon_data import phantom_slice
+
+TINY = {"varnet": dict(num_cascades=2, sens_chans=4, sens_pools=2, chans=4, pools=2),
+        "unet-recon": dict(chans=4, pools=2)}
+
+
+def _sample(key="s-a-sag001", coils=4, shape=(32, 32), **meta):
+    k, _, _ = phantom_slice(shape, coils)
+    from pretrain.recon.coils import rss, to_image
+    return {"__key__": key, "kspace": k, "target": rss(to_image(k)), "meta": {"coils": coils, "slice": 1, **meta}}
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_backbone_forward_features_roundtrip(name, tmp_path):
+    torch.manual_seed(0)
+    model = BACKBONES[name](**TINY[name]).eval()
+    tf = ReconTransform(ReconTransformConfig(masks=[{"kind": "poisson2d", "acceleration": 4, "center_fraction": 0.1}]))
+    batch = collate_recon([tf(_sample("s-a")), tf(_sample("s-b"))])
+    args = (batch["masked_kspace"], batch["mask"], batch["num_low_frequencies"])
+    with torch.no_grad():
+        out = model(*args)
+        feats = model.features(*args)
+    assert out.shape == (2, 32, 32) and torch.isfinite(out).all()
+    assert list(feats) == model.block_names()
+    prefix = "cascade0/" if name == "varnet" else ""
+    assert feats[f"{prefix}down.0"].shape[:2] == (2, 4) and feats[f"{prefix}mid"].shape[1] == 16
+    with pytest.raises(ValueError, match="unknown feature block"):
+        model.features(*args, blocks="nope")
+    model.save_pretrained(tmp_path / name)
+    again = type(model).from_pretrained(tmp_path / name).eval()
+    with torch.no_grad():
+        assert torch.allclose(again(*args), out, atol=1e-5)
+
+
+def test_transform_grid_and_virtual_coils_make_mixed_slices_batchable():
+    tf = ReconTransform(ReconTransformConfig(grid=[32, 32], virtual_coils=3))
+    items = [tf(_sample("s-a", coils=4, shape=(40, 32))), tf(_sample("s-b", coils=6, shape=(32, 28)))]
+    batch = collate_recon(items)
+    assert batch["masked_kspace"].shape == (2, 3, 32, 32, 2) and batch["target"].shape == (2, 32, 32)
+    plain = ReconTransform(ReconTransformConfig())
+    with pytest.raises(ReconInputError, match="batch mixes k-space shapes"):
+        collate_recon([plain(_sample("s-a", coils=4)), plain(_sample("s-b", coils=6))])
+    with pytest.raises(ReconInputError, match="fewer than virtual_coils"):
+        ReconTransform(ReconTransformConfig(virtual_coils=8))(_sample("s-c", coils=4))
+
+
+def test_validation_masks_are_reproducible():
+    tf = ReconTransform(ReconTransformConfig(masks=[{"kind": "gaussian2d", "acceleration": 8, "center_fraction": 0.04}]))
+    a, b = tf(_sample("s-x")), tf(_sample("s-x"))
+    assert torch.equal(a["mask"], b["mask"]) and not torch.equal(a["mask"], tf(_sample("s-y"))["mask"])
+    assert not torch.equal(ReconTransform(tf.cfg, epoch=1)(_sample("s-x"))["mask"], a["mask"])
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda s: s["kspace"].__setitem__((0, 3, 3), np.inf), r"sample 's-a-sag001' \(study s1, slice 1\): kspace contains NaN"),
+    (lambda s: s["meta"].__setitem__("coils", 8), "meta says 8 coils, k-space has 4"),
+    (lambda s: s.__setitem__("mask", np.ones((5, 5))), "mask shape \\(5, 5\\) does not match k-space grid"),
+    (lambda s: s.__setitem__("target", np.zeros((40, 40), np.float32)), "target shape"),
+])
+def test_bad_samples_are_named(mutate, match):
+    sample = _sample(study="s1")
+    mutate(sample)
+    with pytest.raises(ReconInputError, match=match):
+        ReconTransform(ReconTransformConfig())(sample)
