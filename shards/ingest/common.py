@@ -113,6 +113,24 @@ def _write_one(study: FoundStudy, cfg: IngestConfig, report: IngestReport,
     report.ingest(study.key, {p: planes[p]["contrast"] for p in planes}, study.n_files)
 
 
+def run_pipeline(cfg: IngestConfig, command: str, pseudo, find_studies, to_key) -> int:
+    """The shared ingest: find studies, join tables, write shards, write the report.
+
+    ``find_studies(cfg, pseudo, report)`` is the source-specific part (DICOM, NIfTI); ``to_key``
+    maps a table's raw key to a study's join key. Returns the exit code (see :func:`finish`).
+    """
+    report = IngestReport(command=command.removeprefix("ingest-"), source=str(cfg.source))
+    if not Path(cfg.source).is_dir():
+        report.skip(str(cfg.source), "no_source", "input folder does not exist")
+        return finish(cfg, command, report, {})
+    studies = find_studies(cfg, pseudo, report)
+    tables = open_tables(cfg, to_key)
+    write_studies(studies, cfg, report, tables, manifest_info(cfg, command))
+    if report.files_seen == 0:
+        report.skip(".", "empty", "no files under the input folder")
+    return finish(cfg, command, report, tables)
+
+
 def finish(cfg: IngestConfig, command: str, report: IngestReport,
            tables: dict[str, TableJoin]) -> int:
     """Write the report and resolved config to the run folder; return the exit code."""

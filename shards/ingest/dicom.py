@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .common import FoundStudy, as_float32, finish, manifest_info, open_tables, write_studies
+from .common import FoundStudy, as_float32, run_pipeline
 from .config import DicomIngestConfig
 from .deid import Pseudonymizer, load_salt, study_date
 from .dicom_scan import scan_file, walk
@@ -137,14 +137,4 @@ def find_studies(cfg: DicomIngestConfig, pseudo: Pseudonymizer, report: IngestRe
 def ingest_dicom(cfg: DicomIngestConfig) -> int:
     """Run the DICOM ingest; returns the exit code (0, or 1 when nothing usable / strict)."""
     pseudo = Pseudonymizer(load_salt(cfg.deid))
-    report = IngestReport(command="dicom", source=str(cfg.source))
-    if not Path(cfg.source).is_dir():
-        report.skip(str(cfg.source), "no_source", "input folder does not exist")
-        return finish(cfg, COMMAND, report, {})
-    studies = find_studies(cfg, pseudo, report)
-    tables = open_tables(cfg, key_function(pseudo))
-    write_studies(studies, cfg, report, tables, manifest_info(cfg, COMMAND))
-    if report.files_seen == 0:
-        report.skip(".", "empty", "no files under the input folder")
-    return finish(cfg, COMMAND, report, tables)
-
+    return run_pipeline(cfg, COMMAND, pseudo, find_studies, key_function(pseudo))

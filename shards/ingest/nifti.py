@@ -19,7 +19,7 @@ import nibabel as nib
 import numpy as np
 
 from ..schema import PLANES, STRUCTURES
-from .common import FoundStudy, as_float32, finish, manifest_info, open_tables, write_studies
+from .common import FoundStudy, as_float32, run_pipeline
 from .config import NiftiIngestConfig
 from .deid import Pseudonymizer, load_salt
 from .dicom_scan import walk
@@ -253,14 +253,6 @@ def key_function(pseudo: Pseudonymizer):
 
 
 def ingest_nifti(cfg: NiftiIngestConfig) -> int:
+    """Run the NIfTI ingest; returns the exit code (0, or 1 when nothing usable / strict)."""
     pseudo = Pseudonymizer(load_salt(cfg.deid))
-    report = IngestReport(command="nifti", source=str(cfg.source))
-    if not Path(cfg.source).is_dir():
-        report.skip(str(cfg.source), "no_source", "input folder does not exist")
-        return finish(cfg, COMMAND, report, {})
-    studies = find_studies(cfg, pseudo, report)
-    tables = open_tables(cfg, key_function(pseudo))
-    write_studies(studies, cfg, report, tables, manifest_info(cfg, COMMAND))
-    if report.files_seen == 0:
-        report.skip(".", "empty", "no files under the input folder")
-    return finish(cfg, COMMAND, report, tables)
+    return run_pipeline(cfg, COMMAND, pseudo, find_studies, key_function(pseudo))
