@@ -67,3 +67,10 @@ def test_matches_fastmri_apply_mask(kind, ref):
     theirs, mask, nlf = apply_mask(torch.view_as_real(torch.from_numpy(k)), ref([0.08], [4]), seed=seed)
     assert torch.allclose(ours["masked_kspace"], theirs)
     assert ours["num_low_frequencies"] >= nlf
+
+
+def test_equispaced_mask_with_undefined_spacing_is_a_clear_error():
+    from pretrain.recon.masks import MaskSpec, make_mask
+
+    with pytest.raises(ValueError, match="12 centre lines x acceleration 4 equals the 48 columns"):
+        make_mask(MaskSpec(kind="equispaced1d", acceleration=4, center_fraction=0.24), (48, 48), seed=0)

@@ -62,6 +62,11 @@ def _center_slice(n: int, fraction: float) -> slice:
 
 
 def _fastmri_1d(func_cls, spec: MaskSpec, shape: tuple[int, int], seed: int) -> np.ndarray:
+    low = round(shape[1] * spec.center_fraction)
+    if func_cls is EquispacedMaskFractionFunc and low * spec.acceleration == shape[1]:
+        raise ValueError(f"equispaced1d: {low} centre lines x acceleration {spec.acceleration:g} equals the "
+                         f"{shape[1]} columns, where fastMRI's equispaced spacing is undefined; "
+                         f"change center_fraction ({spec.center_fraction:g})")
     func = func_cls(center_fractions=[spec.center_fraction], accelerations=[spec.acceleration])
     cols, _ = func((1, shape[0], shape[1], 2), seed=seed)
     return np.broadcast_to(cols.numpy().reshape(1, shape[1]) > 0, shape).copy()
