@@ -26,6 +26,7 @@ import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from fastmri.models import Unet, VarNet
+from fastmri.models.varnet import SensitivityModel
 
 
 def _check_inputs(masked_kspace: torch.Tensor, mask: torch.Tensor) -> None:
@@ -36,12 +37,29 @@ def _check_inputs(masked_kspace: torch.Tensor, mask: torch.Tensor) -> None:
                          f"{tuple(masked_kspace.shape[-3:-1])}")
 
 
-def _low_freqs(num_low_frequencies) -> int | None:
-    """fastMRI's sensitivity net takes one int per batch: the narrowest centre of the batch."""
+class _PerSampleCentreSensitivity(SensitivityModel):
+    """fastMRI's sensitivity net, taking the fully sampled centre width per sample.
+
+    fastMRI trains VarNet at batch size 1 and takes one ``num_low_frequencies`` per batch; a batch that
+    mixes 4x and 8x masks would otherwise estimate every sample's sensitivities from the narrowest
+    centre in the batch. Same parameters (and parameter names) as fastMRI's module.
+    """
+
+    def get_pad_and_num_low_freqs(self, mask, num_low_frequencies=None):
+        if torch.is_tensor(num_low_frequencies) and num_low_frequencies.ndim == 1:
+            n = num_low_frequencies.to(device=mask.device, dtype=torch.long)
+            if len(n) != mask.shape[0]:
+                raise ValueError(f"num_low_frequencies has {len(n)} entries for a batch of {mask.shape[0]}")
+            return (mask.shape[-2] - n + 1) // 2, n
+        return super().get_pad_and_num_low_freqs(mask, num_low_frequencies)
+
+
+def _low_freqs(num_low_frequencies) -> int | torch.Tensor | None:
+    """An int, ``None`` (detect from the mask) or one width per sample as a 1D tensor."""
     if num_low_frequencies is None:
         return None
     if torch.is_tensor(num_low_frequencies):
-        return int(num_low_frequencies.min())
+        return num_low_frequencies.reshape(-1) if num_low_frequencies.numel() > 1 else int(num_low_frequencies)
     return int(num_low_frequencies)
 
 
@@ -103,6 +121,8 @@ class VarNetBackbone(_FeatureMixin, ModelMixin, ConfigMixin):
         super().__init__()
         self.net = VarNet(num_cascades=num_cascades, sens_chans=sens_chans, sens_pools=sens_pools,
                           chans=chans, pools=pools, mask_center=mask_center)
+        self.net.sens_net = _PerSampleCentreSensitivity(chans=sens_chans, num_pools=sens_pools,
+                                                        mask_center=mask_center)
 
     def block_names(self) -> list[str]:
         return [n for i in range(self.config.num_cascades)
