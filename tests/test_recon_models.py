@@ -58,8 +58,9 @@ def test_varnet_batch_mixing_accelerations_matches_one_slice_at_a_time():
     assert torch.allclose(together, torch.cat(alone), atol=1e-5)
 
 
-def test_transform_grid_and_virtual_coils_make_mixed_slices_batchable():
-    tf = ReconTransform(ReconTransformConfig(grid=[32, 32], virtual_coils=3))
+@pytest.mark.parametrize("compression", ["svd", "gcc"])
+def test_transform_grid_and_virtual_coils_make_mixed_slices_batchable(compression):
+    tf = ReconTransform(ReconTransformConfig(grid=[32, 32], virtual_coils=3, coil_compression=compression))
     items = [tf(_sample("s-a", coils=4, shape=(40, 32))), tf(_sample("s-b", coils=6, shape=(32, 28)))]
     batch = collate_recon(items)
     assert batch["masked_kspace"].shape == (2, 3, 32, 32, 2) and batch["target"].shape == (2, 32, 32)
@@ -68,6 +69,8 @@ def test_transform_grid_and_virtual_coils_make_mixed_slices_batchable():
         collate_recon([plain(_sample("s-a", coils=4)), plain(_sample("s-b", coils=6))])
     with pytest.raises(ReconInputError, match="fewer than virtual_coils"):
         ReconTransform(ReconTransformConfig(virtual_coils=8))(_sample("s-c", coils=4))
+    with pytest.raises(ValueError, match="unknown coil_compression 'pca'"):
+        ReconTransform(ReconTransformConfig(coil_compression="pca"))
 
 
 def test_validation_masks_are_reproducible():

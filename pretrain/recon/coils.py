@@ -4,7 +4,9 @@
 - combination: :func:`rss` (fastMRI's ``rss_complex``) and :func:`sense_combine` with sensitivity maps;
 - sensitivities: :func:`espirit_maps` (sigpy's ``EspiritCalib``); the learned alternative is VarNet's
   own sensitivity network (:mod:`pretrain.models.recon`);
-- :func:`compress_coils`: SVD coil compression to ``n`` virtual coils;
+- :func:`compress_coils`: coil compression to ``n`` virtual coils, by one SVD matrix for the slice
+  (``svd``, Huang et al. 2008) or by geometric decomposition (``gcc``, Zhang et al. 2013: one aligned
+  matrix per readout position, along the fully sampled readout axis = rows);
 - :func:`prewhiten`: noise pre-whitening from a noise scan or, by default, an outer-k-space patch;
 - :func:`normalise`: scale a slice by its zero-filled image (``max``/``mean``) or not at all.
 """
@@ -17,6 +19,7 @@ from fastmri import fft2c, ifft2c, rss_complex
 from sigpy.mri.app import EspiritCalib
 
 NORMALISATIONS = ("none", "max", "mean")
+COIL_COMPRESSIONS = ("svd", "gcc")
 
 
 def to_image(kspace: np.ndarray) -> np.ndarray:
@@ -52,19 +55,68 @@ def espirit_maps(kspace: np.ndarray, calib_width: int = 24, thresh: float = 0.02
     return np.asarray(app.run(), np.complex64)
 
 
+def _check_virtual(coils: int, n_virtual: int) -> None:
+    if not 1 <= n_virtual <= coils:
+        raise ValueError(f"virtual coils must be in [1, {coils}], got {n_virtual}")
+
+
 def compression_matrix(kspace: np.ndarray, n_virtual: int) -> np.ndarray:
     """``(n_virtual, coils)`` matrix of the leading left singular vectors of the coil data."""
     coils = kspace.shape[0]
-    if not 1 <= n_virtual <= coils:
-        raise ValueError(f"virtual coils must be in [1, {coils}], got {n_virtual}")
+    _check_virtual(coils, n_virtual)
     u, _, _ = np.linalg.svd(kspace.reshape(coils, -1), full_matrices=False)
     return u[:, :n_virtual].conj().T
 
 
-def compress_coils(kspace: np.ndarray, n_virtual: int) -> np.ndarray:
-    """SVD coil compression: ``(n_virtual, rows, cols)`` virtual-coil k-space."""
-    a = compression_matrix(kspace, n_virtual)
-    return np.tensordot(a, kspace, axes=(1, 0)).astype(np.complex64)
+def _readout_to_image(kspace: np.ndarray) -> np.ndarray:
+    """Centred orthonormal inverse FFT along the readout (rows) axis only: hybrid (x, ky) space."""
+    return np.fft.fftshift(np.fft.ifft(np.fft.ifftshift(kspace, axes=-2), axis=-2, norm="ortho"), axes=-2)
+
+
+def _readout_to_kspace(hybrid: np.ndarray) -> np.ndarray:
+    return np.fft.fftshift(np.fft.fft(np.fft.ifftshift(hybrid, axes=-2), axis=-2, norm="ortho"), axes=-2)
+
+
+def gcc_matrices(kspace: np.ndarray, n_virtual: int, window: int = 5, calib_cols: int | None = None,
+                 align: bool = True) -> np.ndarray:
+    """Geometric coil compression matrices ``(rows, n_virtual, coils)``, aligned along the readout.
+
+    At each readout position the leading left singular vectors of the hybrid-space coil data in a
+    ``window`` of neighbouring positions (over the ``calib_cols`` central phase-encode columns, all
+    when ``None``) form that position's matrix; each matrix is then rotated by the unitary ``P`` that
+    brings it closest to its neighbour's (``P = V U^H`` for ``A_x A_{x-1}^H = U S V^H``), so virtual
+    coils vary smoothly along the readout and stay spatially coherent images.
+    """
+    coils, rows, cols = kspace.shape
+    _check_virtual(coils, n_virtual)
+    if window < 1:
+        raise ValueError(f"GCC window must be >= 1 readout position, got {window}")
+    hybrid = _readout_to_image(kspace)
+    if calib_cols is not None:
+        c0 = (cols - min(calib_cols, cols)) // 2
+        hybrid = hybrid[..., c0:c0 + min(calib_cols, cols)]
+    half = window // 2
+    mats = np.empty((rows, n_virtual, coils), np.complex128)
+    for x in range(rows):
+        block = hybrid[:, max(0, x - half):x + half + 1].reshape(coils, -1)
+        u, _, _ = np.linalg.svd(block, full_matrices=False)
+        mats[x] = u[:, :n_virtual].conj().T
+    for x in range(1, rows if align else 1):
+        u, _, vh = np.linalg.svd(mats[x] @ mats[x - 1].conj().T)
+        mats[x] = (vh.conj().T @ u.conj().T) @ mats[x]
+    return mats
+
+
+def compress_coils(kspace: np.ndarray, n_virtual: int, method: str = "svd", **gcc) -> np.ndarray:
+    """Coil compression to ``(n_virtual, rows, cols)`` virtual-coil k-space by ``svd`` or ``gcc``."""
+    if method == "svd":
+        a = compression_matrix(kspace, n_virtual)
+        return np.tensordot(a, kspace, axes=(1, 0)).astype(np.complex64)
+    if method == "gcc":
+        mats = gcc_matrices(kspace, n_virtual, **gcc)
+        hybrid = np.einsum("xvc,cxy->vxy", mats, _readout_to_image(kspace))
+        return _readout_to_kspace(hybrid).astype(np.complex64)
+    raise ValueError(f"unknown coil compression '{method}'; known: {', '.join(COIL_COMPRESSIONS)}")
 
 
 def outer_kspace_noise(kspace: np.ndarray, fraction: float = 0.1) -> np.ndarray:

@@ -40,6 +40,7 @@ class EvalReconConfig:
     baselines: dict[str, str] = field(default_factory=dict)            # method name -> backbone URL
     normalisation: str = ""            # empty: as the backbone was trained (else max | mean | none)
     virtual_coils: int | None = None   # None: as the backbone was trained (its training_config.yaml)
+    coil_compression: str = ""         # empty: as trained (svd | gcc)
     prewhiten: bool | None = None      # None: as trained
     max_slices: int | None = None
     figure_slices: int = 3
@@ -72,7 +73,7 @@ def trained_recon_settings(url: str) -> dict:
     if not path.is_file():
         return {}
     recon = (OmegaConf.to_container(OmegaConf.load(path)).get("model") or {}).get("recon") or {}
-    return {k: recon[k] for k in ("virtual_coils", "normalisation", "prewhiten") if recon.get(k) is not None}
+    return {k: recon[k] for k in ("virtual_coils", "coil_compression", "normalisation", "prewhiten") if recon.get(k) is not None}
 
 
 def resolve_coil_settings(cfg: EvalReconConfig) -> EvalReconConfig:
@@ -80,6 +81,8 @@ def resolve_coil_settings(cfg: EvalReconConfig) -> EvalReconConfig:
     trained = trained_recon_settings(cfg.backbone)
     if cfg.virtual_coils is None:
         cfg.virtual_coils = trained.get("virtual_coils")
+    if not cfg.coil_compression:
+        cfg.coil_compression = trained.get("coil_compression", "svd")
     if not cfg.normalisation:
         cfg.normalisation = trained.get("normalisation", "max")
     if cfg.prewhiten is None:
@@ -110,7 +113,8 @@ def _run_models(models: dict, batch: dict, device: str) -> dict[str, np.ndarray]
 def evaluate_setting(cfg: EvalReconConfig, models: dict, slices: list[dict], kind: str, acc: float):
     """Per-volume rows for one mask kind and acceleration, plus examples for the figure and timing."""
     tcfg = ReconTransformConfig(masks=[{"kind": kind, "acceleration": acc, "center_fraction": cfg.center_fraction(acc)}],
-                                virtual_coils=cfg.virtual_coils, normalisation=cfg.normalisation,
+                                virtual_coils=cfg.virtual_coils, coil_compression=cfg.coil_compression,
+                                normalisation=cfg.normalisation,
                                 prewhiten=bool(cfg.prewhiten), seed=cfg.seed)
     transform, acc_store = ReconTransform(tcfg), VolumeAccumulator()
     examples, seconds = [], {name: 0.0 for name in models}

@@ -3,7 +3,7 @@
 Batching rule (varying coil counts and matrix sizes across anatomies): a batch holds one shape.
 For training with retrospective masks, :class:`ReconTransform` brings every slice to the configured
 ``grid`` (rows, cols) by centre-cropping or zero-padding its *fully sampled* coil images, and to
-``virtual_coils`` coils by SVD compression, before the mask is drawn; so any mix of anatomies batches.
+``virtual_coils`` coils by SVD or geometric (GCC) coil compression, before the mask is drawn; so any mix of anatomies batches.
 Slices with fewer coils than ``virtual_coils`` are an error naming the slice (zero coils would break
 the sensitivity network's normalisation). Evaluation keeps every slice at its native shape with
 batch size 1. :func:`collate_recon` refuses a batch of mixed shapes with a message that says so.
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .coils import compress_coils, normalise, prewhiten, rss, to_image, to_kspace
+from .coils import COIL_COMPRESSIONS, compress_coils, normalise, prewhiten, rss, to_image, to_kspace
 from .masks import MaskSpec, check_mask_shape, make_mask, num_low_frequencies, slice_seed
 
 
@@ -80,7 +80,8 @@ class ReconTransformConfig:
     masks: list[dict] = field(default_factory=lambda: [{"kind": "equispaced1d", "acceleration": 4.0,
                                                          "center_fraction": 0.08}])
     grid: list[int] | None = None          # [rows, cols]; None keeps the native grid
-    virtual_coils: int | None = None       # SVD coil compression target; None keeps all coils
+    virtual_coils: int | None = None       # coil compression target; None keeps all coils
+    coil_compression: str = "svd"          # svd (one matrix per slice) | gcc (per readout position)
     prewhiten: bool = False                # noise pre-whitening from the outer k-space
     normalisation: str = "max"             # none | max | mean of the zero-filled RSS image
     seed: int = 0
@@ -90,6 +91,8 @@ class ReconTransform:
     """Decoded recon sample -> model inputs. Pure: the mask seed is ``(seed, epoch, key)``."""
 
     def __init__(self, cfg: ReconTransformConfig, epoch: int | None = None):
+        if cfg.coil_compression not in COIL_COMPRESSIONS:
+            raise ValueError(f"unknown coil_compression '{cfg.coil_compression}'; known: {', '.join(COIL_COMPRESSIONS)}")
         self.cfg = cfg
         self.specs = [MaskSpec(**m) for m in cfg.masks]
         for spec in self.specs:
@@ -105,7 +108,7 @@ class ReconTransform:
             if k.shape[0] < self.cfg.virtual_coils:
                 raise ReconInputError(f"{describe(sample)}: {k.shape[0]} coils, fewer than "
                                       f"virtual_coils={self.cfg.virtual_coils}")
-            k = compress_coils(k, self.cfg.virtual_coils)
+            k = compress_coils(k, self.cfg.virtual_coils, self.cfg.coil_compression)
         if self.cfg.grid is not None:
             k = to_kspace(resize_grid(to_image(k), tuple(self.cfg.grid)))
             target = None
