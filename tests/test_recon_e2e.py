@@ -60,6 +60,23 @@ def test_transfer_study_heatmap(tiny_recon_shards, tmp_path, capsys):
     assert (tmp_path / "t" / "heatmap.png").stat().st_size > 1000
 
 
+def test_data_size_study_single_vs_multi_anatomy(tiny_recon_shards, tmp_path):
+    from shards.reader import iter_samples
+
+    overrides = ["kind=data-size", f"source={tiny_recon_shards}", "anatomies=[knee,shoulder]", "sizes=[4]",
+                 "base_config=configs/pretrain/recon-tiny.yaml", "overrides=[optim.total_steps=1]",
+                 "max_eval_slices=8", f"run_root={tmp_path}", "name=d"]
+    assert pretrain_main(["recon-study", "--config", "configs/sweeps/recon-data-size.yaml", *overrides]) == 0
+    results = json.loads((tmp_path / "d" / "metrics.json").read_text())["results"]
+    assert [(r["condition"], r["train_slices"]) for r in results] == [
+        ("single-knee-n4", 4), ("single-shoulder-n4", 4), ("multi-n4", 4)]
+    multi = {s["meta"]["anatomy"] for s in iter_samples(str(tmp_path / "d/data/multi-n4"), "train", ("meta",))}
+    single = {s["meta"]["anatomy"] for s in iter_samples(str(tmp_path / "d/data/single-knee-n4"), "train", ("meta",))}
+    assert multi == {"knee", "shoulder"} and single == {"knee"}
+    assert all(set(r["test"]) == {"knee", "shoulder"} for r in results)
+    assert (tmp_path / "d" / "heatmap.png").stat().st_size > 1000
+
+
 def test_varnet_on_ray_launcher_two_workers(tiny_recon_shards, ray_local, tmp_path):
     """The recon objective runs on the same Ray Train + DeepSpeed (ZeRO-1) launcher as the diffusion
     backbones; the published VarNet reloads and reconstructs."""

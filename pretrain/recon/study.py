@@ -3,7 +3,8 @@
 - ``transfer``: train one backbone per anatomy (``anatomies``), evaluate each on every anatomy's
   validation slices: the cross-anatomy transfer matrix (rows: trained on, columns: tested on).
 - ``data-size``: for each training size in ``sizes`` (slices), train on one anatomy alone
-  (``single:<anatomy>``) and on all ``anatomies`` mixed (``multi``, same number of slices), and test on
+  (``single-<anatomy>-n<size>``) and on all ``anatomies`` mixed (``multi-n<size>``, the same number of
+  slices split evenly over the anatomies), and test on
   every anatomy: does multi-anatomy data help at a given budget?
 
 Each condition writes a seeded subset of the source's train split to ``<study>/data/<condition>``
@@ -69,15 +70,27 @@ def conditions(cfg: ReconStudyConfig) -> list[tuple[str, list[str], int | None]]
     return out
 
 
+def _stratified(keys_by_anatomy: dict[str, list[str]], n: int, seed: int) -> set[str]:
+    """``n`` keys split as evenly as possible over the anatomies (the first ones take the remainder)."""
+    rng, chosen = random.Random(seed), set()
+    for i, (anatomy, keys) in enumerate(keys_by_anatomy.items()):
+        share = n // len(keys_by_anatomy) + (i < n % len(keys_by_anatomy))
+        if share > len(keys):
+            raise ConfigError(f"asked for {share} training slices of {anatomy}, the source has {len(keys)}")
+        chosen |= set(rng.sample(keys, share))
+    return chosen
+
+
 def write_subset(source: str, out: Path, anatomies: list[str], n: int | None, seed: int) -> int:
-    """Recon shards at ``out`` with a seeded subset of ``source``'s train slices of ``anatomies``."""
-    keys = [s["__key__"] for s in iter_samples(source, "train", ("meta",), require=())
-            if s["meta"].get("anatomy") in anatomies]
-    if not keys:
-        raise ConfigError(f"key 'source': no train slices of {anatomies} in {source}")
-    if n is not None and n > len(keys):
-        raise ConfigError(f"asked for {n} training slices of {anatomies}, {source} has {len(keys)}")
-    chosen = set(random.Random(seed).sample(keys, n) if n is not None else keys)
+    """Recon shards at ``out`` with a seeded subset of ``source``'s train slices of ``anatomies``:
+    all of them, or ``n`` split evenly over the anatomies (a multi-anatomy condition is balanced)."""
+    keys: dict[str, list[str]] = {a: [] for a in anatomies}
+    for s in iter_samples(source, "train", ("meta",), require=()):
+        if s["meta"].get("anatomy") in keys:
+            keys[s["meta"]["anatomy"]].append(s["__key__"])
+    if missing := [a for a, k in keys.items() if not k]:
+        raise ConfigError(f"key 'source': no train slices of {missing} in {source}")
+    chosen = _stratified(keys, n, seed) if n is not None else {k for ks in keys.values() for k in ks}
     with ShardWriter(out, kind="recon", info={"source": f"subset of {source}", "anatomies": anatomies}) as w:
         for s in iter_samples(source, "train", None):
             if s["__key__"] in chosen:
