@@ -77,6 +77,14 @@ def test_data_size_study_single_vs_multi_anatomy(tiny_recon_shards, tmp_path):
     assert (tmp_path / "d" / "heatmap.png").stat().st_size > 1000
 
 
+def test_study_too_large_for_its_source_fails_before_training(tiny_recon_shards, tmp_path, capsys):
+    overrides = ["kind=data-size", f"source={tiny_recon_shards}", "anatomies=[knee,shoulder]", "sizes=[2,1000]",
+                 "base_config=configs/pretrain/recon-tiny.yaml", f"run_root={tmp_path}", "name=big"]
+    assert pretrain_main(["recon-study", "--config", "configs/sweeps/recon-data-size.yaml", *overrides]) == 2
+    assert "needs 1000 training slices of knee" in capsys.readouterr().err
+    assert not (tmp_path / "big" / "runs").exists()
+
+
 def test_varnet_on_ray_launcher_two_workers(tiny_recon_shards, ray_local, tmp_path):
     """The recon objective runs on the same Ray Train + DeepSpeed (ZeRO-1) launcher as the diffusion
     backbones; the published VarNet reloads and reconstructs."""

@@ -70,27 +70,34 @@ def conditions(cfg: ReconStudyConfig) -> list[tuple[str, list[str], int | None]]
     return out
 
 
-def _stratified(keys_by_anatomy: dict[str, list[str]], n: int, seed: int) -> set[str]:
-    """``n`` keys split as evenly as possible over the anatomies (the first ones take the remainder)."""
-    rng, chosen = random.Random(seed), set()
-    for i, (anatomy, keys) in enumerate(keys_by_anatomy.items()):
-        share = n // len(keys_by_anatomy) + (i < n % len(keys_by_anatomy))
-        if share > len(keys):
-            raise ConfigError(f"asked for {share} training slices of {anatomy}, the source has {len(keys)}")
-        chosen |= set(rng.sample(keys, share))
-    return chosen
-
-
-def write_subset(source: str, out: Path, anatomies: list[str], n: int | None, seed: int) -> int:
-    """Recon shards at ``out`` with a seeded subset of ``source``'s train slices of ``anatomies``:
-    all of them, or ``n`` split evenly over the anatomies (a multi-anatomy condition is balanced)."""
+def train_keys(source: str, anatomies: list[str]) -> dict[str, list[str]]:
+    """The train-split slice keys of ``source`` per anatomy; an anatomy without slices is an error."""
     keys: dict[str, list[str]] = {a: [] for a in anatomies}
     for s in iter_samples(source, "train", ("meta",), require=()):
         if s["meta"].get("anatomy") in keys:
             keys[s["meta"]["anatomy"]].append(s["__key__"])
     if missing := [a for a, k in keys.items() if not k]:
         raise ConfigError(f"key 'source': no train slices of {missing} in {source}")
-    chosen = _stratified(keys, n, seed) if n is not None else {k for ks in keys.values() for k in ks}
+    return keys
+
+
+def choose_slices(keys: dict[str, list[str]], anatomies: list[str], n: int | None, seed: int) -> set[str]:
+    """All train slices of ``anatomies``, or a seeded ``n`` split as evenly as possible over them (the
+    first ones take the remainder), so a multi-anatomy condition is balanced."""
+    if n is None:
+        return {k for a in anatomies for k in keys[a]}
+    rng, chosen = random.Random(seed), set()
+    for i, anatomy in enumerate(anatomies):
+        share = n // len(anatomies) + (i < n % len(anatomies))
+        if share > len(keys[anatomy]):
+            raise ConfigError(f"a condition needs {share} training slices of {anatomy}; the source's train split "
+                              f"has {len(keys[anatomy])} (lower 'sizes' or 'train_slices')")
+        chosen |= set(rng.sample(keys[anatomy], share))
+    return chosen
+
+
+def write_subset(source: str, out: Path, chosen: set[str], anatomies: list[str]) -> int:
+    """Recon shards at ``out`` with the ``chosen`` train slices of ``source``."""
     with ShardWriter(out, kind="recon", info={"source": f"subset of {source}", "anatomies": anatomies}) as w:
         for s in iter_samples(source, "train", None):
             if s["__key__"] in chosen:
@@ -98,13 +105,13 @@ def write_subset(source: str, out: Path, anatomies: list[str], n: int | None, se
     return len(chosen)
 
 
-def run_condition(cfg: ReconStudyConfig, study_dir: Path, name: str, anatomies: list[str], n: int | None) -> dict:
+def run_condition(cfg: ReconStudyConfig, study_dir: Path, name: str, anatomies: list[str], chosen: set[str]) -> dict:
     from pretrain.cli import main as pretrain
 
     from .evaluate import EvalReconConfig, evaluate_recon
 
     data = study_dir / "data" / name
-    count = write_subset(cfg.source, data, anatomies, n, cfg.seed)
+    count = write_subset(cfg.source, data, chosen, anatomies)
     common = [f"name={name}", f"data.source={data}", f"run_root={study_dir}/runs", f"storage_path={study_dir}/ckpt"]
     if pretrain(["run", "--config", cfg.base_config, *cfg.overrides, *common]) != 0:
         raise RuntimeError(f"condition {name}: training failed")
@@ -151,7 +158,10 @@ def run_study(cfg: ReconStudyConfig) -> dict:
     study_dir = (Path(cfg.run_root) / cfg.name).resolve()
     study_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, study_dir / "config.yaml")
-    results = [run_condition(cfg, study_dir, name, anats, n) for name, anats, n in conditions(cfg)]
+    keys = train_keys(cfg.source, list(cfg.anatomies))
+    # every condition's subset is drawn (and checked) before the first training run starts
+    subsets = [(name, anats, choose_slices(keys, anats, n, cfg.seed)) for name, anats, n in conditions(cfg)]
+    results = [run_condition(cfg, study_dir, name, anats, chosen) for name, anats, chosen in subsets]
     (study_dir / "metrics.json").write_text(json.dumps({"kind": cfg.kind, "results": results}, indent=1))
     title = f"{cfg.kind}: {cfg.metric.upper()} ({', '.join(cfg.masks)} x{'/'.join(f'{a:g}' for a in cfg.accelerations)})"
     save_heatmap(results, list(cfg.anatomies), cfg.metric, study_dir / "heatmap.png", title)
