@@ -60,7 +60,7 @@ def test_transfer_study_heatmap(tiny_recon_shards, tmp_path, capsys):
     assert (tmp_path / "t" / "heatmap.png").stat().st_size > 1000
 
 
-def test_data_size_study_single_vs_multi_anatomy(tiny_recon_shards, tmp_path):
+def test_data_size_study_single_vs_multi_anatomy(tiny_recon_shards, tmp_path, capsys):
     from shards.reader import iter_samples
 
     overrides = ["kind=data-size", f"source={tiny_recon_shards}", "anatomies=[knee,shoulder]", "sizes=[4]",
@@ -75,6 +75,9 @@ def test_data_size_study_single_vs_multi_anatomy(tiny_recon_shards, tmp_path):
     assert multi == {"knee", "shoulder"} and single == {"knee"}
     assert all(set(r["test"]) == {"knee", "shoulder"} for r in results)
     assert (tmp_path / "d" / "heatmap.png").stat().st_size > 1000
+    # the folder resumes by condition name: other data settings under the same name are refused
+    assert pretrain_main(["recon-study", "--config", "configs/sweeps/recon-data-size.yaml", *overrides, "sizes=[2]"]) == 2
+    assert "holds a study with other sizes (sizes: [4] -> [2])" in capsys.readouterr().err
 
 
 def test_study_too_large_for_its_source_fails_before_training(tiny_recon_shards, tmp_path, capsys):

@@ -23,11 +23,15 @@ from pathlib import Path
 
 import numpy as np
 
-from shards.config import ConfigError, save_config
+from omegaconf import OmegaConf
+
+from shards.config import ConfigError, save_config, to_dict
 from shards.reader import iter_samples
 from shards.writer import ShardWriter
 
 STUDY_KINDS = ("transfer", "data-size")
+# keys whose change makes a study folder's subsets and runs stale (it resumes by condition name)
+RESUME_KEYS = ("kind", "source", "anatomies", "sizes", "train_slices", "base_config", "overrides", "seed")
 
 
 @dataclass
@@ -154,8 +158,22 @@ def save_heatmap(results: list[dict], anatomies: list[str], metric: str, path: P
     plt.close(fig)
 
 
+def check_resumable(cfg: ReconStudyConfig, study_dir: Path) -> None:
+    """A study folder resumes by condition name, so its data and training settings must not change."""
+    saved = study_dir / "config.yaml"
+    if not saved.is_file():
+        return
+    before, now = OmegaConf.to_container(OmegaConf.load(saved)), to_dict(cfg)
+    changed = [k for k in RESUME_KEYS if before.get(k) != now.get(k)]
+    if changed:
+        raise ConfigError(f"{study_dir} holds a study with other {', '.join(changed)} "
+                          f"({'; '.join(f'{k}: {before.get(k)} -> {now.get(k)}' for k in changed)}); "
+                          "give it a new 'name' or remove the folder")
+
+
 def run_study(cfg: ReconStudyConfig) -> dict:
     study_dir = (Path(cfg.run_root) / cfg.name).resolve()
+    check_resumable(cfg, study_dir)
     study_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, study_dir / "config.yaml")
     keys = train_keys(cfg.source, list(cfg.anatomies))
