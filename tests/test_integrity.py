@@ -94,3 +94,33 @@ def test_pretraining_without_studies_of_the_anatomy_fails_fast(study_shards, tmp
     alarm(60)  # study_shards hold knee and ankle only: shoulder/sag/train has no study
     with pytest.raises(ShardError, match=r"split 'train' .* joint shoulder with field\(s\) sag"):
         next(iter(_loader(study_shards, tmp_path, "joint=shoulder", "planes=[sag]")))
+
+
+# -- 9: feature-cache entries carry checksums ----------------------------------------------------
+
+def test_damaged_feature_cache_entry_is_recomputed(tmp_path, caplog):
+    import numpy as np
+
+    from downstream.features import FeatureCache
+
+    cache = FeatureCache(tmp_path / "cache")
+    values = np.arange(2 * 64, dtype=np.float32).reshape(2, 64)
+
+    def compute(folder, keys):
+        np.save(folder / "0.npy", values)
+        (folder / "names.json").write_text(json.dumps(["f"]))
+
+    def get():
+        return np.array(cache.get_or_create({"kind": "test"}, ["s-a", "s-b"], compute)["f"])
+
+    assert np.array_equal(get(), values) and cache.misses == 1
+    entry = next(p for p in (tmp_path / "cache").iterdir() if p.is_dir())
+    npy = entry / "0.npy"
+    npy.write_bytes(npy.read_bytes()[:-40])                        # truncated
+    assert np.array_equal(get(), values) and cache.recomputed == 1
+    data = bytearray(npy.read_bytes())
+    data[-4:] = np.float32(1e6).tobytes()                          # altered in place, same size
+    npy.write_bytes(bytes(data))
+    assert np.array_equal(get(), values) and cache.recomputed == 2 and cache.misses == 3
+    assert f"feature cache entry {entry} is damaged (file 0.npy does not match" in caplog.text
+    assert np.array_equal(get(), values) and cache.hits == 1      # intact entries are hits
