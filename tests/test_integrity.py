@@ -124,3 +124,40 @@ def test_damaged_feature_cache_entry_is_recomputed(tmp_path, caplog):
     assert np.array_equal(get(), values) and cache.recomputed == 2 and cache.misses == 3
     assert f"feature cache entry {entry} is damaged (file 0.npy does not match" in caplog.text
     assert np.array_equal(get(), values) and cache.hits == 1      # intact entries are hits
+
+
+# -- 13: `cluster down` signals only processes it can show it started ------------------------------
+
+def test_cluster_down_leaves_a_reused_process_group_alone(tmp_path):
+    """A node record whose processes are gone (a reboot, a crash) while its group id now belongs
+    to another program: `cluster down` removes the record and signals nothing."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    from cluster.config import load_local_config
+    from cluster.local import exposure_warnings, read_nodes, stop
+
+    cfg = load_local_config(None, [f"state_dir={tmp_path / 'state'}"])
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        record = {"role": "head", "pgid": other.pid, "temp_dir": str(tmp_path / "mskfm-ray-head-gone"),
+                  "address": "127.0.0.1:1", "dashboard_url": "", "log": ""}
+        nodes = cfg.state_path / "nodes"
+        nodes.mkdir(parents=True)
+        (nodes / f"head-{other.pid}.json").write_text(json.dumps(record))
+        assert stop(cfg, grace_s=0.5) == 0
+        assert other.poll() is None and not read_nodes(cfg)      # alive, record gone
+        # the same with a record of this boot whose process had another start time
+        started = psutil.Process(other.pid).create_time()
+        record |= {"boot_time": psutil.boot_time(), "processes": [[other.pid, round(started - 3600, 2)]]}
+        (nodes / f"head-{other.pid}.json").write_text(json.dumps(record))
+        assert stop(cfg, grace_s=0.5) == 0
+        assert other.poll() is None and not read_nodes(cfg)      # alive, record gone
+    finally:
+        other.kill()
+        other.wait()
+    assert exposure_warnings(cfg) == []
+    off = load_local_config(None, ["auth=disabled"])
+    assert any("authentication is OFF" in note for note in exposure_warnings(off))
