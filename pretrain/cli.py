@@ -20,9 +20,15 @@ import sys
 from pathlib import Path
 
 from shards.config import ConfigError, load_config, save_config, to_dict
+from shards.resume import check_resume, saved_yaml
 
 from .checkpoint import CheckpointError
 from .recon.cli import add_recon_parsers
+
+# keys a resumed run may change: more steps, logging, checkpoint cadence, workers and retries
+RESUME_IGNORE = ("optim.total_steps", "log_every", "checkpoint_every", "keep_checkpoints",
+                 "data.num_workers", "data.prefetch", "ray.address", "ray.max_failures",
+                 "ray.concurrent_planes")
 
 
 def _resolve_paths(cfg):
@@ -46,6 +52,8 @@ def cmd_run(args) -> int:
         load_manifest(cfg.data.source)
     except Exception as exc:
         raise ConfigError(f"key 'data.source': cannot read shards at {cfg.data.source}: {exc}") from exc
+    check_resume(saved_yaml(run_dir(cfg) / "config.yaml"), to_dict(cfg), run_dir(cfg), "pretraining run",
+                 ignore=RESUME_IGNORE)
     rank0 = int(os.environ.get("RANK", "0")) == 0 or cfg.launcher != "torchrun"
     if rank0:
         save_config(cfg, run_dir(cfg) / "config.yaml")
