@@ -278,3 +278,51 @@ def test_pretrain_sweep_and_study_resume_with_other_config_is_refused(tiny_shard
     study.seeds = [*study.seeds, 99]
     with pytest.raises(ConfigError, match=r"holds a study with other seeds"):
         run_study(study, tmp_path / "study")
+
+
+# -- 6: a malformed header value costs one study (with a reason), never the ingest or its report ----
+
+def test_malformed_header_value_skips_one_study_with_a_reason(tmp_path, monkeypatch):
+    import numpy as np
+    from pydicom.uid import generate_uid
+
+    from shards.ingest.cli import main as ingest_main
+
+    from .test_ingest_dicom import SAG, write_series
+
+    rng = np.random.default_rng(0)
+    fields = {"unit": "1.5T", "garbage": "high", "plain": "3.0"}  # same length: 4 bytes
+    for i, (name, value) in enumerate(fields.items()):
+        patient = {"PatientName": f"P^{name.upper()}", "PatientID": f"ID{i}"}
+        write_series(tmp_path / "src" / name, patient, generate_uid(), SAG, 3, 3.0, "SAG PD", rng)
+        for f in (tmp_path / "src" / name).iterdir():  # what a misbehaving export writes
+            raw = f.read_bytes().replace(b"\x18\x00\x87\x00DS\x04\x003.0 ", b"\x18\x00\x87\x00DS\x04\x00"
+                                         + value.ljust(4).encode())
+            assert raw != f.read_bytes() or value == "3.0"
+            f.write_bytes(raw)
+    monkeypatch.setenv("MSKFM_DEID_SALT", SALT)
+    code = ingest_main(["dicom", str(tmp_path / "src"), "--out", str(tmp_path / "out"),
+                        f"run_dir={tmp_path / 'run'}"])
+    report = json.loads((tmp_path / "run" / "ingest_report.json").read_text())
+    assert code == 0 and report["counts"]["studies_ingested"] == 2
+    bad = [e for e in report["skipped"] if e["code"] == "bad_header"]
+    assert len(bad) == 1 and bad[0]["path"] == "garbage" and "MagneticFieldStrength" in bad[0]["reason"]
+    strengths = sorted(s["meta"]["field_strength"] for s in iter_samples(tmp_path / "out", None, ("meta",), require=()))
+    assert strengths == [1.5, 3.0]
+
+
+def test_an_ingest_that_stops_still_writes_its_report(tmp_path, monkeypatch):
+    from shards.ingest import dicom as dicom_mod
+    from shards.ingest.cli import main as ingest_main
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk went away")
+    monkeypatch.setattr(dicom_mod, "build_stacks", broken)
+    monkeypatch.setenv("MSKFM_DEID_SALT", SALT)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "notes.txt").write_text("not dicom")
+    with pytest.raises(RuntimeError, match="disk went away"):
+        ingest_main(["dicom", str(tmp_path / "src"), "--out", str(tmp_path / "out"), f"run_dir={tmp_path / 'run'}"])
+    report = json.loads((tmp_path / "run" / "ingest_report.json").read_text())
+    assert [e["code"] for e in report["skipped"]] == ["not_dicom", "aborted"]
+    assert "disk went away" in report["skipped"][-1]["reason"]
