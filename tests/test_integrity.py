@@ -326,3 +326,61 @@ def test_an_ingest_that_stops_still_writes_its_report(tmp_path, monkeypatch):
     report = json.loads((tmp_path / "run" / "ingest_report.json").read_text())
     assert [e["code"] for e in report["skipped"]] == ["not_dicom", "aborted"]
     assert "disk went away" in report["skipped"][-1]["reason"]
+
+
+# -- 10: nothing in a checkpoint is unpickled -----------------------------------------------------
+
+class _Planted:
+    """What an attacker with write access to the checkpoint storage plants: code run on unpickling."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def _plant(ckpt: Path, relative: str, marker: Path) -> None:
+    """Replace one checkpoint file with a malicious pickle and record its sha256, as the attacker would."""
+    import hashlib
+
+    import torch
+
+    torch.save({"module": _Planted(marker)}, ckpt / relative)
+    state = json.loads((ckpt / "loop_state.json").read_text())
+    state["files"][relative] = hashlib.sha256((ckpt / relative).read_bytes()).hexdigest()
+    (ckpt / "loop_state.json").write_text(json.dumps(state))
+
+
+@pytest.mark.integration
+def test_planted_pickle_in_a_checkpoint_never_runs(tiny_shards, tmp_path, capsys):
+    from pretrain.cli import main
+
+    args = ["run", "--config", TINY, f"data.source={tiny_shards}", f"run_root={tmp_path}/runs",
+            f"storage_path={tmp_path}/ckpt", "name=p", "launcher=local", "optim.total_steps=2", "checkpoint_every=2"]
+    assert main(args) == 0
+    ckpt = tmp_path / "ckpt" / "p" / "sag" / "checkpoint_00000002"
+    publish = ["publish", "p", "--run-root", f"{tmp_path}/runs", "--to", f"{tmp_path}/hub"]
+    marker = tmp_path / "owned"
+    _plant(ckpt, "state/mp_rank_00_model_states.pt", marker)
+    capsys.readouterr()
+    rc = main(args[:-2] + ["optim.total_steps=4", "checkpoint_every=2"])  # resume
+    assert not marker.exists() and rc == 2 and "corrupt checkpoint" in capsys.readouterr().err
+    assert {"weights.safetensors", "ema.safetensors"} <= {p.name for p in ckpt.iterdir()}
+    assert main(publish) == 0 and not marker.exists()  # publishing reads safetensors only
+    (ckpt / "weights.safetensors").unlink()            # a checkpoint without full weights
+    _plant(ckpt, "ema.pt", marker)
+    (ckpt / "ema.safetensors").unlink()
+    state = json.loads((ckpt / "loop_state.json").read_text())
+    state["files"] = {k: v for k, v in state["files"].items() if not k.endswith(".safetensors")}
+    (ckpt / "loop_state.json").write_text(json.dumps(state))
+    assert main([*publish, "--overwrite"]) == 2 and not marker.exists()
+    assert "corrupt checkpoint" in capsys.readouterr().err
+
+
+def test_no_unrestricted_unpickling_in_library_code():
+    offenders = [str(p.relative_to(ROOT)) for pkg in ("shards", "pretrain", "downstream", "cluster")
+                 for p in (ROOT / pkg).rglob("*.py") if "weights_only=False" in p.read_text()]
+    assert offenders == []
