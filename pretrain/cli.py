@@ -22,7 +22,10 @@ from pathlib import Path
 from shards.config import ConfigError, load_config, save_config, to_dict
 from shards.resume import check_resume, saved_yaml
 
+from shards.reader import ShardError
+
 from .checkpoint import CheckpointError
+from .loop import NonFiniteLossError
 from .recon.cli import add_recon_parsers
 
 # keys a resumed run may change: more steps, logging, checkpoint cadence, workers and retries
@@ -135,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError) as exc:
+    except (ConfigError, CheckpointError, NonFiniteLossError, ShardError, FileNotFoundError,
+            FileExistsError) as exc:  # deterministic: the same one line under every launcher
         print(f"pretrain {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

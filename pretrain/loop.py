@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from shards.manifest import load_manifest
-from shards.reader import ShardReader
+from shards.reader import ShardError, ShardReader
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import PretrainConfig, run_dir
@@ -103,6 +103,13 @@ def build_loader(cfg: PretrainConfig, objective, rank: int, world: int, epoch: i
              if cfg.data.num_workers > 0 else {})
     return torch.utils.data.DataLoader(reader, batch_size=cfg.batch_size, num_workers=cfg.data.num_workers,
                                        collate_fn=objective.collate, **extra)
+
+
+def _next_batch(batches):
+    try:
+        return next(batches)
+    except ShardError as exc:  # from a DataLoader worker, the message carries its traceback
+        raise ShardError(str(exc).strip().splitlines()[-1].split("ShardError: ", 1)[-1]) from None
 
 
 def _to_engine(batch: dict, device, dtype) -> dict:
@@ -186,7 +193,7 @@ def train_unit(cfg: PretrainConfig, unit: str, session) -> dict:
     while step < total:
         for _ in range(cfg.optim.grad_accum):
             t0 = time.perf_counter()
-            batch = next(batches)
+            batch = _next_batch(batches)
             window.data_s += time.perf_counter() - t0
             loss = objective.loss(engine, _to_engine(batch, engine.device, dtype), gen)
             if not torch.isfinite(loss):

@@ -384,3 +384,22 @@ def test_no_unrestricted_unpickling_in_library_code():
     offenders = [str(p.relative_to(ROOT)) for pkg in ("shards", "pretrain", "downstream", "cluster")
                  for p in (ROOT / pkg).rglob("*.py") if "weights_only=False" in p.read_text()]
     assert offenders == []
+
+
+# -- 11: under Ray, a failure that would recur stops at once, as under the local launcher ---------
+
+@pytest.mark.integration
+def test_nonfinite_loss_under_ray_stops_without_retry(tiny_shards, ray_local, tmp_path, capsys):
+    from pretrain.cli import main
+
+    args = ["run", "--config", TINY, f"data.source={tiny_shards}", f"run_root={tmp_path}/runs",
+            f"storage_path={tmp_path}/ckpt", "name=nan", "launcher=ray", "ray.num_workers=1",
+            "ray.max_failures=2", "optim.total_steps=6", "optim.lr=1e30", "optim.clip=0",
+            "optim.warmup_steps=1", "checkpoint_every=1"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert [line for line in err if line.startswith("pretrain run: error:")] == [err[-1]]
+    assert "sag: non-finite loss" in err[-1] and "(rank 0); samples:" in err[-1]
+    events = [json.loads(line).get("event") for line in
+              (tmp_path / "runs" / "nan" / "sag" / "metrics.jsonl").read_text().splitlines()]
+    assert events.count("start") + events.count("resume") == 1  # one attempt, no retry
