@@ -55,10 +55,10 @@ def cmd_run(args) -> int:
         load_manifest(cfg.data.source)
     except Exception as exc:
         raise ConfigError(f"key 'data.source': cannot read shards at {cfg.data.source}: {exc}") from exc
-    check_resume(saved_yaml(run_dir(cfg) / "config.yaml"), to_dict(cfg), run_dir(cfg), "pretraining run",
-                 ignore=RESUME_IGNORE)
     rank0 = int(os.environ.get("RANK", "0")) == 0 or cfg.launcher != "torchrun"
-    if rank0:
+    if rank0:  # under torchrun the other ranks stop with rank 0
+        check_resume(saved_yaml(run_dir(cfg) / "config.yaml"), to_dict(cfg), run_dir(cfg), "pretraining run",
+                     ignore=RESUME_IGNORE)
         save_config(cfg, run_dir(cfg) / "config.yaml")
     results = launch(cfg)
     if rank0:
