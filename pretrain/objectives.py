@@ -47,9 +47,12 @@ class DiffusionObjective:
         self.cfg, self.plane = cfg, unit
         try:
             self.spec = spec_from_manifest(manifest, unit, list(cfg.shape))
+        except ValueError as exc:
+            raise ConfigError(f"plane '{unit}' of {cfg.data.source}: {exc}") from exc
+        try:
             self.scheduler = build_scheduler(dict(cfg.schedule))
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"plane '{unit}' of {cfg.data.source}: {exc}") from exc
+            raise ConfigError(f"key 'schedule': {exc}") from exc
         self.publish_name = f"{cfg.joint}-{unit}"
         self._manifest = manifest
 
