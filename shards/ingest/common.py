@@ -49,7 +49,7 @@ def open_tables(cfg: IngestConfig, to_key: Callable[[str, str], str]) -> dict[st
     tables = {}
     for kind, tcfg in (("labels", cfg.labels), ("ehr", cfg.ehr)):
         if tcfg.path:
-            tables[kind] = TableJoin(tcfg, kind, to_key)
+            tables[kind] = TableJoin(tcfg, kind, to_key, cfg.deid.keep_free_text)
     return tables
 
 
@@ -128,7 +128,17 @@ def run_pipeline(cfg: IngestConfig, command: str, pseudo, find_studies, to_key) 
     write_studies(studies, cfg, report, tables, manifest_info(cfg, command))
     if report.files_seen == 0:
         report.skip(".", "empty", "no files under the input folder")
+    if Path(cfg.out).is_dir():
+        report.phi_scan = scan_output(cfg.out, cfg.source, [cfg.labels.path, cfg.ehr.path],
+                                      cfg.deid.keep_free_text)
     return finish(cfg, command, report, tables)
+
+
+def scan_output(out: str | Path, source: str | Path, tables: list[str], free_text: bool) -> dict:
+    """`shards scan-phi` over the finished shard folder (manifest and journal included)."""
+    from ..phi_scan import scan_phi
+
+    return scan_phi(out, source, [t for t in tables if t], skip_kinds=("free_text",) if free_text else ())
 
 
 def finish(cfg: IngestConfig, command: str, report: IngestReport,
