@@ -124,3 +124,157 @@ def test_damaged_feature_cache_entry_is_recomputed(tmp_path, caplog):
     assert np.array_equal(get(), values) and cache.recomputed == 2 and cache.misses == 3
     assert f"feature cache entry {entry} is damaged (file 0.npy does not match" in caplog.text
     assert np.array_equal(get(), values) and cache.hits == 1      # intact entries are hits
+
+
+# -- 13: `cluster down` signals only processes it can show it started ------------------------------
+
+def test_cluster_down_leaves_a_reused_process_group_alone(tmp_path):
+    """A node record whose processes are gone (a reboot, a crash) while its group id now belongs
+    to another program: `cluster down` removes the record and signals nothing."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    from cluster.config import load_local_config
+    from cluster.local import exposure_warnings, read_nodes, stop
+
+    cfg = load_local_config(None, [f"state_dir={tmp_path / 'state'}"])
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        record = {"role": "head", "pgid": other.pid, "temp_dir": str(tmp_path / "mskfm-ray-head-gone"),
+                  "address": "127.0.0.1:1", "dashboard_url": "", "log": ""}
+        nodes = cfg.state_path / "nodes"
+        nodes.mkdir(parents=True)
+        (nodes / f"head-{other.pid}.json").write_text(json.dumps(record))
+        assert stop(cfg, grace_s=0.5) == 0
+        assert other.poll() is None and not read_nodes(cfg)      # alive, record gone
+        # the same with a record of this boot whose process had another start time
+        started = psutil.Process(other.pid).create_time()
+        record |= {"boot_time": psutil.boot_time(), "processes": [[other.pid, round(started - 3600, 2)]]}
+        (nodes / f"head-{other.pid}.json").write_text(json.dumps(record))
+        assert stop(cfg, grace_s=0.5) == 0
+        assert other.poll() is None and not read_nodes(cfg)      # alive, record gone
+    finally:
+        other.kill()
+        other.wait()
+    assert exposure_warnings(cfg) == []
+    off = load_local_config(None, ["auth=disabled"])
+    assert any("authentication is OFF" in note for note in exposure_warnings(off))
+
+
+# -- 7: one writer per output folder -------------------------------------------------------------
+
+SALT = "integrity-test-salt"
+
+
+def _build_cfg(out: Path, *overrides: str):
+    from shards.build import BuildConfig
+
+    from .conftest import TINY_SHARDS_CONFIG
+
+    return load_config(BuildConfig, TINY_SHARDS_CONFIG, [f"out={out}", "synth.n_patients=4",
+                                                         "synth.kspace.enabled=false", *overrides])
+
+
+def test_second_writer_into_a_folder_is_refused_naming_the_holder(tmp_path, monkeypatch, capsys):
+    import socket
+    import subprocess
+    import sys
+
+    from shards.build import build_shards
+    from shards.ingest.cli import main as ingest_main
+    from shards.lock import FolderLockedError
+
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from shards import lock; "
+                               f"lock.acquire({str(out)!r}); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        who = f"pid {holder.pid} on {socket.gethostname()}"
+        with pytest.raises(FolderLockedError, match=f"{out} is being written by {who}"):
+            build_shards(_build_cfg(out), progress=False)
+        monkeypatch.setenv("MSKFM_DEID_SALT", SALT)
+        (tmp_path / "src").mkdir()
+        assert ingest_main(["nifti", str(tmp_path / "src"), "--out", str(out), f"run_dir={tmp_path / 'r'}"]) == 2
+        assert who in capsys.readouterr().out and not (tmp_path / "r").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    build_shards(_build_cfg(out), progress=False)  # the holder is gone: its lock went with it
+    assert load_manifest(out)["stats"]["n_samples"] > 0 and not (out / ".lock").exists()
+
+
+# -- 8: a resume with another configuration is refused, naming the changed keys -------------------
+
+def _nifti_source(root: Path, n: int = 2) -> Path:
+    from shards.export import export_study
+    from shards.synth import generate_study, iter_study_refs
+
+    cfg = _build_cfg(root / "unused")
+    for i, (plan, visit, key) in enumerate(iter_study_refs(cfg.synth)):
+        if i >= n:
+            break
+        export_study(generate_study(cfg.synth, plan, visit, key)[0], root / "src", "nifti")
+    return root / "src"
+
+
+def test_shard_resume_with_other_config_or_source_is_refused(tmp_path, monkeypatch, capsys):
+    from shards.build import build_shards
+    from shards.ingest.cli import main as ingest_main
+
+    built = tmp_path / "built"
+    build_shards(_build_cfg(built), progress=False)
+    with pytest.raises(ConfigError, match=r"holds a shard set with other config\.splits\.train "
+                                          r"\(config\.splits\.train: 0\.6 -> 0\.5\)"):
+        build_shards(_build_cfg(built, "splits.train=0.5"), progress=False)
+    before = (built / "manifest.json").read_text()
+    build_shards(_build_cfg(built), progress=False)  # the same config resumes (nothing to do)
+    assert json.loads((built / "manifest.json").read_text())["shards"] == json.loads(before)["shards"]
+
+    src, ingested = _nifti_source(tmp_path), tmp_path / "ingested"
+    monkeypatch.setenv("MSKFM_DEID_SALT", SALT)
+    argv = ["nifti", str(src), "--out", str(ingested), "joint=knee"]
+    assert ingest_main([*argv, f"run_dir={tmp_path / 'r1'}"]) == 0
+    with pytest.raises(ConfigError, match=r"holds a shard set with other .*source"):
+        build_shards(_build_cfg(ingested), progress=False)  # never relabel an ingest as synthetic
+    capsys.readouterr()
+    assert ingest_main([*argv, f"run_dir={tmp_path / 'r2'}", "splits.train=0.9"]) == 2
+    assert "ingest_config.splits.train (ingest_config.splits.train: 0.7 -> 0.9)" in capsys.readouterr().out
+    monkeypatch.setenv("MSKFM_DEID_SALT", SALT + "-other")
+    assert ingest_main([*argv, f"run_dir={tmp_path / 'r3'}"]) == 2
+    assert "other deid_key_check" in capsys.readouterr().out
+    monkeypatch.setenv("MSKFM_DEID_SALT", SALT)
+    assert ingest_main([*argv, f"run_dir={tmp_path / 'r4'}"]) == 0  # the same settings resume
+    report = json.loads((tmp_path / "r4" / "ingest_report.json").read_text())
+    assert report["counts"]["studies_resumed"] == 2 and report["counts"]["studies_ingested"] == 0
+
+
+def test_pretrain_sweep_and_study_resume_with_other_config_is_refused(tiny_shards, tmp_path, capsys):
+    from downstream.studies import run_study
+    from downstream.studies.config import load_study
+    from downstream.sweep import load_sweep, run_sweep
+    from pretrain.cli import _resolve_paths, main
+    from pretrain.config import PretrainConfig, run_dir
+    from shards.config import save_config
+
+    args = [f"data.source={tiny_shards}", f"run_root={tmp_path}/runs", f"storage_path={tmp_path}/ckpt",
+            "launcher=local", "name=r"]
+    cfg = _resolve_paths(load_config(PretrainConfig, TINY, args))
+    save_config(cfg, run_dir(cfg) / "config.yaml")  # as a first `pretrain run` leaves it
+    assert main(["run", "--config", TINY, *args, "optim.lr=0.5", "seed=3"]) == 2
+    err = capsys.readouterr().err
+    assert f"{run_dir(cfg)} holds a pretraining run with other optim.lr, seed (optim.lr: 0.002 -> 0.5; seed: 0 -> 3)" in err
+
+    sweep = load_sweep(ROOT / "configs" / "sweeps" / "knee-dx-head.yaml", "knee-dx")
+    save_config(sweep, tmp_path / "sweep" / "config.yaml")
+    sweep.num_samples += 1
+    with pytest.raises(ConfigError, match=r"holds a sweep with other num_samples"):
+        run_sweep(sweep, tmp_path / "sweep")
+
+    study = load_study("label-efficiency", ROOT / "configs" / "sweeps" / "label-efficiency.yaml")
+    save_config(study, tmp_path / "study" / "config.yaml")
+    study.seeds = [*study.seeds, 99]
+    with pytest.raises(ConfigError, match=r"holds a study with other seeds"):
+        run_study(study, tmp_path / "study")
