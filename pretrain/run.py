@@ -90,8 +90,9 @@ def load_run_config(run: str | Path, run_root: str | Path = "runs/pretrain") -> 
     return load_config(PretrainConfig, path)
 
 
-def publish_unit(cfg: PretrainConfig, unit: str, hub: str, overwrite: bool = False) -> str:
-    """Consolidate ``unit``'s newest checkpoint and publish it under ``<hub>/<objective name>``."""
+def publish_unit(cfg: PretrainConfig, unit: str, hub: str, overwrite: bool = False, folder: str | None = None) -> str:
+    """Consolidate ``unit``'s newest checkpoint and publish it at ``<hub>/<folder>`` (default folder:
+    the objective's ``publish_name``, e.g. ``knee-sag``)."""
     from .checkpoint import apply_weights, consolidated_state_dict
     from .launchers.local import FileSession
     from .objectives import build_objective
@@ -106,8 +107,10 @@ def publish_unit(cfg: PretrainConfig, unit: str, hub: str, overwrite: bool = Fal
     history = state.get("history", [])
     metrics = {"steps": state["step"], "final_loss": history[-1]["loss"] if history else None,
                "weights": source, "run": cfg.name}
-    return objective.publish(model, f"{hub.rstrip('/')}/{objective.publish_name}", to_dict(cfg),
-                             metrics, overwrite=overwrite)
+    if hasattr(objective, "data_summary"):
+        metrics.update(objective.data_summary())
+    url = f"{hub.rstrip('/')}/{folder or objective.publish_name}"
+    return objective.publish(model, url, to_dict(cfg), metrics, overwrite=overwrite)
 
 
 def publish_run(run: str | Path | PretrainConfig, hub: str, planes: list[str] | None = None,
