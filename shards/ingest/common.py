@@ -39,6 +39,11 @@ class FoundStudy:
     # Decodes the chosen stacks: returns {plane: volume}, {plane: plane meta}, {plane.seg: map}
     load: Callable[[IngestReport], tuple[dict, dict, dict]]
     ehr: dict = field(default_factory=dict)  # from the headers (retained patient characteristics)
+    # Local only, never written to a shard: the source files (relative to the input folder) and,
+    # filled by ``load``, per plane where its volume came from and its geometry (``predict`` writes
+    # label maps back in it and keeps a private map from study key to source).
+    sources: list[str] = field(default_factory=list)
+    origin: dict = field(default_factory=dict)
 
 
 def run_dir_of(cfg: IngestConfig, command: str) -> Path:
