@@ -15,11 +15,11 @@ from __future__ import annotations
 import logging
 import os
 import random
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import fsspec
 import torch
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
 
 from .manifest import load_manifest, sha256_of, shard_entries
 from .schema import PLANES, decode_member, field_of
@@ -51,6 +51,7 @@ class ShardReader(torch.utils.data.IterableDataset):
         fields: fields to decode, e.g. ``("sag", "labels")``; None = all. ``__key__`` is always set.
         require: fields a sample must have to be yielded (default: the requested planes).
         joints: keep only studies of these joints.
+        keys: keep only these sample keys (a subset; shards without any of them are not read).
         rank, world_size: node split; default from torch.distributed or RANK/WORLD_SIZE.
         shuffle, seed, shuffle_buffer: deterministic seeded shuffle of shards and samples;
             call :meth:`set_epoch` to reshuffle per epoch.
@@ -65,6 +66,7 @@ class ShardReader(torch.utils.data.IterableDataset):
 
     def __init__(self, source: str, split: str | None = "train", fields: Sequence[str] | None = None,
                  *, require: Sequence[str] | None = None, joints: Sequence[str] | None = None,
+                 keys: Iterable[str] | None = None,
                  rank: int | None = None, world_size: int | None = None, split_by: str = "auto",
                  shuffle: bool = False, seed: int = 0, shuffle_buffer: int = 64,
                  resample: bool = False, epoch_length: int | None = None, verify: bool = False,
@@ -76,6 +78,11 @@ class ShardReader(torch.utils.data.IterableDataset):
             raise ValueError(f"split_by must be auto, shard or sample, got '{split_by}'")
         self.manifest = load_manifest(source)
         self.entries = shard_entries(self.manifest, split)
+        self.keys = frozenset(keys) if keys is not None else None
+        if self.keys is not None:
+            self.entries = [e for e in self.entries if self.keys.intersection(e.get("keys", ()))]
+            if not self.entries:
+                raise ValueError(f"none of the {len(self.keys)} requested keys is in split '{split}' of {source}")
         self.split, self.fields = split, tuple(fields) if fields is not None else None
         self.require = tuple(require) if require is not None else tuple(
             f for f in (self.fields or ()) if f in PLANES)
@@ -199,6 +206,8 @@ class ShardReader(torch.utils.data.IterableDataset):
                 counted = _CountingReader(stream)
                 for group in group_by_keys(members(counted)):
                     seen += 1
+                    if self.keys is not None and group["__key__"] not in self.keys:
+                        continue
                     sample = {"__key__": group["__key__"]}
                     try:
                         for suffix, data in group.items():
@@ -263,3 +272,53 @@ def iter_samples(source: str, split: str | None = "train", fields: Sequence[str]
     kwargs.setdefault("rank", 0)
     kwargs.setdefault("world_size", 1)
     return iter(ShardReader(source, split, fields, **kwargs))
+
+
+class MixedReader(torch.utils.data.IterableDataset):
+    """Balanced sampling across sources (MosaicMRI-style anatomy mixing): each sample comes from
+    ``readers[i]`` with probability ``weights[i] / sum(weights)``, drawn from a stream seeded per
+    (seed, epoch, rank and DataLoader worker). Stops when the chosen reader runs out."""
+
+    def __init__(self, readers: Sequence[ShardReader], weights: Sequence[float], seed: int = 0):
+        super().__init__()
+        if len(readers) != len(weights) or not readers or min(weights) <= 0:
+            raise ValueError(f"MixedReader needs one positive weight per reader, got {list(weights)}")
+        self.readers, self.weights, self.seed, self.epoch = list(readers), list(weights), seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        for r in self.readers:
+            r.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[Any]:
+        slot, _ = self.readers[0]._slot()
+        rng = random.Random(f"mix-{self.seed}-{self.epoch}-{slot}")
+        streams = [iter(r) for r in self.readers]
+        while True:
+            try:
+                yield next(rng.choices(streams, weights=self.weights)[0])
+            except StopIteration:
+                return
+
+
+def study_index(source: str, split: str | None = "train", plane: str | None = None) -> dict[str, str]:
+    """``{sample key: joint}`` of a split's studies (those with ``plane`` when given), from the tar
+    member names and ``meta.json`` only: no volume is decoded."""
+    out: dict[str, str] = {}
+    for entry in shard_entries(load_manifest(source), split):
+        present: dict[str, set] = {}
+
+        def wanted(fname: str) -> bool:
+            key, suffix = base_plus_ext(fname)
+            present.setdefault(key, set()).add(field_of(suffix or ""))
+            return suffix == "meta.json"
+
+        with fsspec.open(entry["path"], "rb") as stream:
+            for m in tar_file_iterator(stream, select_files=wanted):
+                key, _ = base_plus_ext(m["fname"])
+                out[key] = decode_member("meta.json", m["data"]).get("joint", "unknown")
+        if plane is not None:
+            for key, fields in present.items():
+                if plane not in fields:
+                    out.pop(key, None)
+    return out

@@ -38,7 +38,8 @@ def run_study(cfg: StudyConfig, run_dir: str | Path | None = None, make_backbone
     module = lookup(STUDIES, cfg.kind, "study kind")
     out = Path(run_dir or Path(cfg.out) / (cfg.name or cfg.kind)).resolve()
     check_resume(saved_yaml(out / "config.yaml"), to_dict(cfg), out, "study", ignore=RESUME_IGNORE)
-    made = make_missing(module.backbones(cfg), cfg) if make_backbones and hasattr(module, "backbones") else []
+    made = (make_missing(module.backbones(cfg), cfg, out / "pretrain")
+            if make_backbones and hasattr(module, "backbones") else [])
     specs = resolve_specs(module.plan(cfg))
     check_specs(specs)
     out.mkdir(parents=True, exist_ok=True)

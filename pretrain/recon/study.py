@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shards.config import ConfigError, save_config, to_dict
+from shards.config import ConfigError, load_config, save_config, to_dict
 from shards.reader import iter_samples
 from shards.resume import check_resume, saved_yaml
 from shards.writer import ShardWriter
@@ -109,19 +109,17 @@ def write_subset(source: str, out: Path, chosen: set[str], anatomies: list[str])
 
 
 def run_condition(cfg: ReconStudyConfig, study_dir: Path, name: str, anatomies: list[str], chosen: set[str]) -> dict:
-    from pretrain.cli import main as pretrain
-
+    from ..config import PretrainConfig
+    from ..run import publish_run, train
     from .evaluate import EvalReconConfig, evaluate_recon
 
     data = study_dir / "data" / name
     count = write_subset(cfg.source, data, chosen, anatomies)
     common = [f"name={name}", f"data.source={data}", f"run_root={study_dir}/runs", f"storage_path={study_dir}/ckpt"]
-    if pretrain(["run", "--config", cfg.base_config, *cfg.overrides, *common]) != 0:
-        raise RuntimeError(f"condition {name}: training failed")
+    run_cfg = load_config(PretrainConfig, cfg.base_config, [*cfg.overrides, *common])
+    train(run_cfg)
     hub = study_dir / "hub" / name
-    if pretrain(["publish", name, "--run-root", f"{study_dir}/runs", "--to", str(hub), "--overwrite"]) != 0:
-        raise RuntimeError(f"condition {name}: publishing failed")
-    published = next(p for p in hub.iterdir() if (p / "config.json").is_file())
+    published = next(iter(publish_run(run_cfg, str(hub), overwrite=True).values()))
     ev = EvalReconConfig(backbone=str(published), source=cfg.source, split=cfg.eval_split, masks=list(cfg.masks),
                          accelerations=list(cfg.accelerations), max_slices=cfg.max_eval_slices, name=name,
                          run_root=str(study_dir / "eval"), figure_slices=0)

@@ -39,6 +39,11 @@ class FoundStudy:
     # Decodes the chosen stacks: returns {plane: volume}, {plane: plane meta}, {plane.seg: map}
     load: Callable[[IngestReport], tuple[dict, dict, dict]]
     ehr: dict = field(default_factory=dict)  # from the headers (retained patient characteristics)
+    # Local only, never written to a shard: the source files (relative to the input folder) and,
+    # filled by ``load``, per plane where its volume came from and its geometry (``predict`` writes
+    # label maps back in it and keeps a private map from study key to source).
+    sources: list[str] = field(default_factory=list)
+    origin: dict = field(default_factory=dict)
 
 
 def run_dir_of(cfg: IngestConfig, command: str) -> Path:
@@ -53,7 +58,7 @@ def open_tables(cfg: IngestConfig, to_key: Callable[[str, str], str]) -> dict[st
     tables = {}
     for kind, tcfg in (("labels", cfg.labels), ("ehr", cfg.ehr)):
         if tcfg.path:
-            tables[kind] = TableJoin(tcfg, kind, to_key)
+            tables[kind] = TableJoin(tcfg, kind, to_key, cfg.deid.keep_free_text)
     return tables
 
 
@@ -141,11 +146,21 @@ def run_pipeline(cfg: IngestConfig, command: str, pseudo, find_studies, to_key) 
             raise
         if report.files_seen == 0:
             report.skip(".", "empty", "no files under the input folder")
+        if (Path(cfg.out) / "manifest.json").is_file():
+            report.phi_scan = scan_output(cfg.out, cfg.source, [cfg.labels.path, cfg.ehr.path],
+                                          cfg.deid.keep_free_text)
         return finish(cfg, command, report, tables)
     finally:
         lock.release(cfg.out)
         if not any(Path(cfg.out).iterdir()):
             Path(cfg.out).rmdir()  # nothing usable: leave no empty shard folder behind
+
+
+def scan_output(out: str | Path, source: str | Path, tables: list[str], free_text: bool) -> dict:
+    """`shards scan-phi` over the finished shard folder (manifest and journal included)."""
+    from ..phi_scan import scan_phi
+
+    return scan_phi(out, source, [t for t in tables if t], skip_kinds=("free_text",) if free_text else ())
 
 
 def finish(cfg: IngestConfig, command: str, report: IngestReport,
