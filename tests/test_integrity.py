@@ -216,7 +216,12 @@ def _nifti_source(root: Path, n: int = 2) -> Path:
     for i, (plan, visit, key) in enumerate(iter_study_refs(cfg.synth)):
         if i >= n:
             break
-        export_study(generate_study(cfg.synth, plan, visit, key)[0], root / "src", "nifti")
+        folder = export_study(generate_study(cfg.synth, plan, visit, key)[0], root / "src", "nifti")
+        for f in folder.glob("*.json"):  # sidecars are not NIfTI
+            f.unlink()
+        for plane, name in (("sag", "series_one"), ("cor", "series_two"), ("ax", "series_three")):
+            for suffix in ("", "_seg"):  # file names of an export, not words the shards use
+                (folder / f"{plane}{suffix}.nii.gz").rename(folder / f"{name}{suffix}.nii.gz")
     return root / "src"
 
 
@@ -255,13 +260,14 @@ def test_pretrain_sweep_and_study_resume_with_other_config_is_refused(tiny_shard
     from downstream.studies import run_study
     from downstream.studies.config import load_study
     from downstream.sweep import load_sweep, run_sweep
-    from pretrain.cli import _resolve_paths, main
+    from pretrain.cli import main
+    from pretrain.run import resolve_paths
     from pretrain.config import PretrainConfig, run_dir
     from shards.config import save_config
 
     args = [f"data.source={tiny_shards}", f"run_root={tmp_path}/runs", f"storage_path={tmp_path}/ckpt",
             "launcher=local", "name=r"]
-    cfg = _resolve_paths(load_config(PretrainConfig, TINY, args))
+    cfg = resolve_paths(load_config(PretrainConfig, TINY, args))
     save_config(cfg, run_dir(cfg) / "config.yaml")  # as a first `pretrain run` leaves it
     assert main(["run", "--config", TINY, *args, "optim.lr=0.5", "seed=3"]) == 2
     err = capsys.readouterr().err
