@@ -9,7 +9,6 @@ In-process API for sweeps and studies::
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from datetime import datetime, timezone
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from shards.config import load_config, save_config, to_dict
+from shards.runs import write_metrics
 from shards.schema import STRUCTURES
 
 from .data import check_task, load_studies, split_rows
@@ -98,7 +98,7 @@ def run_finetune(task: TaskConfig | str | Path, overrides: Sequence[str] = (), *
                "cache": {p: d.cache for p, d in planes.items()}, "timings": timings,
                "history": {name: r["history"] for name, r in results.items()},
                "encoders": {name: r["encoder"] for name, r in results.items() if "encoder" in r}}
-    (out / "metrics.json").write_text(json.dumps(summary, indent=1, default=_json_default))
+    write_metrics(out, summary, default=_json_default)
     title = (f"task {task.name} ({task.kind}, {task.joint}, planes {'+'.join(task.planes)}): "
              f"{len(train_rows)} train / {len(eval_rows)} {task.train.eval_split} studies -> {out}")
     return summary | {"table": f"{title}\n{table}"}

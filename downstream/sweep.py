@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 
 from shards.config import ConfigError, load_config, save_config
+from shards.runs import default_folder, write_metrics
 
 from .data import check_task, load_studies, split_rows
 from .diagnosis import feature_batcher
@@ -36,7 +37,7 @@ from .metrics import diagnosis_metrics
 from .studies.trials import absolute_paths
 from .tasks import TaskConfig
 from .train import fit, masked_bce, predict, seed_everything
-from .tuning import run_tuner, trial_rows
+from .tuning import RayConnection, run_tuner, trial_rows
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ class ASHASpec:
 class SweepConfig:
     task: str = ""
     name: str = ""
-    out: str = "runs/sweep"
+    out: str = field(default_factory=default_folder("sweep"))
     overrides: list[str] = field(default_factory=list)
     space: dict[str, Any] = field(default_factory=dict)
     num_samples: int = 1
@@ -71,6 +72,7 @@ class SweepConfig:
     resources: dict[str, float] = field(default_factory=lambda: {"cpu": 1.0})
     max_concurrent_trials: int = 2
     seed: int = 0
+    ray: RayConnection = field(default_factory=RayConnection)
 
     def validate(self) -> None:
         if not self.space:
@@ -192,7 +194,7 @@ def run_sweep(cfg: SweepConfig, run_dir: str | Path | None = None) -> dict:
                                   reuse_actors=True,
                                   search_alg=BasicVariantGenerator(max_concurrent=cfg.max_concurrent_trials,
                                                                    random_state=cfg.seed))
-    grid = run_tuner(sweep_trial, space, out, tune_config, cfg.resources)
+    grid = run_tuner(sweep_trial, space, out, tune_config, cfg.resources, cfg.ray.address)
     trials = sweep_table(trial_rows(grid), cfg.metric)
     trials.to_csv(out / "trials.csv", index=False, float_format="%.5f")
     best = best_trial(trials, cfg, overrides)
@@ -200,7 +202,7 @@ def run_sweep(cfg: SweepConfig, run_dir: str | Path | None = None) -> dict:
     summary = {"task": cfg.task, "run_dir": str(out), "best": best, "n_trials": int(len(trials)),
                "n_errors": int(trials["error"].notna().sum()),
                "timings": {"prepare_s": round(t_prepared - t0, 3), "total_s": round(time.perf_counter() - t0, 3)}}
-    (out / "metrics.json").write_text(json.dumps(summary, indent=1))
+    write_metrics(out, summary, default=None)
     return summary | {"trials": trials}
 
 

@@ -14,6 +14,7 @@ from typing import Sequence
 from omegaconf import OmegaConf
 
 from shards.config import ConfigError, load_config
+from shards.runs import default_folder
 from shards.schema import JOINTS, LABELS, PLANES, STRUCTURES
 
 TASKS_DIR = Path(__file__).resolve().parents[1] / "configs" / "tasks"
@@ -120,7 +121,7 @@ class TaskConfig:
     backbones: dict[str, str] = field(default_factory=dict)
     shards: str = "data/shards"
     cache_dir: str = "cache/features"
-    out: str = "runs/finetune"
+    out: str = field(default_factory=default_folder("finetune"))
     run_name: str = ""
     device: str = "cpu"
     threads: int = 0

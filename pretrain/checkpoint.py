@@ -17,12 +17,14 @@ from pathlib import Path
 
 import torch
 
+from shards.config import UserError
+
 TAG = "state"
 LOOP_STATE = "loop_state.json"
 EMA_FILE = "ema.pt"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used; the message names its path."""
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from shards.config import ConfigError
+from shards.runs import default_folder
 from shards.schema import JOINTS
 
 LAUNCHERS = ("local", "torchrun", "ray")
@@ -76,8 +77,8 @@ class PretrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     launcher: str = "ray"
-    storage_path: str = "runs/pretrain"  # checkpoints: local folder or s3:// URL
-    run_root: str = "runs/pretrain"      # config.yaml, metrics.json(l), logs
+    storage_path: str = field(default_factory=default_folder("pretrain"))  # checkpoints: folder or s3:// URL
+    run_root: str = field(default_factory=default_folder("pretrain"))      # config.yaml, metrics.json(l), logs
     seed: int = 0
 
     def validate(self) -> None:

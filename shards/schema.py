@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from .config import UserError
+
 SCHEMA_VERSION = 1
 KNOWN_SCHEMA_VERSIONS = (1,)
 
@@ -54,7 +56,7 @@ RECON_FIELDS = ("meta", "kspace", "target", "mask")
 JSON_FIELDS = ("meta", "labels", "ehr")
 
 
-class SchemaError(ValueError):
+class SchemaError(UserError, ValueError):
     """A sample or manifest that does not follow the schema."""
 
 

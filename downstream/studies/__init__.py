@@ -7,7 +7,6 @@ pretrained backbones of its own).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from shards.config import load_config, lookup, save_config
+from shards.runs import write_metrics
 
 from ..report import write_report
 from . import label_efficiency, multi_anatomy, robustness, transfer
@@ -41,14 +41,14 @@ def run_study(cfg: StudyConfig, run_dir: str | Path | None = None, make_backbone
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     t_checked = time.perf_counter()
-    trials = run_trials(specs, out, cfg.resources, cfg.max_concurrent_trials)
+    trials = run_trials(specs, out, cfg.resources, cfg.max_concurrent_trials, cfg.ray.address)
     trials.to_csv(out / "trials.csv", index=False, float_format="%.6f")
     md, page = study_report(out)
     summary = {"kind": cfg.kind, "run_dir": str(out), "n_trials": len(specs),
                "n_errors": int(trials.drop_duplicates("trial")["error"].notna().sum()),
                "backbones_made": made, "report": str(md), "html": str(page),
                "timings": {"prepare_s": round(t_checked - t0, 3), "total_s": round(time.perf_counter() - t0, 3)}}
-    (out / "metrics.json").write_text(json.dumps(summary, indent=1))
+    write_metrics(out, summary, default=None)
     return summary
 
 

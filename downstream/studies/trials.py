@@ -118,13 +118,14 @@ def flat_metrics(result: dict) -> dict:
     return out
 
 
-def run_trials(specs: list[dict], run_dir: Path, resources: dict[str, float], max_concurrent: int) -> pd.DataFrame:
+def run_trials(specs: list[dict], run_dir: Path, resources: dict[str, float], max_concurrent: int,
+               address: str | None = None) -> pd.DataFrame:
     """Run (or resume) the grid; returns the long table of trial x model results, errors included."""
     from ray import tune
 
     space = {"spec": tune.grid_search(specs), "trials_dir": str((run_dir / "trials").resolve())}
     tune_config = tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=True)
-    grid = run_tuner(study_trial, space, run_dir, tune_config, resources)
+    grid = run_tuner(study_trial, space, run_dir, tune_config, resources, address)
     return trials_frame(trial_rows(grid))
 
 

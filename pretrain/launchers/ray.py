@@ -55,7 +55,10 @@ def train_worker(config: dict) -> None:
     train_unit(cfg, config["unit"], RaySession())
 
 
-def ensure_ray(cfg: PretrainConfig):
+def connect_ray(address: str | None = None, log_to_driver: bool = True):
+    """The one way mskfm reaches Ray (pretraining, sweeps, studies): the Ray already initialised in
+    this process; else the cluster at ``address`` (a ``ray.address`` config key) or ``$RAY_ADDRESS``;
+    else a private local Ray on loopback with this machine's CPUs. Workers import this checkout."""
     import ray
 
     if ray.is_initialized():
@@ -63,13 +66,13 @@ def ensure_ray(cfg: PretrainConfig):
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
            "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
     # Inside a Ray job (`cluster submit`, a KubeRay RayJob) RAY_ADDRESS names the job's cluster:
-    # the same command then trains on that cluster instead of starting a private local Ray.
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    # the same command then runs on that cluster instead of starting a private local Ray.
+    address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=log_to_driver)
     else:
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
-                 runtime_env={"env_vars": env}, log_to_driver=True)
+                 runtime_env={"env_vars": env}, log_to_driver=log_to_driver)
     return ray
 
 
@@ -95,7 +98,7 @@ def fit_unit(cfg: PretrainConfig, unit: str):
 
 def run_ray(cfg: PretrainConfig) -> dict:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # rank-0 log lines once, not twice
-    ensure_ray(cfg)
+    connect_ray(cfg.ray.address)
     if cfg.ray.concurrent_planes and len(cfg.planes) > 1:
         with ThreadPoolExecutor(len(cfg.planes)) as pool:
             futures = {unit: pool.submit(fit_unit, cfg, unit) for unit in cfg.planes}

@@ -10,7 +10,6 @@ fastMRI's NMSE/PSNR/SSIM (:mod:`pretrain.recon.metrics`). Writes ``runs/eval-rec
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from tqdm import tqdm
 
 from shards.config import ConfigError, save_config
 from shards.reader import iter_samples
+from shards.runs import default_folder, write_metrics
 
 from .masks import MASK_KINDS
 from .metrics import VolumeAccumulator, center_crop, summarise
@@ -47,7 +47,7 @@ class EvalReconConfig:
     seed: int = 0
     device: str = "cpu"                # "cuda" to reconstruct on a GPU
     name: str = "eval"
-    run_root: str = "runs/eval-recon"
+    run_root: str = field(default_factory=default_folder("eval-recon"))
 
     def validate(self) -> None:
         if not self.backbone:
@@ -199,6 +199,6 @@ def evaluate_recon(cfg: EvalReconConfig) -> dict:
             tables.append(format_table(summary, kind, float(acc)))
     result = {"summary": summary, "volumes": volumes, "throughput_slices_per_s": throughput,
               "slices": len(slices), "device": cfg.device}
-    (out_dir / "metrics.json").write_text(json.dumps(result, indent=1, default=float))
+    write_metrics(out_dir, result)
     (out_dir / "table.md").write_text("\n\n".join(tables) + "\n")
     return result | {"tables": tables, "run_dir": str(out_dir)}

@@ -15,7 +15,6 @@ Registered as the ``fastmri`` kind of :data:`shards.ingest.cli.INGESTERS`.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from tqdm import tqdm
 
 from ..config import ConfigError, save_config
 from ..manifest import load_manifest
+from ..runs import write_metrics
 from ..splits import assign_split
 from ..writer import ShardWriter
 
@@ -173,6 +173,6 @@ def run_fastmri(cfg: FastMRIIngestConfig) -> int:
     counts = {s: v["n_samples"] for s, v in manifest["splits"].items()}
     run_dir = Path("runs") / "ingest" / (cfg.name or Path(cfg.out).name)
     save_config(cfg, run_dir / "config.yaml")
-    (run_dir / "metrics.json").write_text(json.dumps({"slices": counts, "stats": manifest["stats"]}, indent=1))
+    write_metrics(run_dir, {"slices": counts, "stats": manifest["stats"]}, default=None)
     print(f"fastmri -> {cfg.out}: {counts} slices")
     return 0
