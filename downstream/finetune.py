@@ -20,6 +20,7 @@ import torch
 
 from shards.config import load_config, save_config, to_dict
 from shards.runs import write_metrics
+from shards.tracking import start_tracking
 from shards.schema import STRUCTURES
 
 from .data import check_task, load_studies, split_rows
@@ -28,7 +29,7 @@ from .features import FeatureCache
 from .heads.segmentation import remap_structures
 from .inputs import prepare_planes
 from .metrics import diagnosis_metrics, segmentation_metrics
-from .outputs import (diagnosis_outputs, diagnosis_table, save_heads, segmentation_outputs,
+from .outputs import (diagnosis_outputs, diagnosis_table, flat_metrics, save_heads, segmentation_outputs,
                       segmentation_table)
 from .segment import run_segmentation
 from .tasks import TaskConfig, load_task
@@ -99,9 +100,20 @@ def run_finetune(task: TaskConfig | str | Path, overrides: Sequence[str] = (), *
                "history": {name: r["history"] for name, r in results.items()},
                "encoders": {name: r["encoder"] for name, r in results.items() if "encoder" in r}}
     write_metrics(out, summary, default=_json_default)
+    track(task, out, summary)
     title = (f"task {task.name} ({task.kind}, {task.joint}, planes {'+'.join(task.planes)}): "
              f"{len(train_rows)} train / {len(eval_rows)} {task.train.eval_split} studies -> {out}")
     return summary | {"table": f"{title}\n{table}"}
+
+
+def track(task: TaskConfig, out: Path, summary: dict) -> None:
+    """The run's W&B record (when ``wandb.project`` is set): per-epoch training losses of every model,
+    the macro metrics with their intervals as summary."""
+    with start_tracking(task.wandb, out, out.name, to_dict(task), group=task.name, job_type="finetune") as tracker:
+        history = {m: list(h or []) for m, h in summary["history"].items()}
+        for epoch in range(max((len(h) for h in history.values()), default=0)):
+            tracker.log({f"{m}/train_loss": h[epoch] for m, h in history.items() if epoch < len(h)}, step=epoch + 1)
+        tracker.summary(flat_metrics(summary))
 
 
 def _eval_truth(task: TaskConfig, data, eval_rows: np.ndarray) -> np.ndarray:

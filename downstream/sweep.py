@@ -24,8 +24,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from shards.config import ConfigError, load_config, save_config
+from shards.config import ConfigError, load_config, save_config, to_dict
 from shards.runs import default_folder, write_metrics
+from shards.tracking import WandbConfig, start_tracking
 
 from .data import check_task, load_studies, split_rows
 from .diagnosis import feature_batcher
@@ -73,6 +74,7 @@ class SweepConfig:
     max_concurrent_trials: int = 2
     seed: int = 0
     ray: RayConnection = field(default_factory=RayConnection)
+    wandb: WandbConfig = field(default_factory=WandbConfig)   # W&B record of the sweep (trials, best)
 
     def validate(self) -> None:
         if not self.space:
@@ -203,6 +205,9 @@ def run_sweep(cfg: SweepConfig, run_dir: str | Path | None = None) -> dict:
                "n_errors": int(trials["error"].notna().sum()),
                "timings": {"prepare_s": round(t_prepared - t0, 3), "total_s": round(time.perf_counter() - t0, 3)}}
     write_metrics(out, summary, default=None)
+    with start_tracking(cfg.wandb, out, out.name, to_dict(cfg), group=cfg.task, job_type="sweep") as tracker:
+        tracker.table("trials", trials)
+        tracker.summary({"best/value": best["value"], "n_trials": summary["n_trials"], "n_errors": summary["n_errors"]})
     return summary | {"trials": trials}
 
 

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from shards.config import ConfigError, load_config
 from shards.runs import default_folder
 from shards.schema import JOINTS, LABELS, PLANES, STRUCTURES
+from shards.tracking import WandbConfig
 
 TASKS_DIR = Path(__file__).resolve().parents[1] / "configs" / "tasks"
 
@@ -132,6 +133,7 @@ class TaskConfig:
     train: TrainSpec = field(default_factory=TrainSpec)
     metrics: MetricsSpec = field(default_factory=MetricsSpec)
     baselines: BaselineSpec = field(default_factory=BaselineSpec)
+    wandb: WandbConfig = field(default_factory=WandbConfig)    # W&B tracking; off without wandb.project
 
     def validate(self) -> None:
         where = f"task '{self.name}'"

@@ -18,6 +18,7 @@ from typing import Any, Optional
 from shards.config import ConfigError
 from shards.runs import default_folder
 from shards.schema import JOINTS
+from shards.tracking import WandbConfig
 
 LAUNCHERS = ("local", "torchrun", "ray")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -80,6 +81,7 @@ class PretrainConfig:
     storage_path: str = field(default_factory=default_folder("pretrain"))  # checkpoints: folder or s3:// URL
     run_root: str = field(default_factory=default_folder("pretrain"))      # config.yaml, metrics.json(l), logs
     seed: int = 0
+    wandb: WandbConfig = field(default_factory=WandbConfig)  # W&B tracking by rank 0; off without a project
 
     def validate(self) -> None:
         if self.launcher not in LAUNCHERS:

@@ -88,8 +88,10 @@ def test_two_joint_capped_run_publishes_what_it_saw(tiny_shards, tmp_path):
     from pretrain.run import publish_run
 
     cfg = _cfg(tiny_shards, tmp_path, "joints={knee: 1, shoulder: 1}", "data.max_studies=6", "launcher=local",
-               "optim.total_steps=2", "checkpoint_every=2", "name=mix")
+               "optim.total_steps=2", "checkpoint_every=2", "log_every=1", "name=mix", "wandb.project=mskfm-test")
     assert train(cfg)["sag"]["steps"] == 2
+    # rank 0 tracked the run with W&B, offline (tests set WANDB_MODE=offline), inside the plane's folder
+    assert len(list((tmp_path / "runs" / "mix" / "sag" / "wandb").glob("offline-run-*/run-*.wandb"))) == 1
     url = publish_run(cfg, str(tmp_path / "hub"))["sag"]
     metrics = json.loads((Path(url) / "metrics.json").read_text())
     assert metrics["joints"] == ["knee", "shoulder"] and metrics["n_studies"] == 6 and metrics["steps"] == 2

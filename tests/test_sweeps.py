@@ -54,7 +54,8 @@ def test_bad_space_is_refused():
 def test_sweep_best_head_and_from_sweep(sweep_env, ray_local, tmp_path):
     run = tmp_path / "sweep"
     assert cli.main(["sweep", "--task", str(sweep_env["task"]), "--space", str(sweep_env["space"]),
-                     "--run-dir", str(run)]) == 0
+                     "--run-dir", str(run), "wandb.project=mskfm-test"]) == 0
+    assert len(list((run / "wandb").glob("offline-run-*/run-*.wandb"))) == 1  # W&B offline (tests set WANDB_MODE)
     trials = pd.read_csv(run / "trials.csv")
     assert len(trials) == 4 and trials["error"].isna().all()
     assert sorted(trials["param:features.timesteps"]) == ["[10]", "[10]", "[60]", "[60]"]
@@ -69,7 +70,9 @@ def test_sweep_best_head_and_from_sweep(sweep_env, ray_local, tmp_path):
 
     ft = tmp_path / "ft"
     assert cli.main(["finetune", "--task", str(sweep_env["task"]), "--from-sweep", str(run), "--run-dir", str(ft),
-                     "baselines.names=[]"]) == 0
+                     "baselines.names=[]", "wandb.project=mskfm-test"]) == 0
+    assert len(list((ft / "wandb").glob("offline-run-*/run-*.wandb"))) == 1
+    assert not any((run / "trials").rglob("wandb"))  # trials without wandb configured write none
     import yaml
 
     resolved = yaml.safe_load((ft / "config.yaml").read_text())

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from shards.config import load_config, lookup, save_config
+from shards.config import load_config, lookup, save_config, to_dict
 from shards.runs import write_metrics
+from shards.tracking import start_tracking
 
 from ..report import write_report
 from . import label_efficiency, multi_anatomy, robustness, transfer
@@ -49,6 +50,9 @@ def run_study(cfg: StudyConfig, run_dir: str | Path | None = None, make_backbone
                "backbones_made": made, "report": str(md), "html": str(page),
                "timings": {"prepare_s": round(t_checked - t0, 3), "total_s": round(time.perf_counter() - t0, 3)}}
     write_metrics(out, summary, default=None)
+    with start_tracking(cfg.wandb, out, out.name, to_dict(cfg), job_type=f"study-{cfg.kind}") as tracker:
+        tracker.table("trials", trials)
+        tracker.summary({k: summary[k] for k in ("n_trials", "n_errors")})
     return summary
 
 

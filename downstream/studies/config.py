@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 
 from shards.config import ConfigError, load_config, to_dict
 from shards.runs import default_folder
+from shards.tracking import WandbConfig
 
 from ..tuning import RayConnection
 
@@ -57,6 +58,7 @@ class StudyConfig:
     resources: dict[str, float] = field(default_factory=lambda: {"cpu": 1.0})
     max_concurrent_trials: int = 2
     ray: RayConnection = field(default_factory=RayConnection)
+    wandb: WandbConfig = field(default_factory=WandbConfig)   # W&B record of the study (trials table)
     quick: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
