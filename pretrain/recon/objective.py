@@ -14,6 +14,8 @@ range set to each target's maximum (as in fastMRI's VarNet training).
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import torch
 from fastmri.losses import SSIMLoss
 
@@ -74,7 +76,7 @@ class ReconObjective:
 
         cls = lookup(RECON_BACKBONES, self.backbone, "reconstruction backbone")
         try:
-            return cls(**self.model_kwargs)
+            return cls(**self.model_kwargs, transform=asdict(self.transform.cfg))
         except TypeError as exc:
             raise ConfigError(f"key 'model': {exc}") from exc
 
