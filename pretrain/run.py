@@ -12,9 +12,15 @@ import os
 from pathlib import Path
 
 from shards.config import ConfigError, load_config, save_config, to_dict
+from shards.resume import check_resume, saved_yaml
 from shards.runs import runs_root, write_metrics
 
 from .config import PretrainConfig, run_dir
+
+# keys a resumed run may change: more steps, logging, checkpoint cadence, workers and retries
+RESUME_IGNORE = ("optim.total_steps", "log_every", "checkpoint_every", "keep_checkpoints",
+                 "data.num_workers", "data.prefetch", "ray.address", "ray.max_failures",
+                 "ray.concurrent_planes", "wandb")
 
 
 def resolve_paths(cfg: PretrainConfig) -> PretrainConfig:
@@ -65,6 +71,8 @@ def train(cfg: PretrainConfig) -> dict:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     cfg = resolve_paths(cfg)
     check_models(cfg, check_manifest(cfg))
+    check_resume(saved_yaml(run_dir(cfg) / "config.yaml"), to_dict(cfg), run_dir(cfg), "pretraining run",
+                 ignore=RESUME_IGNORE)
     if is_rank0(cfg):
         save_config(cfg, run_dir(cfg) / "config.yaml")
     results = launch(cfg)

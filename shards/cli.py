@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import Command, build_cli, load_config, run_cli
+from .config import Command, ConfigError, build_cli, load_config, run_cli
 from .ingest.cli import INGEST
 from .manifest import load_manifest, verify_shards
 from .runs import run_dir, write_run
@@ -71,6 +71,22 @@ def cmd_verify(args) -> int:
     return 1 if problems else 0
 
 
+def cmd_scan_phi(args) -> int:
+    """Exit 0 when no identifying value of the export is in the shards (or what travels with them), else 1."""
+    from .phi_scan import format_scan, scan_phi
+
+    if not args.source and not args.table:
+        raise ConfigError("scan-phi: give --source <export dir> (and/or --table) to gather identifying values from")
+    if args.source and not Path(args.source).is_dir():
+        raise FileNotFoundError(f"scan-phi: --source {args.source} is not a folder")
+    result = scan_phi(args.shards, args.source, args.table, args.include,
+                      ("free_text",) if args.allow_free_text else ())
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    print(format_scan(result))
+    return 1 if result["n_hits"] else 0
+
+
 def cmd_info(args) -> int:
     from .summary import format_summary
 
@@ -99,6 +115,17 @@ def _verify_args(p) -> None:
     p.add_argument("shards", help="shard folder, manifest.json or s3:// URL")
 
 
+def _scan_phi_args(p) -> None:
+    p.add_argument("shards", help="shard folder or URL: every file in it is scanned")
+    p.add_argument("--source", help="the export the shards came from (DICOM, fastMRI, NIfTI, tables)")
+    p.add_argument("--table", action="append", default=[], help="a label/EHR table outside the export")
+    p.add_argument("--include", action="append", default=[],
+                   help="another file or folder that travels with the shards (model card, report)")
+    p.add_argument("--allow-free-text", action="store_true",
+                   help="shards ingested with deid.keep_free_text=true: whole free-text values are not hits")
+    p.add_argument("--json", help="also write the result (no values, only where and what kind) here")
+
+
 def _info_args(p) -> None:
     p.add_argument("shards")
     p.add_argument("--json", action="store_true")
@@ -109,6 +136,7 @@ COMMANDS: dict[str, Command] = {
     "synth": Command(_synth_args, cmd_synth, "write a few synthetic studies as NIfTI/npy files + previews"),
     "ingest": INGEST,
     "verify": Command(_verify_args, cmd_verify, "check every shard's size and sha256 against the manifest"),
+    "scan-phi": Command(_scan_phi_args, cmd_scan_phi, "look for the source export's identifying values in the shards"),
     "info": Command(_info_args, cmd_info, "print a dataset summary from the manifest"),
 }
 

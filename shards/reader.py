@@ -56,7 +56,9 @@ class ShardReader(torch.utils.data.IterableDataset):
         shuffle, seed, shuffle_buffer: deterministic seeded shuffle of shards and samples;
             call :meth:`set_epoch` to reshuffle per epoch.
         resample, epoch_length: infinite seeded resampling, cut to ``epoch_length`` per slot.
-        verify: check each shard's sha256 against the manifest before reading it.
+        verify: check each shard's sha256 against the manifest before reading it. Without it, each
+            shard's sample count is still checked against the manifest once it has been read
+            (a shard cut at a member boundary ends like a complete tar archive).
         on_error: "raise" or "skip" (log, count lost samples in ``self.skipped``, messages in
             ``self.errors``, and go on). Counts live in the iterating process (not DataLoader workers).
         transform: a function applied to each decoded sample.
@@ -137,8 +139,23 @@ class ShardReader(torch.utils.data.IterableDataset):
             n += 1
 
     def _resampled(self, rng: random.Random) -> Iterator[dict]:
+        barren: set[str] = set()  # shards read to the end without one wanted sample
         while True:
-            yield from self._samples([rng.choice(self.entries)], 1, 0)
+            entry, found = rng.choice(self.entries), False
+            for sample in self._samples([entry], 1, 0):
+                found = True
+                yield sample
+            if found:
+                barren.clear()
+            else:
+                barren.add(entry["path"])
+            if len(barren) == len(self.entries):
+                raise ShardError(f"no sample of split '{self.split}' in {self.manifest['_base']} has "
+                                 f"{self._wanted_text()}: every shard of the split was read")
+
+    def _wanted_text(self) -> str:
+        joints = f"joint {' or '.join(sorted(self.joints))} with " if self.joints else ""
+        return f"{joints}field(s) {', '.join(self.require) or '(any)'}"
 
     def _samples(self, shards: list[dict], stride: int, offset: int) -> Iterator[dict]:
         for entry in shards:
@@ -172,9 +189,14 @@ class ShardReader(torch.utils.data.IterableDataset):
                                   entry.get("n_samples", 1))
             return
         last = {"member": None}
+        keys: dict[str, None] = {}  # every sample key in the archive (in order), wanted fields or not
+
+        def select(fname: str) -> bool:
+            keys[fname.split(".", 1)[0]] = None
+            return self._wanted(fname)
 
         def members(stream):
-            for m in tar_file_iterator(stream, select_files=self._wanted):
+            for m in tar_file_iterator(stream, select_files=select):
                 last["member"] = m["fname"]
                 yield {**m, "__url__": path}
 
@@ -202,10 +224,18 @@ class ShardReader(torch.utils.data.IterableDataset):
         except Exception as exc:  # the rest of this shard is unreadable
             lost = max(1, entry.get("n_samples", 0) - seen)
             yield from self._fail(path, last["member"], exc, lost)
+            return
+        expected = entry.get("n_samples")
+        if expected is not None and len(keys) < expected:  # cut at a member boundary
+            after = f"after sample '{next(reversed(keys))}'" if keys else "at the start"
+            yield from self._fail(path, None, EOFError(
+                f"the archive ends {after} with {len(keys)} of the {expected} samples the manifest lists "
+                "(file cut short?)"), expected - len(keys), where="sample count")
 
-    def _fail(self, path: str, member: str | None, exc: Exception, lost: int = 1) -> Iterator[dict]:
-        where = (f"sample '{member.split('.', 1)[0]}' (member {member})" if member
-                 else "before the first sample")
+    def _fail(self, path: str, member: str | None, exc: Exception, lost: int = 1,
+              where: str | None = None) -> Iterator[dict]:
+        where = where or (f"sample '{member.split('.', 1)[0]}' (member {member})" if member
+                          else "before the first sample")
         msg = f"corrupt shard {path}: {where}: {type(exc).__name__}: {exc}"
         if self.on_error == "raise":
             raise ShardError(msg) from exc

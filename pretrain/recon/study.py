@@ -22,10 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from omegaconf import OmegaConf
-
 from shards.config import ConfigError, load_config, save_config, to_dict
 from shards.reader import iter_samples
+from shards.resume import check_resume, saved_yaml
 from shards.runs import default_folder, write_metrics
 from shards.writer import ShardWriter
 
@@ -158,15 +157,7 @@ def save_heatmap(results: list[dict], anatomies: list[str], metric: str, path: P
 
 def check_resumable(cfg: ReconStudyConfig, study_dir: Path) -> None:
     """A study folder resumes by condition name, so its data and training settings must not change."""
-    saved = study_dir / "config.yaml"
-    if not saved.is_file():
-        return
-    before, now = OmegaConf.to_container(OmegaConf.load(saved)), to_dict(cfg)
-    changed = [k for k in RESUME_KEYS if before.get(k) != now.get(k)]
-    if changed:
-        raise ConfigError(f"{study_dir} holds a study with other {', '.join(changed)} "
-                          f"({'; '.join(f'{k}: {before.get(k)} -> {now.get(k)}' for k in changed)}); "
-                          "give it a new 'name' or remove the folder")
+    check_resume(saved_yaml(study_dir / "config.yaml"), to_dict(cfg), study_dir, "study", keys=RESUME_KEYS)
 
 
 def run_study(cfg: ReconStudyConfig) -> dict:
