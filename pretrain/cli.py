@@ -18,7 +18,9 @@ import os
 import sys
 
 from shards.config import Command, build_cli, load_config, run_cli
+from shards.reader import ShardError
 
+from .loop import NonFiniteLossError
 from .recon.cli import RECON_COMMANDS
 
 
@@ -73,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-    return run_cli(build_parser(), COMMANDS, argv, errors=(FileNotFoundError, FileExistsError))
+    # deterministic failures: the same one line (exit 2) under every launcher
+    return run_cli(build_parser(), COMMANDS, argv,
+                   errors=(NonFiniteLossError, ShardError, FileNotFoundError, FileExistsError))
 
 
 if __name__ == "__main__":

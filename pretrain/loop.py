@@ -23,7 +23,7 @@ import torch
 
 from shards.config import to_dict
 from shards.manifest import load_manifest
-from shards.reader import MixedReader, ShardReader
+from shards.reader import MixedReader, ShardError, ShardReader
 from shards.tracking import Tracker, start_tracking
 
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -115,6 +115,13 @@ def build_loader(cfg: PretrainConfig, objective, rank: int, world: int, epoch: i
              if cfg.data.num_workers > 0 else {})
     return torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, num_workers=cfg.data.num_workers,
                                        collate_fn=objective.collate, **extra)
+
+
+def _next_batch(batches):
+    try:
+        return next(batches)
+    except ShardError as exc:  # from a DataLoader worker, the message carries its traceback
+        raise ShardError(str(exc).strip().splitlines()[-1].split("ShardError: ", 1)[-1]) from None
 
 
 def _to_engine(batch: dict, device, dtype) -> dict:
@@ -209,7 +216,7 @@ def _train(cfg: PretrainConfig, unit: str, session, objective, engine, lr_sched,
     while step < total:
         for _ in range(cfg.optim.grad_accum):
             t0 = time.perf_counter()
-            batch = next(batches)
+            batch = _next_batch(batches)
             window.data_s += time.perf_counter() - t0
             loss = objective.loss(engine, _to_engine(batch, engine.device, dtype), gen)
             if not torch.isfinite(loss):

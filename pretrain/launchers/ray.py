@@ -3,12 +3,16 @@
 The embedded default starts a local Ray in-process with the machine's CPUs; ``ray.address``
 joins a running cluster. Checkpoints are reported with ``ray.train.report(checkpoint=...)`` into
 ``<storage_path>/<name>/<plane>/`` (Ray Train run ``name=<plane>``); re-running with the same
-``name`` resumes from the newest one (Ray Train v2 restores a run from its storage folder), and
-``FailureConfig(max_failures)`` restarts the worker group from it when a worker dies.
+``name`` resumes from the newest one (Ray Train v2 restores a run from its storage folder). When a
+worker dies, the run is started again from that checkpoint, up to ``ray.max_failures`` times; a
+failure that would recur on every retry (a non-finite loss, a corrupt checkpoint or shard, a
+configuration error) stops the run at once and is raised as it is, as under the local launcher.
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -17,6 +21,7 @@ from pathlib import Path
 from ..config import PretrainConfig, storage_root
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+log = logging.getLogger(__name__)
 
 
 class RaySession:
@@ -76,22 +81,63 @@ def connect_ray(address: str | None = None, log_to_driver: bool = True):
     return ray
 
 
-def fit_unit(cfg: PretrainConfig, unit: str):
+def _trainer(cfg: PretrainConfig, unit: str):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from shards.config import to_dict
 
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_worker,
         train_loop_config={"cfg": to_dict(cfg), "unit": unit, "use_gpu": cfg.ray.use_gpu},
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
         run_config=RunConfig(name=unit, storage_path=storage_root(cfg),
-                             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+                             failure_config=FailureConfig(max_failures=0),  # retried in fit_unit
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
     )
-    result = trainer.fit()
+
+
+def deterministic_failure(error: BaseException) -> BaseException | None:
+    """The worker error inside a Ray Train failure that a retry would meet again, if there is one."""
+    from shards.config import ConfigError
+    from shards.reader import ShardError
+
+    from ..checkpoint import CheckpointError
+    from ..loop import NonFiniteLossError
+
+    kinds = (NonFiniteLossError, CheckpointError, ShardError, ConfigError)
+    todo, seen = [error], set()
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, kinds):
+            return e
+        # WorkerGroupError.worker_failures -> Ray's wrapper of the user exception (_base_exc) or a
+        # RayTaskError (cause)
+        todo += [*getattr(e, "worker_failures", {}).values(), getattr(e, "_base_exc", None),
+                 getattr(e, "cause", None), e.__cause__]
+    return None
+
+
+def fit_unit(cfg: PretrainConfig, unit: str):
+    from ray.train import TrainingFailedError
+
+    retries = itertools.count() if cfg.ray.max_failures < 0 else range(cfg.ray.max_failures + 1)
+    for attempt in retries:
+        try:
+            result = _trainer(cfg, unit).fit()
+            break
+        except TrainingFailedError as exc:
+            fatal = deterministic_failure(exc)
+            if fatal is not None:
+                raise fatal from None
+            if attempt == cfg.ray.max_failures:
+                raise
+            log.warning("%s: training failed (%s); starting again from the last checkpoint (retry %d)",
+                        unit, str(exc).splitlines()[0], attempt + 1)
     return {"steps": result.metrics.get("step"), "final_loss": result.metrics.get("loss"),
             "checkpoint": result.checkpoint.path if result.checkpoint else None}
 

@@ -135,9 +135,15 @@ def run_pipeline(cfg: IngestConfig, command: str, pseudo, find_studies, to_key) 
         if not Path(cfg.source).is_dir():
             report.skip(str(cfg.source), "no_source", "input folder does not exist")
             return finish(cfg, command, report, {})
-        studies = find_studies(cfg, pseudo, report)
-        tables = open_tables(cfg, to_key)
-        write_studies(studies, cfg, report, tables, info)
+        tables: dict[str, TableJoin] = {}
+        try:
+            studies = find_studies(cfg, pseudo, report)
+            tables = open_tables(cfg, to_key)
+            write_studies(studies, cfg, report, tables, info)
+        except Exception as exc:  # never lose the report of what was done before the failure
+            report.skip(".", "aborted", f"ingest stopped: {type(exc).__name__}: {exc}")
+            finish(cfg, command, report, tables)
+            raise
         if report.files_seen == 0:
             report.skip(".", "empty", "no files under the input folder")
         if (Path(cfg.out) / "manifest.json").is_file():
