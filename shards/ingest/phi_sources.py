@@ -24,7 +24,8 @@ from pathlib import Path
 
 from pydicom.multival import MultiValue
 
-from ..schema import JOINTS, PLANES
+from ..schema import JOINTS, LABELS, PLANE_NAMES, PLANES, RECON_FIELDS, STRUCTURES, STUDY_FIELDS
+from ..stats import empty_stats
 from .deid import _DATE_LIKE, HONORIFIC_NAME, KEEP_UIDS, PHONE
 from .series import BODY_PARTS, VENDORS
 from .tables import EHR_VOCAB, SEXES
@@ -56,8 +57,11 @@ MIN_DIGITS = 6      # shortest all-digit needle (shorter numbers are counts, siz
 
 
 def _vocabulary() -> frozenset[str]:
-    """Words that shards carry by design: never needles on their own."""
-    words = {*PLANES, *JOINTS, *(b.lower() for b in BODY_PARTS), *(v[0].lower() for v in VENDORS),
+    """Words that shards carry by design (schema fields and names, closed vocabularies, export
+    file names such as ``labels.json`` or ``sag_seg.nii.gz``): never needles on their own."""
+    schema = {*STUDY_FIELDS, *RECON_FIELDS, *PLANE_NAMES.values(), *empty_stats(), "manifest",
+              *(f"{p}_seg" for p in PLANES), *(n for names in (*LABELS.values(), *STRUCTURES.values()) for n in names)}
+    words = {*schema, *PLANES, *JOINTS, *(b.lower() for b in BODY_PARTS), *(v[0].lower() for v in VENDORS),
              *(w for vocab in EHR_VOCAB.values() for w in vocab), *SEXES, "other", "unknown", "none",
              "null", "true", "false", "yes", "no", "train", "val", "test", "dicom", "nifti", "fastmri",
              "study", "recon", "knee", "brain", "prostate", "breast", "t1", "t2", "pd", "stir", "gre",
