@@ -271,3 +271,20 @@ def test_scan_phi_reads_sidecars_and_nifti_headers(tmp_path):
     assert result["source_files"]["nifti"] == 1 and result["source_files"]["sidecars"] == 1
     assert {(h["kind"], h["field"]) for h in result["hits"]} == {
         ("place", "InstitutionName"), ("name", "descrip"), ("date", "AcquisitionDateTime")}
+
+
+def test_scan_phi_does_not_flag_what_the_platform_generates(tmp_path):
+    """Zero-padded source numbers vs shard names, and a (shifted) study_date equal to another
+    study's real date, are not hits; the same values elsewhere are."""
+    from shards.phi_scan import scan_phi
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "tables.csv").write_text("accession,visit\n000001,2020-01-14\n")
+    for name, extra in (("ok", {}), ("leak", {"note": "acc 000001 on 2020-01-14"})):
+        with ShardWriter(tmp_path / name, kind="study", max_count=1, info={"name": name}) as writer:
+            for i in range(2):
+                writer.write({"__key__": f"s-{i}", "meta": {"joint": "knee", "patient": f"p-{i}", "planes": {},
+                                                             "study_date": "2020-01-14", **extra}}, "train")
+    assert "train-000001.tar" in (tmp_path / "ok" / "manifest.json").read_text()
+    assert scan_phi(tmp_path / "ok", tmp_path / "src")["n_hits"] == 0
+    assert {h["kind"] for h in scan_phi(tmp_path / "leak", tmp_path / "src")["hits"]} == {"table"}

@@ -328,7 +328,7 @@ def gather(source: str | Path | None, tables: list[str | Path] = ()) -> tuple[Ne
         for path in files:
             rel = path.relative_to(root)
             for part in (*rel.parent.parts, re.sub(r"(\.nii)?\.[A-Za-z0-9]+$", "", rel.name)):
-                if len(part) >= 6:
+                if len(part) >= 6 and re.search(r"[A-Za-z]", part):  # not 000123: numbering, not a name
                     needles.add(part, "file_name", "path")
             name = path.name.lower()
             with warnings.catch_warnings():
