@@ -11,7 +11,7 @@ from huggingface_hub import ModelCardData
 PIPELINE_TAG = {"diagnosis": "image-classification", "segmentation": "image-segmentation"}
 
 
-def _ci(value: float, ci) -> str:
+def with_ci(value: float, ci) -> str:
     if value is None or not math.isfinite(value):
         return "n/a"
     if not ci or not all(c is not None and math.isfinite(c) for c in ci):
@@ -28,7 +28,7 @@ def diagnosis_rows(metrics: dict) -> list[str]:
     for model, m in metrics.items():
         for name, v in [*m.get("per_label", {}).items(), ("macro", m.get("macro", {}))]:
             ci = v.get("ci", {})
-            rows.append(f"| {model} | {name} | {_ci(v.get('auroc'), ci.get('auroc'))} | {_ci(v.get('ap'), ci.get('ap'))} |")
+            rows.append(f"| {model} | {name} | {with_ci(v.get('auroc'), ci.get('auroc'))} | {with_ci(v.get('ap'), ci.get('ap'))} |")
     return rows
 
 
@@ -37,7 +37,7 @@ def segmentation_rows(metrics: dict) -> list[str]:
     for model, m in metrics.items():
         for name, v in [*m.get("per_structure", {}).items(), ("mean", m.get("mean", {}))]:
             d, h = v.get("dice", {}), v.get("hd95", {})
-            rows.append(f"| {model} | {name} | {_ci(d.get('mean'), d.get('ci'))} | {_ci(h.get('mean'), h.get('ci'))} |")
+            rows.append(f"| {model} | {name} | {with_ci(d.get('mean'), d.get('ci'))} | {with_ci(h.get('mean'), h.get('ci'))} |")
     return rows
 
 

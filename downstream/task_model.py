@@ -180,7 +180,6 @@ def _backbone_folder(url: str) -> Path:
 class TaskModel:
     """A loaded task model: metadata, task config, head module and per-plane backbones (eval mode)."""
 
-    source: str
     meta: dict
     task: TaskConfig
     head: torch.nn.Module
@@ -259,10 +258,12 @@ def load_task_model(url: str, backbones: dict[str, str] | None = None, backbone_
                     device: str = "cpu", cache_dir: str | Path | None = None) -> TaskModel:
     """Load and check a task model and its backbones (sha256-verified), ready for :mod:`.predict`."""
     folder = fetch_task_model(url, cache_dir)
-    meta = json.loads((folder / META).read_text())
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise TaskModelError(f"{url}: not a version-{VERSION} {FORMAT} ({META} says format "
-                             f"{meta.get('format')!r}, version {meta.get('version')!r})")
+    try:
+        meta = json.loads((folder / META).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise TaskModelError(f"{url}: {META} is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise TaskModelError(f"{url}: {META} is not a version-{VERSION} {FORMAT} task model")
     task = load_config(TaskConfig, folder / CONFIG)
     loaded = {}
     for plane in meta["planes"]:
@@ -277,7 +278,7 @@ def load_task_model(url: str, backbones: dict[str, str] | None = None, backbone_
         raise TaskModelError(f"{url}: {HEADS} does not fit the task's head (missing {sorted(missing)[:5]}, "
                              f"unexpected {sorted(unexpected)[:5]})")
     metrics = json.loads((folder / METRICS).read_text()) if (folder / METRICS).is_file() else {}
-    return TaskModel(str(url), meta, task, head.to(device).eval(), loaded, metrics)
+    return TaskModel(meta, task, head.to(device).eval(), loaded, metrics)
 
 
 def export_task_model(run: str, dest: str, overwrite: bool = False) -> str:
