@@ -74,7 +74,7 @@ def _study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--space", default=None, help="study grid (default configs/sweeps/<kind>.yaml)")
     p.add_argument("--quick", action="store_true", help="the reduced grid of the config's quick: block")
     p.add_argument("--make-backbones", action="store_true",
-                   help="pretrain (small, plain torch) the grid's backbones that are not published yet")
+                   help="pretrain (small, with `pretrain run`'s engine) the grid's backbones that are not published yet")
     p.add_argument("--run-dir", default=None, help="run folder (default runs/study/<kind>); rerun to resume")
     p.add_argument("overrides", nargs="*", help="study keys, e.g. seeds=[0,1] task=ankle-dx")
 
