@@ -93,7 +93,7 @@ def test_task_model_files_and_card(dx_run, tmp_path):
         assert (model / name).is_file(), name
     meta = json.loads((model / "task_model.json").read_text())
     assert meta["vocabulary"]["labels"] == load_task("knee-dx").labels and meta["planes"] == ["sag"]
-    assert meta["backbones"]["sag"]["url"] == "knee-sag" and len(meta["backbones"]["sag"]["sha256"]) == 64
+    assert meta["backbones"]["sag"]["url"] == "<local>/knee-sag" and len(meta["backbones"]["sag"]["sha256"]) == 64
     assert set(meta["thresholds"]) == set(meta["vocabulary"]["labels"]) and meta["threshold_source"]
     card = (model / "README.md").read_text()
     header = card.split("---")[1]
