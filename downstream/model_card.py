@@ -84,6 +84,9 @@ def render_task_card(meta: dict, config: dict, metrics: dict, manifest: dict) ->
     if kind == "diagnosis":
         lines += ["", f"Decision thresholds ({meta['threshold_source']}): "
                   + ", ".join(f"{k} {v:.3f}" for k, v in meta["thresholds"].items())]
+    if config.get("ehr", {}).get("enabled"):
+        lines += ["", "This task model is the run's image-only head; the run's EHR-only and image+EHR models "
+                  "(in its `models/` folder) are not part of it."]
     lines += ["", "## Limitations", "",
               "- Small training set; intervals are wide and the point estimates are uncertain.",
               f"- Trained on the sites, vendors and field strengths listed above; performance on others is "

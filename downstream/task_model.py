@@ -262,7 +262,10 @@ def load_task_model(url: str, backbones: dict[str, str] | None = None, backbone_
         loaded[plane] = model
     grid = meta["preprocessing"][task.planes[0]]["shape"]
     head = build_head(task, meta["channels"], grid, loaded)
-    missing, unexpected = load_model(head, str(folder / HEADS), strict=False)
+    try:
+        missing, unexpected = load_model(head, str(folder / HEADS), strict=False)
+    except Exception as exc:  # a truncated or foreign file: safetensors raises several types
+        raise TaskModelError(f"{url}: {HEADS} cannot be read ({type(exc).__name__}: {exc})") from None
     if missing or unexpected:
         raise TaskModelError(f"{url}: {HEADS} does not fit the task's head (missing {sorted(missing)[:5]}, "
                              f"unexpected {sorted(unexpected)[:5]})")
@@ -280,4 +283,6 @@ def export_task_model(run: str, dest: str, overwrite: bool = False) -> str:
     except FileExistsError:
         raise TaskModelError(f"a task model already exists at {dest}; export under a new name or pass "
                              f"--overwrite") from None
+    except RuntimeError as exc:  # hf:// without a token
+        raise TaskModelError(str(exc)) from None
     return str(dest)

@@ -127,7 +127,8 @@ def test_export_then_predict_reproduces_test_split(dx_run, hub, knee_shards, tmp
     assert set(pred["planes"]) == {"sag"}
 
 
-def test_altered_or_missing_backbone_refused(dx_run, hub, knee_shards, tmp_path, capsys):
+def test_altered_or_missing_backbone_refused(dx_run, hub, knee_shards, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
     bad = tmp_path / "hub"
     shutil.copytree(hub, bad)
     weights = bad / "knee-sag" / "diffusion_pytorch_model.safetensors"
@@ -137,6 +138,13 @@ def test_altered_or_missing_backbone_refused(dx_run, hub, knee_shards, tmp_path,
     save_file(tensors, weights)
     with pytest.raises(TaskModelError, match=r"weights sha256 is [0-9a-f]{64}, the task model expects [0-9a-f]{64}"):
         load_task_model(str(dx_run), backbone_dir=str(bad))
+    heads = tmp_path / "model"
+    shutil.copytree(dx_run / "model", heads)
+    (heads / "heads.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(TaskModelError, match="heads.safetensors cannot be read"):
+        load_task_model(str(heads), backbone_dir=str(hub))
+    assert cli.main(["export", str(dx_run), "--to", "hf://someone/knee-dx"]) == 2  # no HF_TOKEN here
+    assert "needs a Hugging Face token" in capsys.readouterr().err
     args = ["predict", "--model", str(dx_run), str(knee_shards), "--out", str(tmp_path / "p")]
     assert cli.main([*args, f"backbone_dir={bad}"]) == 2
     assert "altered" in capsys.readouterr().err
