@@ -9,6 +9,9 @@ import math
 from huggingface_hub import ModelCardData
 
 PIPELINE_TAG = {"diagnosis": "image-classification", "segmentation": "image-segmentation"}
+HEADS = {"features": "a head on their frozen features", "experts": "per-label plane experts on their frozen "
+         "features with a gating network", "tuned": "a head with fine-tuned backbone blocks",
+         "segmentation": "a segmentation decoder on their frozen features"}
 
 
 def with_ci(value: float, ci) -> str:
@@ -59,7 +62,7 @@ def render_task_card(meta: dict, config: dict, metrics: dict, manifest: dict) ->
              "decisions and must not be used for them.", "",
              "## Intended use", "",
              f"Research on {joint} MRI: {what}, from the {', '.join(planes)} plane(s) of one study, with frozen "
-             f"3D diffusion backbones (one per plane) and a trained {meta['head']} head. Apply it with "
+             f"3D diffusion backbones (one per plane) and {HEADS[meta['head']]}. Apply it with "
              "`downstream predict --model <this folder or URL> <shards | DICOM folder | NIfTI files> --out <dir>`; "
              "measure it on another cohort with `downstream evaluate --model <this> --shards <set>`.", "",
              "## Backbones", "", "| plane | URL | weights sha256 |", "|---|---|---|"]
