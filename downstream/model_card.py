@@ -9,9 +9,12 @@ import math
 from huggingface_hub import ModelCardData
 
 PIPELINE_TAG = {"diagnosis": "image-classification", "segmentation": "image-segmentation"}
+HEADS = {"features": "a head on their frozen features", "experts": "per-label plane experts on their frozen "
+         "features with a gating network", "tuned": "a head with fine-tuned backbone blocks",
+         "segmentation": "a segmentation decoder on their frozen features"}
 
 
-def _ci(value: float, ci) -> str:
+def with_ci(value: float, ci) -> str:
     if value is None or not math.isfinite(value):
         return "n/a"
     if not ci or not all(c is not None and math.isfinite(c) for c in ci):
@@ -28,7 +31,7 @@ def diagnosis_rows(metrics: dict) -> list[str]:
     for model, m in metrics.items():
         for name, v in [*m.get("per_label", {}).items(), ("macro", m.get("macro", {}))]:
             ci = v.get("ci", {})
-            rows.append(f"| {model} | {name} | {_ci(v.get('auroc'), ci.get('auroc'))} | {_ci(v.get('ap'), ci.get('ap'))} |")
+            rows.append(f"| {model} | {name} | {with_ci(v.get('auroc'), ci.get('auroc'))} | {with_ci(v.get('ap'), ci.get('ap'))} |")
     return rows
 
 
@@ -37,7 +40,7 @@ def segmentation_rows(metrics: dict) -> list[str]:
     for model, m in metrics.items():
         for name, v in [*m.get("per_structure", {}).items(), ("mean", m.get("mean", {}))]:
             d, h = v.get("dice", {}), v.get("hd95", {})
-            rows.append(f"| {model} | {name} | {_ci(d.get('mean'), d.get('ci'))} | {_ci(h.get('mean'), h.get('ci'))} |")
+            rows.append(f"| {model} | {name} | {with_ci(d.get('mean'), d.get('ci'))} | {with_ci(h.get('mean'), h.get('ci'))} |")
     return rows
 
 
@@ -59,7 +62,7 @@ def render_task_card(meta: dict, config: dict, metrics: dict, manifest: dict) ->
              "decisions and must not be used for them.", "",
              "## Intended use", "",
              f"Research on {joint} MRI: {what}, from the {', '.join(planes)} plane(s) of one study, with frozen "
-             f"3D diffusion backbones (one per plane) and a trained {meta['head']} head. Apply it with "
+             f"3D diffusion backbones (one per plane) and {HEADS[meta['head']]}. Apply it with "
              "`downstream predict --model <this folder or URL> <shards | DICOM folder | NIfTI files> --out <dir>`; "
              "measure it on another cohort with `downstream evaluate --model <this> --shards <set>`.", "",
              "## Backbones", "", "| plane | URL | weights sha256 |", "|---|---|---|"]
@@ -84,6 +87,9 @@ def render_task_card(meta: dict, config: dict, metrics: dict, manifest: dict) ->
     if kind == "diagnosis":
         lines += ["", f"Decision thresholds ({meta['threshold_source']}): "
                   + ", ".join(f"{k} {v:.3f}" for k, v in meta["thresholds"].items())]
+    if config.get("ehr", {}).get("enabled"):
+        lines += ["", "This task model is the run's image-only head; the run's EHR-only and image+EHR models "
+                  "(in its `models/` folder) are not part of it."]
     lines += ["", "## Limitations", "",
               "- Small training set; intervals are wide and the point estimates are uncertain.",
               f"- Trained on the sites, vendors and field strengths listed above; performance on others is "
