@@ -73,6 +73,9 @@ def cmd_up(args) -> int:
         print(f"  auth:      token in {node.auth_token_path} (this user only); other machines and "
               "clients need it: copy the file, export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=<file>")
     print("  submit:    cluster submit -- <command>    stop: cluster down")
+    auth = f"RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={node.auth_token_path} " if node.auth_token_path else ""
+    print(f"  drivers:   {auth}pretrain run ... ray.address={node.address}   (a command on this machine "
+          "joining this head)")
     return 0
 
 
@@ -104,7 +107,8 @@ def _address(args) -> str:
 
 def cmd_submit(args, command: list[str]) -> int:
     jobs.entrypoint(command)  # no command: fail before contacting anything
-    return jobs.submit(_address(args), command, args.working_dir, wait=not args.no_wait)
+    shared = _local_config(args).shared_dirs
+    return jobs.submit(_address(args), command, args.working_dir, wait=not args.no_wait, shared_dirs=shared)
 
 
 def cmd_status(args) -> int:
@@ -128,6 +132,8 @@ def cmd_jobs(args) -> int:
     for r in rows:
         code = "-" if r["exit"] is None else r["exit"]
         print(f"  {r['id']}  {r['status']:9} exit={code}  {r['start']}  {r['entrypoint']}")
+        if r["outputs"]:
+            print(f"      {r['outputs']}")
     return 0
 
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 from shards.config import UserError, load_config
 
@@ -34,6 +34,9 @@ class LocalClusterConfig:
     auth: str = "token"                 # Ray token authentication: "token" or "disabled"
     state_dir: str = "~/.mskfm/cluster"
     start_timeout_s: float = 120.0
+    # Folders every node mounts at the same path: on a cluster with other machines, `submit`
+    # accepts local paths only under these (or s3:// URLs). Unused when all nodes are this machine.
+    shared_dirs: List[str] = field(default_factory=list)
 
     def validate(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):

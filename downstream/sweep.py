@@ -53,12 +53,27 @@ RESUME_IGNORE = ("resources", "max_concurrent_trials", "ray", "wandb")  # a resu
 
 @dataclass
 class ASHASpec:
-    """ASHA over epochs: ``max_t`` 0 means the task's ``train.epochs``."""
+    """ASHA over reports: a trial reports every ``report_every`` epochs, for ``max_t`` epochs (0: the
+    task's ``train.epochs``); ``grace_period`` reports before ASHA may stop it."""
 
     max_t: int = 0
     grace_period: int = 2
     reduction_factor: float = 2.0
     report_every: int = 1
+
+    def rungs(self, epochs: int) -> int:
+        """ASHA's ``max_t`` in reports for a task of ``epochs``, checked before Ray starts."""
+        budget, key = (self.max_t, "scheduler.max_t") if self.max_t else (epochs, "train.epochs")
+        if self.report_every < 1 or self.reduction_factor <= 1:
+            raise ConfigError("sweep: keys 'scheduler.report_every' (>= 1) and 'scheduler.reduction_factor' (> 1): "
+                              f"got {self.report_every} and {self.reduction_factor}")
+        reports = budget // self.report_every
+        if not 1 <= self.grace_period <= reports:
+            raise ConfigError(
+                f"sweep: key 'scheduler.grace_period' ({self.grace_period} reports) must lie in [1, {reports}]: "
+                f"'{key}' {budget} epochs / 'scheduler.report_every' {self.report_every} = {reports} reports; "
+                f"lower 'scheduler.grace_period' or 'scheduler.report_every', or raise '{key}'")
+        return reports
 
 
 @dataclass
@@ -183,8 +198,9 @@ def run_sweep(cfg: SweepConfig, run_dir: str | Path | None = None) -> dict:
     from ray.tune.search import BasicVariantGenerator
 
     t0 = time.perf_counter()
-    name = cfg.name or f"{resolve_task(cfg.task, cfg.overrides).name}-sweep"
-    out = Path(run_dir or Path(cfg.out) / name).resolve()
+    task = resolve_task(cfg.task, cfg.overrides)
+    max_t = cfg.scheduler.rungs(task.train.epochs)
+    out = Path(run_dir or Path(cfg.out) / (cfg.name or f"{task.name}-sweep")).resolve()
     check_resume(saved_yaml(out / "config.yaml"), to_dict(cfg), out, "sweep", ignore=RESUME_IGNORE)
     base = prepare_sweep(cfg)
     out.mkdir(parents=True, exist_ok=True)
@@ -192,8 +208,8 @@ def run_sweep(cfg: SweepConfig, run_dir: str | Path | None = None) -> dict:
     overrides = absolute_paths(base, cfg.overrides)
     t_prepared = time.perf_counter()
     s = cfg.scheduler
-    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max(1, (s.max_t or base.train.epochs) // s.report_every),
-                              grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=s.grace_period,
+                              reduction_factor=s.reduction_factor)
     space = {"task": cfg.task, "overrides": overrides, "params": param_space(cfg), "select_split": cfg.select_split,
              "metric": cfg.metric, "report_every": s.report_every}
     tune_config = tune.TuneConfig(metric="score", mode="max", scheduler=scheduler, num_samples=cfg.num_samples,

@@ -50,6 +50,33 @@ def test_bad_space_is_refused():
     assert cfg.num_samples == 3 and cfg.overrides == ["train.epochs=2"]
 
 
+def test_scheduler_is_checked_against_the_task_before_ray(tmp_path):
+    from downstream.sweep import run_sweep
+
+    cfg = load_sweep(ROOT / "configs/sweeps/knee-dx-head.yaml", "knee-dx", ["scheduler.grace_period=10"])
+    with pytest.raises(ConfigError, match=r"'scheduler.grace_period' \(10 reports\) must lie in \[1, 8\]: "
+                                          r"'train.epochs' 40 epochs / 'scheduler.report_every' 5"):
+        run_sweep(cfg, tmp_path / "run")  # the demo shards and backbones need not exist: refused first
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match="'scheduler.max_t' 4 epochs"):
+        load_sweep(None, "knee-dx", ["space={train.lr: {grid: [0.1]}}", "scheduler.max_t=4",
+                                     "scheduler.report_every=5"]).scheduler.rungs(40)
+
+
+def test_shipped_sweeps_fit_their_tasks():
+    """Every shipped sweep config (a `space`) passes the scheduler check for the task its header names."""
+    import re
+
+    from downstream.finetune import resolve_task
+
+    shipped = [p for p in sorted((ROOT / "configs/sweeps").glob("*.yaml")) if "\nspace:" in p.read_text()]
+    assert shipped
+    for path in shipped:
+        task = re.search(r"--task (\S+)", path.read_text()).group(1)
+        cfg = load_sweep(path, task)
+        assert cfg.scheduler.rungs(resolve_task(task, cfg.overrides).train.epochs) >= cfg.scheduler.grace_period
+
+
 @pytest.mark.integration
 def test_sweep_best_head_and_from_sweep(sweep_env, ray_local, tmp_path):
     run = tmp_path / "sweep"
