@@ -241,10 +241,10 @@ def test_shard_resume_with_other_config_or_source_is_refused(tmp_path, monkeypat
         build_shards(_build_cfg(ingested), progress=False)  # never relabel an ingest as synthetic
     capsys.readouterr()
     assert ingest_main([*argv, f"run_dir={tmp_path / 'r2'}", "splits.train=0.9"]) == 2
-    assert "ingest_config.splits.train (ingest_config.splits.train: 0.7 -> 0.9)" in capsys.readouterr().out
+    assert "ingest_config.splits.train (ingest_config.splits.train: 0.7 -> 0.9)" in capsys.readouterr().err
     monkeypatch.setenv("MSKFM_DEID_SALT", SALT + "-other")
     assert ingest_main([*argv, f"run_dir={tmp_path / 'r3'}"]) == 2
-    assert "other deid_key_check" in capsys.readouterr().out
+    assert "other deid_key_check" in capsys.readouterr().err
     monkeypatch.setenv("MSKFM_DEID_SALT", SALT)
     assert ingest_main([*argv, f"run_dir={tmp_path / 'r4'}"]) == 0  # the same settings resume
     report = json.loads((tmp_path / "r4" / "ingest_report.json").read_text())
