@@ -45,8 +45,8 @@ log = logging.getLogger(__name__)
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 # Parameters that change the cached features: swept over discrete values, precomputed by the driver.
-FEATURE_KEYS = ("features.timesteps", "features.blocks", "features.noise_draws", "features.seed", "planes",
-                "backbones")
+FEATURE_KEYS = ("features.timesteps", "features.blocks", "features.noise_draws", "features.seed",
+                "features.per_plane", "planes", "backbones")
 METRICS = ("auroc", "ap")
 RESUME_IGNORE = ("resources", "max_concurrent_trials", "ray", "wandb")  # a resumed sweep may change only these
 

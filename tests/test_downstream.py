@@ -20,7 +20,8 @@ from downstream.heads.ehr import EHRFusion, EHRHead, encode_tabular, fit_tabular
 from downstream.heads.fusion import FeatureFusion, GatingNetwork, LabelLevelFusion
 from downstream.heads.linear import PlaneHead
 from downstream.heads.segmentation import SegDecoder, SparseDiceCELoss
-from downstream.metrics import diagnosis_metrics, interval, segmentation_metrics, segmentation_scores
+from downstream.metrics import (diagnosis_metrics, interval, segmentation_metrics, segmentation_scores,
+                                select_thresholds)
 from downstream.tasks import FeatureSpec, describe_tasks, load_task, task_registry
 from downstream.train import fit, masked_bce
 from shards.config import ConfigError
@@ -88,13 +89,21 @@ def test_diagnosis_metrics_hand_checked():
     frame = pd.DataFrame({"patient": ["p1", "p2", "p2", "p3", "p4", "p5", "p6", "p7", "p8"],
                           "acl": [0, 0, 0, 1, 1, np.nan, 0, 1, 1],
                           "p_acl": [0.1, 0.3, 0.5, 0.45, 0.8, 0.99, 0.6, 0.7, 0.9]})
-    m = diagnosis_metrics(frame, ["acl"], n_boot=200, seed=0)
+    thresholds = select_thresholds(frame, ["acl"])                # as if this were the selection split
+    assert thresholds["acl"] == pytest.approx(0.7)                 # J = 0.75 at 0.7 vs 0.67 at 0.45
+    m = diagnosis_metrics(frame, ["acl"], n_boot=200, seed=0, thresholds=thresholds)
     acl = m["per_label"]["acl"]
     assert acl["n"] == 7 and acl["n_pos"] == 4 and m["n_patients"] == 8
     assert acl["auroc"] == pytest.approx(11 / 12)                 # 0.45 beats 2 of 3 negatives
     assert acl["ap"] == pytest.approx((1 + 1 + 1 + 4 / 5) / 4)
-    assert acl["threshold"] == pytest.approx(0.7)                  # J = 0.75 at 0.7 vs 0.67 at 0.45
+    assert acl["threshold"] == pytest.approx(0.7)
     assert (acl["sensitivity"], acl["specificity"]) == (0.75, 1.0)
+    # another split is scored at the given threshold, not at its own Youden point (0.45 here: 1.0, 1.0)
+    other = pd.DataFrame({"patient": ["q1", "q2", "q3", "q4"], "acl": [0, 0, 1, 1], "p_acl": [0.1, 0.3, 0.45, 0.8]})
+    scored = diagnosis_metrics(other, ["acl"], n_boot=0, thresholds=thresholds)["per_label"]["acl"]
+    assert (scored["sensitivity"], scored["specificity"], scored["threshold"]) == (0.5, 1.0, pytest.approx(0.7))
+    blind = diagnosis_metrics(other, ["acl"], n_boot=0)["per_label"]["acl"]
+    assert np.isnan(blind["sensitivity"]) and blind["auroc"] == 1.0  # no threshold given: none picked here
     lo, hi = acl["ci"]["auroc"]
     assert 0 <= lo <= acl["auroc"] <= hi <= 1
     assert m["macro"]["auroc"] == pytest.approx(11 / 12)
@@ -353,7 +362,7 @@ def test_finetune_segmentation(tiny_shards, tiny_hub, tmp_path):
 def test_finetune_ehr_and_backbone_blocks(tiny_shards, tiny_hub, tmp_path):
     args = task_args(tiny_shards, tiny_hub, tmp_path, planes=("sag",)) + ["planes=[sag]", "baselines.names=[]"]
     res = run_finetune("knee-dx-ehr", args, run_dir=tmp_path / "ehr")
-    assert set(res["metrics"]) == {"diffusion", "ehr_only", "diffusion+ehr"}
+    assert set(res["metrics"]) == {"diffusion", "probe", "ehr_only", "diffusion+ehr"}
     w = pd.read_csv(tmp_path / "ehr" / "fusion_weights_diffusion_ehr.csv")
     assert np.allclose(w.groupby("label")["weight"].sum(), 1.0)
     tuned = run_finetune("knee-dx", args + ["head.finetune_blocks=[mid]", "train.epochs=2"], run_dir=tmp_path / "ft")
