@@ -26,9 +26,10 @@ PREFIX = 8
 TEXT_SUFFIXES = (".json", ".jsonl", ".txt", ".cls", ".yaml", ".yml", ".csv", ".md", ".html")
 _TOKEN = re.compile(rb"[a-z0-9]+")
 # Values the platform generates that may look like a source value: shard names (``train-000123.tar``
-# vs a zero-padded StudyID or file name) and ``study_date`` (under ``deid.dates=shift`` a shifted
-# date can equal another study's real one; the shift has its own test). Blanked before matching.
-GENERATED = re.compile(rb'[A-Za-z0-9_]+-\d{6}\.tar(?:\.tmp)?|"study_date":\s*"[^"]*"')
+# vs a zero-padded StudyID or file name), ``study_date`` (under ``deid.dates=shift`` a shifted
+# date can equal another study's real one; the shift has its own test) and the manifest's
+# ``created`` time (today may be a study date of the export). Blanked before matching.
+GENERATED = re.compile(rb'[A-Za-z0-9_]+-\d{6}\.tar(?:\.tmp)?|"(?:study_date|created)":\s*"[^"]*"')
 
 
 class Matcher:

@@ -4,6 +4,7 @@ must not reach shards, manifests or published backbones; ``shards scan-phi`` fin
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -279,7 +280,8 @@ def test_scan_phi_does_not_flag_what_the_platform_generates(tmp_path):
     from shards.phi_scan import scan_phi
 
     (tmp_path / "src").mkdir()
-    (tmp_path / "src" / "tables.csv").write_text("accession,visit\n000001,2020-01-14\n")
+    today = time.strftime("%Y-%m-%d", time.gmtime())  # the manifest's "created" day
+    (tmp_path / "src" / "tables.csv").write_text(f"accession,visit,seen\n000001,2020-01-14,{today}\n")
     for name, extra in (("ok", {}), ("leak", {"note": "acc 000001 on 2020-01-14"})):
         with ShardWriter(tmp_path / name, kind="study", max_count=1, info={"name": name}) as writer:
             for i in range(2):
