@@ -50,6 +50,7 @@ class Matcher:
             if len(value) >= MIN_BINARY:
                 self.by_head.setdefault(value[:MIN_BINARY], []).append(value)
         self.prefix_lengths = sorted({len(k) for k in self.by_prefix}, reverse=True)
+        self.starts = {v[:3] for v in self.by_value}  # most words start no needle: one lookup
         alphabet = set(b"".join(v for vs in self.by_head.values() for v in vs))
         self.alphabet = np.zeros(256, bool)  # bytes that occur in a needle, in either case
         for c in alphabet:
@@ -64,6 +65,8 @@ class Matcher:
         """The longest whole-word needle at the start of each word."""
         for token in _TOKEN.finditer(low):
             i = token.start()
+            if low[i:i + 3] not in self.starts:
+                continue
             for value in (v for n in self.prefix_lengths for v in self.by_prefix.get(low[i:i + n], ())):
                 end = i + len(value)
                 if low.startswith(value, i) and not low[end:end + 1].isalnum():
