@@ -61,7 +61,7 @@ def header_sizes(xml: bytes | str, path: str) -> dict:
 def acquisition_meta(acquisition: str) -> tuple[str, str]:
     """(contrast, orientation) from a fastMRI acquisition name, e.g. CORPD_FBK -> (PD, cor);
     a contrast outside :data:`CONTRASTS` is ``unknown`` (the attribute may hold any text)."""
-    acq = str(acquisition).upper()
+    acq = (acquisition.decode("ascii", "replace") if isinstance(acquisition, bytes) else str(acquisition)).upper()
     orientation = next((o.lower() for o in ("AX", "COR", "SAG") if acq.startswith(o)), "unknown")
     body = re.sub(r"^(AX|COR|SAG)", "", acq).split("_")[0]
     return (body if body in CONTRASTS else "unknown"), orientation
