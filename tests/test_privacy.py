@@ -290,3 +290,15 @@ def test_scan_phi_does_not_flag_what_the_platform_generates(tmp_path):
     assert "train-000001.tar" in (tmp_path / "ok" / "manifest.json").read_text()
     assert scan_phi(tmp_path / "ok", tmp_path / "src")["n_hits"] == 0
     assert {h["kind"] for h in scan_phi(tmp_path / "leak", tmp_path / "src")["hits"]} == {"table"}
+
+
+def test_a_scan_that_cannot_run_fails_the_ingest_but_keeps_the_report(export, tmp_path, monkeypatch):
+    import shards.phi_scan
+
+    def broken(*args, **kwargs):
+        raise OSError("disk gone")
+    monkeypatch.setenv("MSKFM_DEID_SALT", SALT)
+    monkeypatch.setattr(shards.phi_scan, "scan_phi", broken)
+    code, out, report = _ingest(export, tmp_path)
+    assert code == 1 and report["phi_scan"]["error"] == "OSError: disk gone"
+    assert report["counts"]["studies_ingested"] == 1 and (out / "manifest.json").is_file()

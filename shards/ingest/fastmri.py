@@ -201,12 +201,13 @@ def _manifest_info(cfg: FastMRIIngestConfig) -> dict:
 def run_fastmri(cfg: FastMRIIngestConfig) -> int:
     """Ingest, scan the shards for the source's identifying values, write
     ``runs/ingest/<name>/{config.yaml, metrics.json, ingest_report.json}``; 1 on any PHI hit."""
-    from ..phi_scan import format_scan, scan_phi
+    from ..phi_scan import format_scan
+    from .common import scan_output
 
     manifest = ingest_fastmri(cfg.source, cfg.out, cfg.anatomy or None, dict(cfg.splits), cfg.split_seed,
                               cfg.shard_max_count, cfg.deid, _manifest_info(cfg))
     counts = {s: v["n_samples"] for s, v in manifest["splits"].items()}
-    scan = scan_phi(cfg.out, cfg.source)
+    scan = scan_output(cfg.out, cfg.source, [], free_text=False)
     run_dir = Path("runs") / "ingest" / (cfg.name or Path(cfg.out).name)
     save_config(cfg, run_dir / "config.yaml")
     (run_dir / "metrics.json").write_text(json.dumps({"slices": counts, "stats": manifest["stats"],
@@ -214,5 +215,5 @@ def run_fastmri(cfg: FastMRIIngestConfig) -> int:
     (run_dir / "ingest_report.json").write_text(json.dumps({"command": "fastmri", "slices": counts,
                                                             "phi_scan": scan}, indent=1))
     print(f"fastmri -> {cfg.out}: {counts} slices")
-    print(format_scan(scan))
-    return 1 if scan["n_hits"] else 0
+    print(f"scan-phi: could not run ({scan['error']})" if "error" in scan else format_scan(scan))
+    return 1 if scan["n_hits"] or "error" in scan else 0
