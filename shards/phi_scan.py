@@ -26,9 +26,10 @@ PREFIX = 8
 TEXT_SUFFIXES = (".json", ".jsonl", ".txt", ".cls", ".yaml", ".yml", ".csv", ".md", ".html")
 _TOKEN = re.compile(rb"[a-z0-9]+")
 # Values the platform generates that may look like a source value: shard names (``train-000123.tar``
-# vs a zero-padded StudyID or file name) and ``study_date`` (under ``deid.dates=shift`` a shifted
-# date can equal another study's real one; the shift has its own test). Blanked before matching.
-GENERATED = re.compile(rb'[A-Za-z0-9_]+-\d{6}\.tar(?:\.tmp)?|"study_date":\s*"[^"]*"')
+# vs a zero-padded StudyID or file name), ``study_date`` (under ``deid.dates=shift`` a shifted
+# date can equal another study's real one; the shift has its own test) and the manifest's
+# ``created`` time (today may be a study date of the export). Blanked before matching.
+GENERATED = re.compile(rb'[A-Za-z0-9_]+-\d{6}\.tar(?:\.tmp)?|"(?:study_date|created)":\s*"[^"]*"')
 
 
 class Matcher:
@@ -49,6 +50,7 @@ class Matcher:
             if len(value) >= MIN_BINARY:
                 self.by_head.setdefault(value[:MIN_BINARY], []).append(value)
         self.prefix_lengths = sorted({len(k) for k in self.by_prefix}, reverse=True)
+        self.starts = {v[:3] for v in self.by_value}  # most words start no needle: one lookup
         alphabet = set(b"".join(v for vs in self.by_head.values() for v in vs))
         self.alphabet = np.zeros(256, bool)  # bytes that occur in a needle, in either case
         for c in alphabet:
@@ -63,6 +65,8 @@ class Matcher:
         """The longest whole-word needle at the start of each word."""
         for token in _TOKEN.finditer(low):
             i = token.start()
+            if low[i:i + 3] not in self.starts:
+                continue
             for value in (v for n in self.prefix_lengths for v in self.by_prefix.get(low[i:i + n], ())):
                 end = i + len(value)
                 if low.startswith(value, i) and not low[end:end + 1].isalnum():

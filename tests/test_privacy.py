@@ -4,6 +4,7 @@ must not reach shards, manifests or published backbones; ``shards scan-phi`` fin
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -279,7 +280,8 @@ def test_scan_phi_does_not_flag_what_the_platform_generates(tmp_path):
     from shards.phi_scan import scan_phi
 
     (tmp_path / "src").mkdir()
-    (tmp_path / "src" / "tables.csv").write_text("accession,visit\n000001,2020-01-14\n")
+    today = time.strftime("%Y-%m-%d", time.gmtime())  # the manifest's "created" day
+    (tmp_path / "src" / "tables.csv").write_text(f"accession,visit,seen\n000001,2020-01-14,{today}\n")
     for name, extra in (("ok", {}), ("leak", {"note": "acc 000001 on 2020-01-14"})):
         with ShardWriter(tmp_path / name, kind="study", max_count=1, info={"name": name}) as writer:
             for i in range(2):
@@ -288,3 +290,15 @@ def test_scan_phi_does_not_flag_what_the_platform_generates(tmp_path):
     assert "train-000001.tar" in (tmp_path / "ok" / "manifest.json").read_text()
     assert scan_phi(tmp_path / "ok", tmp_path / "src")["n_hits"] == 0
     assert {h["kind"] for h in scan_phi(tmp_path / "leak", tmp_path / "src")["hits"]} == {"table"}
+
+
+def test_a_scan_that_cannot_run_fails_the_ingest_but_keeps_the_report(export, tmp_path, monkeypatch):
+    import shards.phi_scan
+
+    def broken(*args, **kwargs):
+        raise OSError("disk gone")
+    monkeypatch.setenv("MSKFM_DEID_SALT", SALT)
+    monkeypatch.setattr(shards.phi_scan, "scan_phi", broken)
+    code, out, report = _ingest(export, tmp_path)
+    assert code == 1 and report["phi_scan"]["error"] == "OSError: disk gone"
+    assert report["counts"]["studies_ingested"] == 1 and (out / "manifest.json").is_file()

@@ -121,9 +121,10 @@ class Needles:
             self.add(form, "date", field)
 
     def date_text(self, text: str, field: str) -> None:
-        """A date written in any of the common formats; ambiguous d/m orders give both dates."""
+        """A date written in any of the common formats; ambiguous d/m orders give both dates. The
+        text as written is kept too when it is a valid date (else it is a number, not a date)."""
         text = str(text or "").strip()
-        self.add(text, "date", field)
+        before = len(self.items)
         digits = re.findall(r"\d+", text)
         month = next((i + 1 for i, name in enumerate(MONTHS) if re.search(name[:3], text, re.I)), None)
         if month and len(digits) == 2:
@@ -138,6 +139,8 @@ class Needles:
             else:
                 self.date(_year(int(c)), int(b), int(a), field)
                 self.date(_year(int(c)), int(a), int(b), field)
+        if len(self.items) > before:
+            self.add(text, "date", field)
 
     def free_text(self, text, field: str, whole: bool = True) -> None:
         """Free text: the whole value (8+ characters), and what it embeds."""
@@ -146,12 +149,12 @@ class Needles:
             self.add(text, "free_text", field)
         for m in _DATE_LIKE.finditer(text):
             self.date_text(m.group(0), field)
+        for m in re.finditer(r"\d{5,}", text):
+            self.add(m.group(0), "id", field)
         for m in PHONE.finditer(text):
             self.phone(m.group(0), field)
         for m in HONORIFIC_NAME.finditer(text):
             self.name(m.group(1), field)
-        for m in re.finditer(r"\d{5,}", text):
-            self.add(m.group(0), "id", field)
 
     def phone(self, text: str, field: str) -> None:
         digits = re.sub(r"\D", "", text)
