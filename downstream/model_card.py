@@ -26,12 +26,18 @@ def _counts(d: dict | None) -> str:
     return ", ".join(f"{k}: {v}" for k, v in sorted((d or {}).items(), key=str)) or "n/a"
 
 
-def diagnosis_rows(metrics: dict) -> list[str]:
-    rows = ["| model | label | AUROC [95% CI] | AP [95% CI] |", "|---|---|---|---|"]
+def diagnosis_rows(metrics: dict, at_thresholds: bool) -> list[str]:
+    """AUROC and AP per model and label; with ``at_thresholds`` also sensitivity and specificity (at
+    each model's thresholds chosen on validation)."""
+    extra = " sens [95% CI] | spec [95% CI] |" if at_thresholds else ""
+    rows = [f"| model | label | AUROC [95% CI] | AP [95% CI] |{extra}", "|---|---|---|---|" + "---|" * (2 * at_thresholds)]
     for model, m in metrics.items():
         for name, v in [*m.get("per_label", {}).items(), ("macro", m.get("macro", {}))]:
             ci = v.get("ci", {})
-            rows.append(f"| {model} | {name} | {with_ci(v.get('auroc'), ci.get('auroc'))} | {with_ci(v.get('ap'), ci.get('ap'))} |")
+            cells = [with_ci(v.get(k), ci.get(k)) for k in ("auroc", "ap")]
+            if at_thresholds:
+                cells += [with_ci(v.get(k), ci.get(k)) for k in ("sensitivity", "specificity")]
+            rows.append(f"| {model} | {name} | " + " | ".join(cells) + " |")
     return rows
 
 
@@ -76,14 +82,17 @@ def render_task_card(meta: dict, config: dict, metrics: dict, manifest: dict) ->
               f"- Sites: {_counts(stats.get('site'))}; vendors: {_counts(stats.get('vendor'))}; "
               f"field strength (T): {_counts(stats.get('field_strength'))}",
               f"- This task: {counts.get('n_train')} training studies (split `{counts.get('train_split')}`), "
-              f"{counts.get('n_eval')} test studies (split `{counts.get('eval_split')}`)", "",
+              + (f"{counts['n_select']} for model selection and thresholds (split `{counts.get('select_split')}`), "
+                 if counts.get("n_select") else "")
+              + f"{counts.get('n_eval')} test studies (split `{counts.get('eval_split')}`)", "",
               "## Preprocessing", "", "Per plane, stored in `task_model.json` and applied by "
               "`pretrain.preprocess.preprocess_volume`:", ""]
     lines += [f"- {p}: grid {'x'.join(map(str, s['shape']))} ({s['spatial']}), intensity window "
               f"[{s['low']:.4g}, {s['high']:.4g}] -> [{s['out_min']}, {s['out_max']}]"
               for p, s in meta["preprocessing"].items()]
     lines += ["", f"## Metrics (split `{meta['metrics_split']}`, patient level, 95% bootstrap intervals)", ""]
-    lines += diagnosis_rows(metrics) if kind == "diagnosis" else segmentation_rows(metrics)
+    validated = meta["threshold_source"].startswith("validation")
+    lines += diagnosis_rows(metrics, validated) if kind == "diagnosis" else segmentation_rows(metrics)
     if kind == "diagnosis":
         lines += ["", f"Decision thresholds ({meta['threshold_source']}): "
                   + ", ".join(f"{k} {v:.3f}" for k, v in meta["thresholds"].items())]

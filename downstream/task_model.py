@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import posixpath
 import shutil
@@ -111,12 +112,13 @@ def build_head(task: TaskConfig, channels: dict[str, list[int]], grid: list[int]
 
 
 def save_task_model(run_dir: Path, task: TaskConfig, result: dict, planes: dict, manifest: dict, metrics: dict,
-                    counts: dict) -> Path:
+                    counts: dict, thresholds: dict[str, float] | None = None) -> Path:
     """Write ``<run_dir>/model/`` from the finetune run's task model (``result``: the ``diffusion``
-    entry of the run's results), its per-plane inputs, the training manifest and the metrics."""
+    entry of the run's results), its per-plane inputs, the training manifest, the metrics and the
+    decision thresholds chosen on the validation split (per label; NaN or absent = none chosen)."""
     out = Path(run_dir) / "model"
     tmp = Path(tempfile.mkdtemp(prefix=".model.", dir=run_dir))
-    thresholds = result.get("thresholds")
+    chosen, source = stored_thresholds(task.labels, thresholds)
     meta = {
         "format": FORMAT, "version": VERSION, "task": task.name, "kind": task.kind, "joint": task.joint,
         "planes": list(task.planes), "vocabulary": vocabulary(task), "head": head_kind(task),
@@ -125,10 +127,7 @@ def save_task_model(run_dir: Path, task: TaskConfig, result: dict, planes: dict,
         "backbones": {p: {"url": public_string(d.backbone_url), "plane": p,
                           **backbone_digest(_backbone_folder(d.backbone_url), f"for plane {p} ({d.backbone_url})")}
                       for p, d in planes.items()},
-        "thresholds": ({k: float(v) for k, v in thresholds.items()} if thresholds
-                       else {name: DEFAULT_THRESHOLD for name in task.labels}),
-        "threshold_source": ("validation split" if thresholds else
-                             f"default {DEFAULT_THRESHOLD} (this run chose no thresholds on validation)"),
+        "thresholds": chosen, "threshold_source": source,
         "metrics_split": task.train.eval_split, "counts": counts,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -142,6 +141,21 @@ def save_task_model(run_dir: Path, task: TaskConfig, result: dict, planes: dict,
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
+
+
+def stored_thresholds(labels: list[str], thresholds: dict[str, float] | None) -> tuple[dict[str, float], str]:
+    """Per label the threshold chosen on validation, else :data:`DEFAULT_THRESHOLD`; and a note saying which."""
+    if not labels:
+        return {}, "none (segmentation)"
+    given = {k: float(v) for k, v in (thresholds or {}).items() if v is not None and math.isfinite(v)}
+    out = {name: given.get(name, DEFAULT_THRESHOLD) for name in labels}
+    missing = [name for name in labels if name not in given]
+    if not missing:
+        return out, "validation split (Youden point)"
+    if len(missing) == len(labels):
+        return out, f"default {DEFAULT_THRESHOLD}: this run chose no thresholds on a validation split"
+    return out, (f"validation split (Youden point); default {DEFAULT_THRESHOLD} for {', '.join(missing)} "
+                 "(one class only in validation)")
 
 
 def vocabulary(task: TaskConfig) -> dict:
