@@ -71,9 +71,9 @@ def train(cfg: PretrainConfig) -> dict:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     cfg = resolve_paths(cfg)
     check_models(cfg, check_manifest(cfg))
-    check_resume(saved_yaml(run_dir(cfg) / "config.yaml"), to_dict(cfg), run_dir(cfg), "pretraining run",
-                 ignore=RESUME_IGNORE)
-    if is_rank0(cfg):
+    if is_rank0(cfg):  # under torchrun the other ranks stop with rank 0
+        check_resume(saved_yaml(run_dir(cfg) / "config.yaml"), to_dict(cfg), run_dir(cfg), "pretraining run",
+                     ignore=RESUME_IGNORE)
         save_config(cfg, run_dir(cfg) / "config.yaml")
     results = launch(cfg)
     if is_rank0(cfg):

@@ -216,7 +216,12 @@ def _nifti_source(root: Path, n: int = 2) -> Path:
     for i, (plan, visit, key) in enumerate(iter_study_refs(cfg.synth)):
         if i >= n:
             break
-        export_study(generate_study(cfg.synth, plan, visit, key)[0], root / "src", "nifti")
+        folder = export_study(generate_study(cfg.synth, plan, visit, key)[0], root / "src", "nifti")
+        for f in folder.glob("*.json"):  # sidecars are not NIfTI
+            f.unlink()
+        for plane, name in (("sag", "series_one"), ("cor", "series_two"), ("ax", "series_three")):
+            for suffix in ("", "_seg"):  # file names of an export, not words the shards use
+                (folder / f"{plane}{suffix}.nii.gz").rename(folder / f"{name}{suffix}.nii.gz")
     return root / "src"
 
 

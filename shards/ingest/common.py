@@ -140,7 +140,7 @@ def run_pipeline(cfg: IngestConfig, command: str, pseudo, find_studies, to_key) 
             studies = find_studies(cfg, pseudo, report)
             tables = open_tables(cfg, to_key)
             write_studies(studies, cfg, report, tables, info)
-        except Exception as exc:  # never lose the report of what was done before the failure
+        except BaseException as exc:  # never lose the report of what was done before the failure
             report.skip(".", "aborted", f"ingest stopped: {type(exc).__name__}: {exc}")
             finish(cfg, command, report, tables)
             raise
