@@ -6,7 +6,6 @@ nothing) and predicts the same evaluation rows; results come back as study-level
 
 from __future__ import annotations
 
-import logging
 
 import numpy as np
 import pandas as pd
@@ -19,8 +18,6 @@ from .heads.fusion import build_feature_model
 from .heads.tuned import TunedBackbone
 from .inputs import PlaneData
 from .train import fit, masked_bce, predict, seed_everything
-
-log = logging.getLogger(__name__)
 
 
 def feature_batcher(feats: dict[str, dict[str, np.ndarray]], y: np.ndarray, ehr: dict | None = None):

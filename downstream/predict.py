@@ -15,7 +15,6 @@ inputs are local folders and run in this process.
 from __future__ import annotations
 
 import json
-import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,6 @@ from .predict_outputs import predictions_frame, write_private_map, write_segment
 from .predictor import Predictor, Study
 from .task_model import TaskModel, load_task_model
 
-log = logging.getLogger(__name__)
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "predict" / "default.yaml"
 
 

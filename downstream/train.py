@@ -6,15 +6,12 @@ preprocessed volumes, EHR tables); models take ``inputs`` and return logits.
 
 from __future__ import annotations
 
-import logging
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 from tqdm import tqdm
-
-log = logging.getLogger(__name__)
 
 GetBatch = Callable[[np.ndarray], tuple[dict, torch.Tensor]]
 
