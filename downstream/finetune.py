@@ -9,7 +9,6 @@ In-process API for sweeps and studies::
 
 from __future__ import annotations
 
-import logging
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,8 +33,6 @@ from .outputs import (diagnosis_outputs, diagnosis_table, flat_metrics, save_hea
 from .segment import run_segmentation
 from .task_model import save_task_model
 from .tasks import TaskConfig, load_task
-
-log = logging.getLogger(__name__)
 
 
 def resolve_task(task: TaskConfig | str | Path, overrides: Sequence[str] = ()) -> TaskConfig:

@@ -101,7 +101,7 @@ def render_task_card(meta: dict, config: dict, metrics: dict, manifest: dict) ->
                   "(in its `models/` folder) are not part of it."]
     lines += ["", "## Limitations", "",
               "- Small training set; intervals are wide and the point estimates are uncertain.",
-              f"- Trained on the sites, vendors and field strengths listed above; performance on others is "
+              "- Trained on the sites, vendors and field strengths listed above; performance on others is "
               "unknown until measured (`downstream evaluate`).",
               "- Inputs must match the stored preprocessing (intensity scale, planes); `predict` refuses a study "
               "whose intensities fall mostly outside the stored window.",

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,8 +39,6 @@ from .studies.trials import absolute_paths
 from .tasks import TaskConfig
 from .train import fit, masked_bce, predict, seed_everything
 from .tuning import RayConnection, run_tuner, trial_rows
-
-log = logging.getLogger(__name__)
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 # Parameters that change the cached features: swept over discrete values, precomputed by the driver.

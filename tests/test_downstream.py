@@ -32,25 +32,6 @@ FAST = ["train.epochs=3", "baselines.epochs=1", "baselines.cnn_channels=[4,4,8,8
         "features.timesteps=[10]", "features.blocks=[mid,up.1]"]
 
 
-@pytest.fixture(scope="session")
-def tiny_hub(tiny_shards, tmp_path_factory) -> Path:
-    """Tiny published backbones (channels 4, 8) for the three planes, published with pretrain's API."""
-    from pretrain.models.diffusion import DiffusionBackbone
-    from pretrain.preprocess import spec_from_manifest
-    from pretrain.publish import publish_backbone
-
-    hub = tmp_path_factory.mktemp("hub")
-    manifest = load_manifest(str(tiny_shards))
-    for i, plane in enumerate(PLANES):
-        torch.manual_seed(1000 + i)  # not the random_backbone baseline's seed
-        model = DiffusionBackbone(channels=(4, 8), attention_levels=(False, False), num_res_blocks=1,
-                                  num_head_channels=8, norm_num_groups=4, plane=plane,
-                                  preprocessing=spec_from_manifest(manifest, plane).to_dict(),
-                                  schedule={"num_train_timesteps": 100})
-        publish_backbone(model, model.make_scheduler(), str(hub / f"knee-{plane}"), {}, manifest, {"steps": 0})
-    return hub
-
-
 @pytest.fixture(autouse=True, scope="module")
 def one_torch_thread():
     """The CI machine is shared: one intra-op thread avoids oversubscription (it is 4-20x faster)."""

@@ -7,7 +7,6 @@ pretrained backbones of its own).
 
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
 
@@ -23,8 +22,6 @@ from . import label_efficiency, multi_anatomy, robustness, transfer
 from .config import StudyConfig
 from .pretrained import make_missing
 from .trials import check_specs, resolve_specs, run_trials
-
-log = logging.getLogger(__name__)
 
 STUDIES = {"label-efficiency": label_efficiency, "transfer": transfer, "robustness": robustness,
            "multi-anatomy": multi_anatomy}

@@ -8,7 +8,6 @@ published backbone folder and the feature cache), never as objects.
 from __future__ import annotations
 
 import json
-import logging
 import re
 from pathlib import Path
 from typing import Sequence
@@ -24,8 +23,6 @@ from ..inputs import prepare_planes
 from ..outputs import flat_metrics
 from ..tasks import TaskConfig
 from ..tuning import run_tuner, trial_rows
-
-log = logging.getLogger(__name__)
 
 def absolute_paths(task: TaskConfig, overrides: Sequence[str]) -> list[str]:
     """``overrides`` plus the task's shard, cache and backbone paths made absolute, so trials that run

@@ -19,7 +19,7 @@ def _csv(text: str) -> list[str]:
 
 def add_eval_recon_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("backbone", help="published reconstruction backbone folder or URL")
-    p.add_argument("--config", default=None, help="YAML with EvalReconConfig keys (configs/pretrain/eval-recon.yaml)")
+    p.add_argument("--config", default=None, help="YAML with keys of EvalReconConfig (pretrain/recon/evaluate.py)")
     p.add_argument("--data", default=None, help="recon shards folder or URL (key 'source')")
     p.add_argument("--masks", default=None, help="comma-separated mask kinds, e.g. equispaced1d,random1d")
     p.add_argument("--accelerations", default=None, help="comma-separated accelerations, e.g. 4,8")

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from shards.config import ConfigError, load_config, save_config
 from shards.reader import iter_samples
 from shards.runs import default_folder, write_metrics
+from shards.schema import RECON_FIELDS
 
 from .masks import MASK_KINDS
 from .metrics import VolumeAccumulator, center_crop, summarise
@@ -109,7 +110,7 @@ def resolve_coil_settings(cfg: EvalReconConfig) -> EvalReconConfig:
 
 def _slices(cfg: EvalReconConfig) -> list[dict]:
     out = []
-    for sample in iter_samples(cfg.source, cfg.split, ("meta", "kspace", "target", "mask"), require=("kspace",)):
+    for sample in iter_samples(cfg.source, cfg.split, RECON_FIELDS, require=("kspace",)):
         out.append(sample)
         if cfg.max_slices and len(out) >= cfg.max_slices:
             break

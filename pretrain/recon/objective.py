@@ -20,6 +20,7 @@ import torch
 from fastmri.losses import SSIMLoss
 
 from shards.config import ConfigError, lookup
+from shards.schema import RECON_FIELDS
 
 from .transforms import ReconTransform, ReconTransformConfig, collate_recon
 
@@ -61,7 +62,7 @@ class ReconObjective:
         self.publish_name = f"recon-{self.backbone}"
 
     def reader_kwargs(self) -> dict:
-        return {"fields": ("meta", "kspace", "target", "mask"), "require": ("kspace",)}
+        return {"fields": RECON_FIELDS, "require": ("kspace",)}
 
     def prepare(self, sample: dict) -> dict:
         return self.transform(sample)
