@@ -65,10 +65,12 @@ def test_scheduler_is_checked_against_the_task_before_ray(tmp_path):
 
 
 def test_shipped_sweeps_fit_their_tasks():
-    """Every shipped sweep config (a `space`) passes the scheduler check for the task its header names."""
+    """Every shipped sweep config (a `space`) passes the checks made before Ray for the task its header
+    names: scheduler, metric and model, every discrete combination of its space."""
     import re
 
     from downstream.finetune import resolve_task
+    from downstream.sweep import check_combinations, selection_target
 
     shipped = [p for p in sorted((ROOT / "configs/sweeps").glob("*.yaml")) if "\nspace:" in p.read_text()]
     assert shipped
@@ -76,6 +78,9 @@ def test_shipped_sweeps_fit_their_tasks():
         task = re.search(r"--task (\S+)", path.read_text()).group(1)
         cfg = load_sweep(path, task)
         assert cfg.scheduler.rungs(resolve_task(task, cfg.overrides).train.epochs) >= cfg.scheduler.grace_period
+        selection_target(cfg, resolve_task(task, cfg.overrides))
+        check_combinations(cfg)
+    assert {"knee-dx-head.yaml", "knee-dx-ehr-head.yaml", "knee-seg-head.yaml"} <= {p.name for p in shipped}
 
 
 def test_label_level_fusion_weighs_each_plane_per_label():
