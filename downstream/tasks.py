@@ -213,6 +213,9 @@ class TaskConfig:
                               f"got {self.baselines.cnn_channels}")
         if self.ehr.enabled and self.kind != "diagnosis":
             raise ConfigError(f"{where}: ehr fusion needs a diagnosis task")
+        if self.ehr.enabled and self.fusion.kind == "experts" and len(self.planes) > 1:
+            raise ConfigError(f"{where}: ehr fusion mixes one image model with the EHR head; plane experts "
+                              f"(fusion.kind=experts) are several: use concat, projected_sum or label_level")
         if not self.features.timesteps or not self.features.blocks or self.features.noise_draws < 1:
             raise ConfigError(f"{where}: features need timesteps, blocks and noise_draws >= 1")
         extra = sorted(set(self.features.per_plane) - set(self.planes))
