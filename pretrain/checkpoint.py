@@ -26,6 +26,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from shards.config import UserError
+
 TAG = "state"
 LOOP_STATE = "loop_state.json"
 EMA_FILE = "ema.safetensors"
@@ -38,7 +40,7 @@ DEEPSPEED_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
                      "deepspeed.utils.tensor_fragment.fragment_address")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used; the message names its path."""
 
 

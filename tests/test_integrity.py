@@ -198,7 +198,7 @@ def test_second_writer_into_a_folder_is_refused_naming_the_holder(tmp_path, monk
         monkeypatch.setenv("MSKFM_DEID_SALT", SALT)
         (tmp_path / "src").mkdir()
         assert ingest_main(["nifti", str(tmp_path / "src"), "--out", str(out), f"run_dir={tmp_path / 'r'}"]) == 2
-        assert who in capsys.readouterr().out and not (tmp_path / "r").exists()
+        assert who in capsys.readouterr().err and not (tmp_path / "r").exists()
     finally:
         holder.kill()
         holder.wait()
@@ -246,10 +246,10 @@ def test_shard_resume_with_other_config_or_source_is_refused(tmp_path, monkeypat
         build_shards(_build_cfg(ingested), progress=False)  # never relabel an ingest as synthetic
     capsys.readouterr()
     assert ingest_main([*argv, f"run_dir={tmp_path / 'r2'}", "splits.train=0.9"]) == 2
-    assert "ingest_config.splits.train (ingest_config.splits.train: 0.7 -> 0.9)" in capsys.readouterr().out
+    assert "ingest_config.splits.train (ingest_config.splits.train: 0.7 -> 0.9)" in capsys.readouterr().err
     monkeypatch.setenv("MSKFM_DEID_SALT", SALT + "-other")
     assert ingest_main([*argv, f"run_dir={tmp_path / 'r3'}"]) == 2
-    assert "other deid_key_check" in capsys.readouterr().out
+    assert "other deid_key_check" in capsys.readouterr().err
     monkeypatch.setenv("MSKFM_DEID_SALT", SALT)
     assert ingest_main([*argv, f"run_dir={tmp_path / 'r4'}"]) == 0  # the same settings resume
     report = json.loads((tmp_path / "r4" / "ingest_report.json").read_text())
@@ -261,8 +261,8 @@ def test_pretrain_sweep_and_study_resume_with_other_config_is_refused(tiny_shard
     from downstream.studies.config import load_study
     from downstream.sweep import load_sweep, run_sweep
     from pretrain.cli import main
-    from pretrain.run import resolve_paths
     from pretrain.config import PretrainConfig, run_dir
+    from pretrain.run import resolve_paths
     from shards.config import save_config
 
     args = [f"data.source={tiny_shards}", f"run_root={tmp_path}/runs", f"storage_path={tmp_path}/ckpt",

@@ -14,9 +14,12 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+
+from shards.config import ConfigError
 
 from ..config import PretrainConfig, storage_root
 
@@ -60,21 +63,65 @@ def train_worker(config: dict) -> None:
     train_unit(cfg, config["unit"], RaySession())
 
 
-def ensure_ray(cfg: PretrainConfig):
+def join(address: str, runtime_env: dict, log_to_driver: bool = True) -> None:
+    """``ray.init`` on a running cluster, failing within seconds (Ray retries for minutes).
+
+    A loopback head (``cluster up``'s default) listens on 127.0.0.1 only, but Ray redirects a
+    driver to the machine's interface address unless ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` is set
+    before Ray is imported: set here for a loopback address.
+    """
+    import socket
+
+    host, _, port = _bootstrap_address(address).rpartition(":")
+    if host in ("127.0.0.1", "localhost", "::1"):
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    hint = ("start one with `cluster up` (it prints the address), or run the command on the cluster with "
+            "`cluster submit -- <command>`")
+    if host and port.isdigit():
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+        except OSError as exc:
+            raise ConfigError(f"key 'ray.address': no Ray head answers at {host}:{port} ({exc}); {hint}") from None
     import ray
 
-    if ray.is_initialized():
-        return ray
+    try:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=log_to_driver)
+    except ConnectionError as exc:
+        raise ConfigError(
+            f"key 'ray.address': cannot join the Ray cluster at {address} ({exc}). A head started by "
+            "`cluster up` needs its token: export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=<the auth "
+            f"file `cluster up` printed>; or {hint}") from None
+
+
+def _bootstrap_address(address: str) -> str:
+    """``host:port`` of ``address``; ``auto`` only where ``RAY_ADDRESS`` names the cluster (a job)."""
+    if address != "auto":
+        return address
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    raise ConfigError("key 'ray.address': 'auto' would join whichever Ray runs on this machine (other users' "
+                      "and test clusters included); pass the address `cluster up` printed (host:port)")
+
+
+def connect_ray(address: str | None = None, log_to_driver: bool = True):
+    """The one way mskfm reaches Ray (pretraining, sweeps, studies, predict): the Ray already
+    initialised in this process; else the cluster at ``address`` (a ``ray.address`` config key) or
+    ``$RAY_ADDRESS`` (joined with :func:`join`, failing within seconds); else a private local Ray on
+    loopback with this machine's CPUs. Workers import this checkout."""
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        return sys.modules["ray"]
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
            "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
     # Inside a Ray job (`cluster submit`, a KubeRay RayJob) RAY_ADDRESS names the job's cluster:
-    # the same command then trains on that cluster instead of starting a private local Ray.
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    # the same command then runs on that cluster instead of starting a private local Ray.
+    address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
-    else:
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
-                 runtime_env={"env_vars": env}, log_to_driver=True)
+        join(address, {"env_vars": env}, log_to_driver)
+        return sys.modules["ray"]
+    import ray
+
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
+             runtime_env={"env_vars": env}, log_to_driver=log_to_driver)
     return ray
 
 
@@ -141,7 +188,7 @@ def fit_unit(cfg: PretrainConfig, unit: str):
 
 def run_ray(cfg: PretrainConfig) -> dict:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # rank-0 log lines once, not twice
-    ensure_ray(cfg)
+    connect_ray(cfg.ray.address)
     if cfg.ray.concurrent_planes and len(cfg.planes) > 1:
         with ThreadPoolExecutor(len(cfg.planes)) as pool:
             futures = {unit: pool.submit(fit_unit, cfg, unit) for unit in cfg.planes}

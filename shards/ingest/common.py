@@ -160,7 +160,10 @@ def scan_output(out: str | Path, source: str | Path, tables: list[str], free_tex
     """`shards scan-phi` over the finished shard folder (manifest and journal included)."""
     from ..phi_scan import scan_phi
 
-    return scan_phi(out, source, [t for t in tables if t], skip_kinds=("free_text",) if free_text else ())
+    try:
+        return scan_phi(out, source, [t for t in tables if t], skip_kinds=("free_text",) if free_text else ())
+    except Exception as exc:  # the report is written either way; an unscanned ingest exits 1
+        return {"error": f"{type(exc).__name__}: {exc}", "n_hits": 0}
 
 
 def finish(cfg: IngestConfig, command: str, report: IngestReport,
