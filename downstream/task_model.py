@@ -43,6 +43,7 @@ from shards.schema import STRUCTURES
 
 from .heads.fusion import GatingNetwork, build_feature_model
 from .heads.linear import PlaneHead
+from .heads.probe import LogisticProbe
 from .heads.segmentation import SegDecoder
 from .heads.tuned import TunedBackbone
 from .model_card import render_task_card
@@ -96,6 +97,8 @@ def build_head(task: TaskConfig, channels: dict[str, list[int]], grid: list[int]
                backbones: dict[str, torch.nn.Module] | None = None) -> torch.nn.Module:
     """The same module ``run_finetune`` trains as the task's model, freshly initialised."""
     kind, n_labels = head_kind(task), len(task.labels)
+    if task.head.kind == "logistic":
+        return LogisticProbe({p: channels[p] for p in task.planes}, n_labels)
     if kind == "segmentation":
         plane = task.planes[0]
         return SegDecoder(plane, channels[plane], len(task.structures) + 1, grid, task.head.hidden)
