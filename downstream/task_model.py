@@ -8,7 +8,8 @@ nothing is unpickled)::
     task_model.json     format version, vocabulary (labels or structures), planes, preprocessing per
                         plane, feature channels, decision thresholds and where they came from, each
                         backbone by URL + sha256 of its weights and config
-    heads.safetensors   the task's head (for ``head.finetune_blocks``: with its tuned backbone copies)
+    heads.safetensors   the task's head with its feature standardisation statistics (buffers); for
+                        ``head.finetune_blocks`` with its tuned backbone copies
     task_config.yaml    the resolved task config, local paths reduced to ``<local>/<name>``
     metrics.json        the run's metrics (task model and baselines) with intervals
     README.md           model card with a Hugging Face YAML header
