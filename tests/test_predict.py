@@ -29,7 +29,7 @@ from shards.manifest import load_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["train.epochs=3", "metrics.bootstrap=20", "features.timesteps=[10]", "features.blocks=[mid,up.1]",
-        "baselines.names=[]", "threads=1"]
+        "baselines.names=[]", "probe.enabled=false", "threads=1"]
 TRAIN_SITES = ["A", "B", "C"]
 
 
@@ -125,6 +125,17 @@ def test_export_then_predict_reproduces_test_split(dx_run, hub, knee_shards, tmp
         thr = json.loads((out / "predict.json").read_text())["thresholds"][name]
         assert (merged[f"decision/{name}"] == (merged[f"prob/{name}"] >= thr)).all()
     assert set(pred["planes"]) == {"sag"}
+
+
+def test_logistic_probe_with_per_plane_features_reproduces(knee_shards, hub, tmp_path):
+    run = tmp_path / "probe"
+    run_finetune("knee-dx", _task_args(knee_shards, hub, tmp_path) + ["head.kind=logistic", "probe.cs=3",
+                                                                       "features.per_plane.sag.timesteps=[20]"], run_dir=run)
+    pred = run_predict(str(run), [str(knee_shards)], tmp_path / "pred", _cfg(hub, "split=test"))["predictions"]
+    merged = pd.read_csv(run / "study_predictions.csv").merge(pred, on="key")
+    assert len(merged) == len(pred) > 0
+    cols = [c for c in merged.columns if c.startswith("diffusion/")]
+    assert cols and all(np.abs(merged[c] - merged["prob/" + c.split("/", 1)[1]]).max() < 1e-6 for c in cols)
 
 
 def test_altered_or_missing_backbone_refused(dx_run, hub, knee_shards, tmp_path, capsys, monkeypatch):
