@@ -99,6 +99,24 @@ def test_label_level_fusion_weighs_each_plane_per_label():
     assert torch.allclose(model(inputs), expected)
 
 
+def test_every_shipped_sweeps_config_loads():
+    """configs/sweeps/ holds sweeps (a `space`), studies (named by kind) and recon studies: each loads
+    with its own schema (quick block included), so none drifts from the code."""
+    from downstream.studies.config import KINDS, load_study
+    from pretrain.recon.study import ReconStudyConfig
+    from shards.config import load_config
+
+    for path in sorted((ROOT / "configs/sweeps").glob("*.yaml")):
+        if "\nspace:" in path.read_text():
+            continue  # test_shipped_sweeps_fit_their_tasks
+        if path.stem in KINDS:
+            load_study(path.stem, path)
+            load_study(path.stem, path, quick=True)
+        else:
+            assert path.stem.startswith("recon-"), f"{path.name}: neither a sweep, a study nor a recon study"
+            load_config(ReconStudyConfig, path)
+
+
 def test_selection_target_fits_the_task():
     from downstream.finetune import resolve_task
     from downstream.sweep import selection_target
