@@ -14,13 +14,15 @@ import os
 import sys
 
 from . import jobs, launcher, local
+from shards.config import OverridesParser, UserError
+
 from .config import ClusterError, LocalClusterConfig, is_loopback, load_local_config
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cluster", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OverridesParser)
     for name, text in [("up", "start a head here, join one (--join), or launch a cloud cluster"),
                        ("down", "stop the nodes started here, or tear down a cloud cluster"),
                        ("submit", "run a command as a Ray job: `cluster submit [opts] -- CMD ...`"),
@@ -150,6 +152,6 @@ def main(argv: list[str] | None = None) -> int:
         if command:
             raise ClusterError(f"`cluster {args.command}` takes no command after `--`")
         return {"up": cmd_up, "down": cmd_down, "status": cmd_status, "jobs": cmd_jobs}[args.command](args)
-    except ClusterError as exc:
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

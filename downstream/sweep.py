@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import logging
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -31,6 +30,8 @@ import torch
 
 from shards.config import ConfigError, load_config, save_config, to_dict
 from shards.resume import check_resume, saved_yaml
+from shards.runs import default_folder, write_metrics
+from shards.tracking import WandbConfig, start_tracking
 
 from .data import check_task, load_studies, split_rows
 from .diagnosis import feature_batcher, run_diagnosis
@@ -43,17 +44,15 @@ from .segment import run_segmentation
 from .studies.trials import absolute_paths
 from .tasks import TaskConfig
 from .train import fit, masked_bce, predict, seed_everything
-from .tuning import run_tuner, trial_rows
-
-log = logging.getLogger(__name__)
+from .tuning import RayConnection, run_tuner, trial_rows
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 # Parameters that change the cached features: swept over discrete values, precomputed by the driver.
-FEATURE_KEYS = ("features.timesteps", "features.blocks", "features.noise_draws", "features.seed", "planes",
-                "backbones")
+FEATURE_KEYS = ("features.timesteps", "features.blocks", "features.noise_draws", "features.seed",
+                "features.per_plane", "planes", "backbones")
 # Selection metrics per task kind (higher is better); the first is the default.
 METRICS = {"diagnosis": ("auroc", "ap"), "segmentation": ("dice", "iou")}
-RESUME_IGNORE = ("resources", "max_concurrent_trials")  # a resumed sweep may change only these
+RESUME_IGNORE = ("resources", "max_concurrent_trials", "ray", "wandb")  # a resumed sweep may change only these
 
 
 @dataclass
@@ -85,7 +84,7 @@ class ASHASpec:
 class SweepConfig:
     task: str = ""
     name: str = ""
-    out: str = "runs/sweep"
+    out: str = field(default_factory=default_folder("sweep"))
     overrides: list[str] = field(default_factory=list)
     space: dict[str, Any] = field(default_factory=dict)
     num_samples: int = 1
@@ -96,6 +95,8 @@ class SweepConfig:
     resources: dict[str, float] = field(default_factory=lambda: {"cpu": 1.0})
     max_concurrent_trials: int = 2
     seed: int = 0
+    ray: RayConnection = field(default_factory=RayConnection)
+    wandb: WandbConfig = field(default_factory=WandbConfig)   # W&B record of the sweep (trials, best)
 
     def validate(self) -> None:
         if not self.space:
@@ -283,7 +284,7 @@ def run_sweep(cfg: SweepConfig, run_dir: str | Path | None = None) -> dict:
                                   reuse_actors=True,
                                   search_alg=BasicVariantGenerator(max_concurrent=cfg.max_concurrent_trials,
                                                                    random_state=cfg.seed))
-    grid = run_tuner(sweep_trial, space, out, tune_config, cfg.resources)
+    grid = run_tuner(sweep_trial, space, out, tune_config, cfg.resources, cfg.ray.address)
     trials = sweep_table(trial_rows(grid), metric)
     trials.to_csv(out / "trials.csv", index=False, float_format="%.5f")
     best = best_trial(trials, cfg, overrides, metric, model)
@@ -291,7 +292,10 @@ def run_sweep(cfg: SweepConfig, run_dir: str | Path | None = None) -> dict:
     summary = {"task": cfg.task, "run_dir": str(out), "best": best, "n_trials": int(len(trials)),
                "n_errors": int(trials["error"].notna().sum()),
                "timings": {"prepare_s": round(t_prepared - t0, 3), "total_s": round(time.perf_counter() - t0, 3)}}
-    (out / "metrics.json").write_text(json.dumps(summary, indent=1))
+    write_metrics(out, summary, default=None)
+    with start_tracking(cfg.wandb, out, out.name, to_dict(cfg), group=cfg.task, job_type="sweep") as tracker:
+        tracker.table("trials", trials)
+        tracker.summary({"best/value": best["value"], "n_trials": summary["n_trials"], "n_errors": summary["n_errors"]})
     return summary | {"trials": trials}
 
 

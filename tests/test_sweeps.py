@@ -19,7 +19,7 @@ from downstream.studies.config import StudyBackboneSpec
 from downstream.studies.pretrained import train_backbone
 from downstream.sweep import load_sweep
 from shards.config import ConfigError
-from tests.test_downstream import task_args, tiny_hub  # noqa: F401 (tiny_hub: a session fixture)
+from tests.test_downstream import task_args
 from tests.test_studies import FAST, write_task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,7 +184,8 @@ def test_sweep_of_ehr_fusion(tiny_shards, tiny_hub, ray_local, tmp_path, capsys)
 def test_sweep_best_head_and_from_sweep(sweep_env, ray_local, tmp_path):
     run = tmp_path / "sweep"
     assert cli.main(["sweep", "--task", str(sweep_env["task"]), "--space", str(sweep_env["space"]),
-                     "--run-dir", str(run)]) == 0
+                     "--run-dir", str(run), "wandb.project=mskfm-test"]) == 0
+    assert len(list((run / "wandb").glob("offline-run-*/run-*.wandb"))) == 1  # W&B offline (tests set WANDB_MODE)
     trials = pd.read_csv(run / "trials.csv")
     assert len(trials) == 4 and trials["error"].isna().all()
     assert sorted(trials["param:features.timesteps"]) == ["[10]", "[10]", "[60]", "[60]"]
@@ -199,7 +200,9 @@ def test_sweep_best_head_and_from_sweep(sweep_env, ray_local, tmp_path):
 
     ft = tmp_path / "ft"
     assert cli.main(["finetune", "--task", str(sweep_env["task"]), "--from-sweep", str(run), "--run-dir", str(ft),
-                     "baselines.names=[]"]) == 0
+                     "baselines.names=[]", "wandb.project=mskfm-test"]) == 0
+    assert len(list((ft / "wandb").glob("offline-run-*/run-*.wandb"))) == 1
+    assert not any((run / "trials").rglob("wandb"))  # trials without wandb configured write none
     import yaml
 
     resolved = yaml.safe_load((ft / "config.yaml").read_text())

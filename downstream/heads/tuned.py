@@ -1,6 +1,6 @@
 """Fine-tuning selected backbone blocks under a head, at a reduced learning rate.
 
-Blocks are named as in the backbone's ``features`` (``down.i``, ``mid``, ``up.i``); only their
+Blocks are named as in the backbone's ``features`` (``down.i``, ``mid_0``..``mid_2``, ``mid``, ``up.i``); only their
 parameters are unfrozen. The features are recomputed on every step (no cache), with the task's
 timesteps, noise draws and seed.
 """
@@ -12,6 +12,7 @@ import copy
 import torch
 from torch import nn
 
+from pretrain.models.diffusion import MID_PARTS
 from shards.config import ConfigError
 
 
@@ -22,6 +23,8 @@ def block_prefix(name: str) -> str:
     """Feature block name -> parameter-name prefix in ``DiffusionBackbone`` (its ``unet``)."""
     if name == "mid":
         return "unet.middle_block."
+    if name in MID_PARTS:
+        return f"unet.middle_block.{MID_PARTS[name]}."
     kind, _, index = name.partition(".")
     return f"unet.{UNET_BLOCKS[kind]}.{index}."
 
@@ -48,8 +51,8 @@ class TunedBackbone(nn.Module):
     def forward(self, inputs: dict) -> torch.Tensor:
         maps = {}
         for plane, model in self.backbones.items():
-            named = model.features(inputs[plane], list(self.feat.timesteps), list(self.feat.blocks),
-                                   self.feat.noise_draws, self.feat.seed)
+            feat = self.feat.for_plane(plane)
+            named = model.features(inputs[plane], list(feat.timesteps), list(feat.blocks), feat.noise_draws, feat.seed)
             maps[plane] = [t for _, t in sorted(named.items())]
         return self.head(maps)
 
