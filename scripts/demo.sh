@@ -16,6 +16,7 @@ echo "== 4/4 dataset summary"
 shards info "$SHARDS"
 
 echo "== pretrain: three knee plane backbones on a local Ray, two DeepSpeed workers (a rerun resumes)"
+python scripts/demo_stale_run.py configs/pretrain/demo-knee.yaml
 pretrain run --config configs/pretrain/demo-knee.yaml data.source="$SHARDS"
 
 echo "== publish: consolidate ZeRO checkpoints (EMA weights) into hub/knee-{sag,cor,ax}"
@@ -27,4 +28,5 @@ for plane in sag cor ax; do
 done
 
 echo "== downstream: knee diagnosis (8 labels, 3 planes) on the demo backbones in hub/, with baselines"
-downstream finetune --task knee-dx
+downstream finetune --task knee-dx --run-dir runs/finetune/demo-knee-dx
+python scripts/demo_reading.py runs/finetune/demo-knee-dx --label effusion
