@@ -7,6 +7,7 @@ echo "== 1/4 synthesize: a few example studies as NIfTI + previews (runs/demo/sy
 shards -q synth --config configs/shards/demo.yaml --out runs/demo/synth-preview --n 3
 
 echo "== 2/4 build shards (resumable; reruns skip finished shards)"
+python scripts/demo_stale.py --shards configs/shards/demo.yaml --out "$SHARDS" --pretrain configs/pretrain/demo-knee.yaml
 shards -q build --config configs/shards/demo.yaml out="$SHARDS"
 
 echo "== 3/4 verify shards against the manifest (sizes + sha256)"
@@ -16,7 +17,6 @@ echo "== 4/4 dataset summary"
 shards info "$SHARDS"
 
 echo "== pretrain: three knee plane backbones on a local Ray, two DeepSpeed workers (a rerun resumes)"
-python scripts/demo_stale_run.py configs/pretrain/demo-knee.yaml
 pretrain run --config configs/pretrain/demo-knee.yaml data.source="$SHARDS"
 
 echo "== publish: consolidate ZeRO checkpoints (EMA weights) into hub/knee-{sag,cor,ax}"
