@@ -30,6 +30,13 @@ def reading(metrics: dict, label: str) -> list[str]:
     lo = models[judged]["per_label"][label].get("ci", {}).get("auroc", [math.nan])[0]
     verdict = "above chance (interval above 0.5)" if lo > 0.5 else "NOT shown above chance (interval reaches 0.5)"
     per_model = "; ".join(f"{name} {cell(m['per_label'][label])}" for name, m in models.items())
+    base = "random_backbone_probe" if judged == PROBE else "random_backbone"
+    if base in models:
+        b = models[base]["per_label"][label]
+        hi = b.get("ci", {}).get("auroc", [math.nan, math.nan])[1]
+        verdict += ("; above the interval of the same model on a random-init copy: pretraining helps here" if lo > hi
+                    else f"; the same model on a random-init copy reaches {cell(b)}, so this finding alone does not "
+                         "show that pretraining helps")
     macro = ", ".join(f"{name} {m['macro']['auroc']:.2f}" for name, m in models.items())
     return [f"Reading: AUROC per model on {n_pat} test patients ({metrics['n_eval']} studies) after training on "
             f"{metrics['n_train']} studies; 0.5 = chance, 1 = perfect, [lo, hi] = 95% bootstrap interval over patients. "
