@@ -4,11 +4,15 @@
     pretrain publish <run name or folder> --to hub [--plane sag] [--overwrite]
     pretrain eval-recon <published recon backbone> --data <recon shards> --masks ... --accelerations 4,8
     pretrain recon-study --config configs/sweeps/recon-transfer.yaml [key=value ...]
+    pretrain import <checkpoint file | hf://owner/repo/file> --format orthodiffusion --plane sag --to <folder>
+                    [--set key=value ...] [--overwrite]
 
 ``run`` trains every plane of the config with its launcher and writes ``<run_root>/<name>/``
 (``config.yaml``, ``metrics.json``, per plane ``metrics.jsonl``); running it again with the same
 ``name`` resumes from the newest checkpoint. ``publish`` consolidates each plane's newest
 checkpoint to full weights (EMA when present) and writes a published backbone per plane.
+``import`` converts a published foundation model's checkpoint (tensors only, EMA preferred) into a
+backbone folder that ``downstream`` uses like any other (:mod:`pretrain.importers`).
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ import sys
 from pathlib import Path
 
 from shards.config import ConfigError, load_config, save_config, to_dict
+from shards.schema import PLANES
 
 from .checkpoint import CheckpointError
+from .importers import FORMATS, CheckpointImportError
 from .recon.cli import add_recon_parsers
 
 
@@ -102,6 +108,14 @@ def cmd_publish(args) -> int:
     return 0
 
 
+def cmd_import(args) -> int:
+    from .importers import import_checkpoint
+
+    out = import_checkpoint(args.source, args.format, args.plane, args.to, args.overrides, args.overwrite)
+    print(f"imported {args.format} {args.plane} backbone {args.source} -> {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pretrain", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -116,6 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--overwrite", action="store_true", help="replace an existing published version")
     pub.add_argument("--run-root", default="runs/pretrain")
     pub.set_defaults(func=cmd_publish)
+    imp = sub.add_parser("import", help="import a published foundation model's checkpoint as a backbone folder")
+    imp.add_argument("source", help="checkpoint file (model.pt, .safetensors) or hf://owner/repo/path/to/file")
+    imp.add_argument("--format", required=True, choices=sorted(FORMATS), help="the checkpoint's upstream format")
+    imp.add_argument("--plane", required=True, choices=PLANES, help="plane the model was trained on")
+    imp.add_argument("--to", required=True, help="destination folder, s3:// URL or hf://owner/repo")
+    imp.add_argument("--overwrite", action="store_true", help="replace an existing backbone there")
+    imp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="change the format's published config for a checkpoint trained otherwise "
+                     "(repeatable), e.g. --set model_channels=32 --set preprocessing.shape=[16,128,128]")
+    imp.set_defaults(func=cmd_import)
     add_recon_parsers(sub)
     return p
 
@@ -127,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError) as exc:
+    except (ConfigError, CheckpointError, CheckpointImportError, FileNotFoundError, FileExistsError) as exc:
         print(f"pretrain {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -12,13 +12,13 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
-from monai.transforms import Compose, Resize, ResizeWithPadOrCrop, ScaleIntensityRange
+from monai.transforms import Compose, Resize, ResizeWithPadOrCrop, ScaleIntensity, ScaleIntensityRange
 from monai.utils import convert_to_tensor
 
 from shards.schema import PLANES
 
-INTENSITY_MODES = ("percentile", "fixed")
-SPATIAL_MODES = ("resize", "pad_crop")
+INTENSITY_MODES = ("percentile", "fixed", "minmax")
+SPATIAL_MODES = ("resize", "pad_crop", "crop_resize")
 
 
 @dataclass
@@ -26,8 +26,10 @@ class PlanePreprocessing:
     """How one plane's stack becomes a network input of shape (1, *shape).
 
     intensity: ``percentile`` (window = dataset percentiles ``p_low``/``p_high`` from the manifest,
-    resolved into ``low``/``high`` by :func:`spec_from_manifest`) or ``fixed`` (``low``/``high`` given).
-    spatial: ``resize`` (trilinear to ``shape``) or ``pad_crop`` (centred pad/crop, no resampling).
+    resolved into ``low``/``high`` by :func:`spec_from_manifest`), ``fixed`` (``low``/``high`` given) or
+    ``minmax`` (each volume's own min/max to ``[out_min, out_max]``, as OrthoDiffusion; no window).
+    spatial: ``resize`` (trilinear to ``shape``), ``pad_crop`` (centred pad/crop, no resampling) or
+    ``crop_resize`` (centred crop/pad of the slices, bilinear in-plane resize; OrthoDiffusion's).
     """
 
     plane: str = "sag"
@@ -52,6 +54,8 @@ class PlanePreprocessing:
         if self.intensity not in INTENSITY_MODES:
             raise ValueError(f"preprocessing.intensity '{self.intensity}' is unknown; "
                              f"known: {', '.join(INTENSITY_MODES)}")
+        if self.intensity == "minmax":
+            return
         if self.low is None or self.high is None:
             raise ValueError("preprocessing.low/high are unset: build the spec with spec_from_manifest() "
                              "or give intensity=fixed with low and high")
@@ -108,11 +112,17 @@ def build_transform(spec: PlanePreprocessing | dict) -> Compose:
     """The MONAI transform for ``spec``; input and output are channel-first (1, S, R, C)."""
     spec = _as_spec(spec)
     size = [int(s) for s in spec.shape]
-    spatial = (Resize(size, mode="trilinear", anti_aliasing=False) if spec.spatial == "resize"
-               else ResizeWithPadOrCrop(size, mode="constant"))
-    scale = ScaleIntensityRange(a_min=spec.low, a_max=spec.high, b_min=spec.out_min, b_max=spec.out_max,
-                                clip=spec.clip)
-    return Compose([spatial, scale])  # pad with raw zeros, then window
+    if spec.spatial == "resize":
+        spatial = [Resize(size, mode="trilinear", anti_aliasing=False)]
+    elif spec.spatial == "pad_crop":
+        spatial = [ResizeWithPadOrCrop(size, mode="constant")]
+    else:  # slices cropped/padded, never resampled; trilinear with the slice count kept is per-slice bilinear
+        spatial = [ResizeWithPadOrCrop([size[0], -1, -1], mode="constant"),
+                   Resize([-1, *size[1:]], mode="trilinear", anti_aliasing=False)]
+    scale = (ScaleIntensity(minv=spec.out_min, maxv=spec.out_max) if spec.intensity == "minmax"
+             else ScaleIntensityRange(a_min=spec.low, a_max=spec.high, b_min=spec.out_min, b_max=spec.out_max,
+                                      clip=spec.clip))
+    return Compose([*spatial, scale])  # pad with raw zeros, then window
 
 
 def preprocess_volume(vol: np.ndarray | torch.Tensor, spec: PlanePreprocessing | dict) -> torch.Tensor:

@@ -28,6 +28,8 @@ from ..hub import HF_PREFIX, fetch_folder, is_local
 from ..preprocess import PlanePreprocessing
 from ..schedule import ScheduleConfig, build_scheduler
 
+UNET_BLOCKS = {"down": "down_blocks", "up": "up_blocks"}  # feature block kind -> MONAI U-Net module list
+
 
 class _Captured(Exception):
     """Raised by a feature hook once every requested block is stored: skips the rest of the U-Net."""
@@ -94,6 +96,13 @@ class DiffusionBackbone(ModelMixin, ConfigMixin):
         """Valid names for :meth:`features`, encoder to decoder."""
         n = self.levels
         return [f"down.{i}" for i in range(n)] + ["mid"] + [f"up.{i}" for i in range(n)]
+
+    def block_prefix(self, name: str) -> str:
+        """Parameter-name prefix of the block ``name`` (what fine-tuning that block unfreezes)."""
+        if name == "mid":
+            return "unet.middle_block."
+        kind, _, index = name.partition(".")
+        return f"unet.{UNET_BLOCKS[kind]}.{index}."
 
     def block_channels(self) -> dict[str, int]:
         """Channels of each named feature map."""
