@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,8 +128,8 @@ def load_tensors(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        reason = next((line.strip() for line in str(exc).splitlines() if "Unsupported global" in line),
-                      str(exc).splitlines()[0])
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        reason = f"it references {found.group(1)}" if found else str(exc).splitlines()[0]
         raise CheckpointImportError(f"{path}: refused, the file needs unpickling of code, not only tensors "
                                     f"({reason}); only weights_only checkpoints are read") from None
     except (RuntimeError, EOFError, OSError) as exc:
