@@ -31,7 +31,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from shards.config import ConfigError, lookup
 
-from .hub import HF_PREFIX, put_folder
+from .hub import HF_PREFIX, is_local, put_folder, refuse_existing
 from .models.orthodiffusion import ORTHODIFFUSION_PREPROCESSING, ORTHODIFFUSION_SCHEDULE, OrthoDiffusionBackbone
 from .preprocess import PlanePreprocessing
 from .publish import SCHEDULER_DIR
@@ -53,6 +53,7 @@ class ImportFormat:
     ignored: tuple[str, ...]            # upstream keys that are not network weights
     schedule_key: str | None            # upstream key holding the training betas (checked)
     source: str
+    licence_id: str                     # the model card's front-matter licence
     licence: str
     citation: str
     notes: list[str] = field(default_factory=list)
@@ -74,6 +75,7 @@ ORTHODIFFUSION = ImportFormat(
     schedule_key="betas",
     source="OrthoDiffusion — code https://github.com/lt-0123/OrthoDiffusion, weights "
            "https://huggingface.co/lanstat0123/orthodiffusion",
+    licence_id="mit",
     licence="MIT (OrthoDiffusion's code repository, Copyright (c) 2026 Lan Tian); check the weights' Hub "
             "page for any further terms",
     citation="""@misc{orthodiffusion2026,
@@ -102,9 +104,13 @@ def fetch_checkpoint(source: str, cache_dir: str | Path | None = None) -> Path:
         if len(parts) < 3 or not all(parts):
             raise CheckpointImportError(f"{source}: a Hub checkpoint is hf://<owner>/<repo>/<file in the repo>")
         from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
 
-        return Path(hf_hub_download("/".join(parts[:2]), "/".join(parts[2:]), token=os.environ.get("HF_TOKEN"),
-                                    cache_dir=cache_dir))
+        try:
+            return Path(hf_hub_download("/".join(parts[:2]), "/".join(parts[2:]), token=os.environ.get("HF_TOKEN"),
+                                        cache_dir=cache_dir))
+        except (EntryNotFoundError, HfHubHTTPError) as exc:  # also offline (LocalEntryNotFoundError)
+            raise CheckpointImportError(f"{source}: cannot download ({str(exc).splitlines()[0]})") from None
     path = Path(source.removeprefix("file://"))
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {source}")
@@ -122,9 +128,13 @@ def sha256_file(path: Path) -> str:
 def load_tensors(path: Path):
     """The checkpoint's content, tensors and plain containers only: never arbitrary unpickling."""
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except SafetensorError as exc:
+            raise CheckpointImportError(f"{path}: not a readable safetensors file ({exc})") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -222,7 +232,7 @@ def render_import_card(fmt: ImportFormat, model, provenance: dict) -> str:
     cfg = dict(model.config)
     blocks = model.block_names()
     return "\n".join([
-        "---", "library_name: diffusers", "license: mit" if fmt.licence.startswith("MIT") else "license: other",
+        "---", "library_name: diffusers", f"license: {fmt.licence_id}",
         "tags: [mskfm, mri, musculoskeletal, diffusion, self-supervised, 3d, imported]", "---", "",
         f"# {fmt.name} backbone imported into mskfm — plane `{cfg['plane']}`", "",
         f"Weights of a published model, converted unchanged (parameter names and values) into "
@@ -263,6 +273,9 @@ def import_checkpoint(source: str, format: str, plane: str, to: str, overrides: 
     """
     fmt = lookup(FORMATS, format, "import format")
     cfg = backbone_config(fmt, plane, overrides)
+    local = Path(str(to).removeprefix("file://"))
+    if is_local(str(to)) and local.is_dir() and any(local.iterdir()) and not overwrite:
+        refuse_existing(str(to))                              # before reading a large checkpoint
     path = fetch_checkpoint(source, cache_dir)
     obj = load_tensors(path)
     state, which = pick_weights(obj, path)
