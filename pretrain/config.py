@@ -56,6 +56,7 @@ class PretrainConfig:
     joint: str = "knee"
     planes: list[str] = field(default_factory=lambda: ["sag", "cor", "ax"])
     shape: list[int] = field(default_factory=lambda: [8, 32, 32])  # (slices, rows, cols) per plane
+    preprocess: dict[str, Any] = field(default_factory=dict)  # PlanePreprocessing overrides (spatial, intensity)
     model: dict[str, Any] = field(default_factory=dict)
     schedule: dict[str, Any] = field(default_factory=dict)
     optim: OptimConfig = field(default_factory=OptimConfig)

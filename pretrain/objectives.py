@@ -46,7 +46,7 @@ class DiffusionObjective:
 
         self.cfg, self.plane = cfg, unit
         try:
-            self.spec = spec_from_manifest(manifest, unit, list(cfg.shape))
+            self.spec = spec_from_manifest(manifest, unit, list(cfg.shape), **dict(cfg.preprocess))
             self.scheduler = build_scheduler(dict(cfg.schedule))
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"plane '{unit}' of {cfg.data.source}: {exc}") from exc

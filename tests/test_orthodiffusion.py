@@ -109,6 +109,18 @@ def test_features_shapes_early_stop_and_errors():
     assert model.block_prefix("mid_2") == "middle_block.2." and model.block_prefix("out_3") == "output_blocks.3."
 
 
+def test_activation_checkpointing_gives_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = OrthoDiffusionBackbone(**TINY_KW, activation_checkpointing=checkpointing)
+        for p in model.parameters():
+            torch.nn.init.normal_(p, std=0.1)
+        model(torch.ones(1, 1, 8, 32, 32), torch.tensor([7])).square().mean().backward()
+        grads.append(model.input_blocks[1][0].in_layers[2].weight.grad)
+    assert model.gradient_checkpointing and torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
 def test_orthodiffusion_preprocessing():
     """16 central slices kept (never resampled), bilinear in-plane, per-volume min-max to [-1, 1]."""
     spec = PlanePreprocessing(plane="sag", shape=[16, 20, 20], spatial="crop_resize", intensity="minmax")
@@ -228,3 +240,4 @@ def test_cli_import_then_finetune(tiny_shards, tmp_path, capsys):
     assert set(res["metrics"]) == {"diffusion"} and (tmp_path / "ft" / "head.safetensors").is_file()
     tuned = run_finetune("knee-dx", args + ["head.finetune_blocks=[mid_2]", "train.epochs=2"], run_dir=tmp_path / "tuned")
     assert tuned["history"]["diffusion"][-1] < tuned["history"]["diffusion"][0]
+

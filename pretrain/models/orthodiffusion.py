@@ -136,7 +136,11 @@ class OrthoDiffusionBackbone(ModelMixin, ConfigMixin):
     ``attention_levels``: one flag per level (as ``DiffusionBackbone``); OrthoDiffusion's "attention at
     resolution 16" of a 256 input is the level at 16x downsampling, the last of five.
     ``preprocessing`` / ``schedule`` default to OrthoDiffusion's published ones.
+    ``activation_checkpointing`` recomputes each block in the backward pass (diffusers' gradient
+    checkpointing): the published size then trains at batch 1 in a few GB.
     """
+
+    _supports_gradient_checkpointing = True
 
     @register_to_config
     def __init__(
@@ -151,6 +155,7 @@ class OrthoDiffusionBackbone(ModelMixin, ConfigMixin):
         norm_num_groups: int = 32,
         dropout: float = 0.0,
         time_embed_max_period: float = 1000.0,
+        activation_checkpointing: bool = False,
         plane: str = "sag",
         preprocessing: dict | None = None,
         schedule: dict | None = None,
@@ -198,6 +203,9 @@ class OrthoDiffusionBackbone(ModelMixin, ConfigMixin):
                 self.output_blocks.append(TimestepSequential(*layers))
         self.out = nn.Sequential(GroupNorm32(norm_num_groups, ch), nn.SiLU(),
                                  _zero(nn.Conv3d(ch, out_channels, 3, padding=1)))
+        self.gradient_checkpointing = False
+        if activation_checkpointing:
+            self.enable_gradient_checkpointing()
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
@@ -243,6 +251,12 @@ class OrthoDiffusionBackbone(ModelMixin, ConfigMixin):
             raise ValueError(f"spatial size {tuple(x.shape[2:])} must be divisible by {div} "
                              f"for a {self.levels}-level U-Net")
 
+    def _apply(self, layer: nn.Module, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        args = (h,) if isinstance(layer, AttentionBlock) else (h, emb)
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return self._gradient_checkpointing_func(layer, *args)
+        return layer(*args)
+
     def _run(self, x: torch.Tensor, timesteps: torch.Tensor, keep: Iterable[str] = ()):
         """The U-Net pass; returns ``(prediction or None, {name: map})``, stopping once ``keep`` is stored."""
         emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels,
@@ -257,16 +271,16 @@ class OrthoDiffusionBackbone(ModelMixin, ConfigMixin):
             return False
 
         for i, block in enumerate(self.input_blocks):
-            h = block(h, emb)
+            h = self._apply(block, h, emb)
             skips.append(h)
             if stored(f"in_{i}"):
                 return None, maps
         for i, layer in enumerate(self.middle_block):
-            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+            h = self._apply(layer, h, emb)
             if stored(f"mid_{i}"):
                 return None, maps
         for i, block in enumerate(self.output_blocks):
-            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+            h = self._apply(block, torch.cat([h, skips.pop()], dim=1), emb)
             if stored(f"out_{i}"):
                 return None, maps
         return self.out(h), maps
