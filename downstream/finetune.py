@@ -31,6 +31,7 @@ from .metrics import diagnosis_metrics, segmentation_metrics
 from .outputs import (diagnosis_outputs, diagnosis_table, save_heads, segmentation_outputs,
                       segmentation_table)
 from .segment import run_segmentation
+from .task_model import save_task_model
 from .tasks import TaskConfig, load_task
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,9 @@ def run_finetune(task: TaskConfig | str | Path, overrides: Sequence[str] = (), *
                               "planes": task.planes, "backbones": task.backbones,
                               "channels": {p: d.channels() for p, d in planes.items()},
                               "tabular": results.get("diffusion+ehr", {}).get("tabular")})
+    save_task_model(out, task, results["diffusion"], planes, manifest, metrics,
+                    {"n_train": int(len(train_rows)), "n_eval": int(len(eval_rows)),
+                     "train_split": task.train.train_split, "eval_split": task.train.eval_split})
     timings = {"features_s": round(t_features - t0, 3), "total_s": round(time.perf_counter() - t0, 3)}
     summary = {"task": task.name, "kind": task.kind, "run_dir": str(out), "metrics": metrics,
                "n_train": int(len(train_rows)), "n_eval": int(len(eval_rows)),

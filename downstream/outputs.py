@@ -54,11 +54,13 @@ def save_heads(results: dict[str, dict], run_dir: Path, meta: dict) -> None:
 
 def diagnosis_outputs(frame: pd.DataFrame, eval_rows: np.ndarray, labels: list[str], results: dict[str, dict],
                       run_dir: Path) -> pd.DataFrame:
-    """Per-patient predictions.csv, ROC and fusion-weight plots; returns the study-level frame."""
+    """Per-patient predictions.csv, per-study study_predictions.csv, ROC and fusion-weight plots;
+    returns the study-level frame."""
     study = frame.iloc[eval_rows][["key", "patient", "split", *labels]].reset_index(drop=True)
     for name, res in results.items():
         for k, label in enumerate(labels):
             study[f"{name}/{label}"] = res["probs"][:, k]
+    study.to_csv(run_dir / "study_predictions.csv", index=False, float_format="%.9g")
     scores = [c for c in study.columns if "/" in c]
     patient = patient_level(study, labels, scores)
     patient.to_csv(run_dir / "predictions.csv", index=False, float_format="%.5f")

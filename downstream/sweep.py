@@ -24,7 +24,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from shards.config import ConfigError, load_config, save_config
+from shards.config import ConfigError, load_config, save_config, to_dict
+from shards.resume import check_resume, saved_yaml
 
 from .data import check_task, load_studies, split_rows
 from .diagnosis import feature_batcher
@@ -45,6 +46,7 @@ DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 FEATURE_KEYS = ("features.timesteps", "features.blocks", "features.noise_draws", "features.seed", "planes",
                 "backbones")
 METRICS = ("auroc", "ap")
+RESUME_IGNORE = ("resources", "max_concurrent_trials")  # a resumed sweep may change only these
 
 
 @dataclass
@@ -177,8 +179,10 @@ def run_sweep(cfg: SweepConfig, run_dir: str | Path | None = None) -> dict:
     from ray.tune.search import BasicVariantGenerator
 
     t0 = time.perf_counter()
+    name = cfg.name or f"{resolve_task(cfg.task, cfg.overrides).name}-sweep"
+    out = Path(run_dir or Path(cfg.out) / name).resolve()
+    check_resume(saved_yaml(out / "config.yaml"), to_dict(cfg), out, "sweep", ignore=RESUME_IGNORE)
     base = prepare_sweep(cfg)
-    out = Path(run_dir or Path(cfg.out) / (cfg.name or f"{base.name}-sweep")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     overrides = absolute_paths(base, cfg.overrides)

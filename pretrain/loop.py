@@ -4,7 +4,7 @@
 ZeRO stage 0/1/2, bf16 where supported, gradient accumulation and clipping, warm-up + cosine LR
 (DeepSpeed ``WarmupCosineLR``), an fp32 EMA of the weights (diffusers ``EMAModel``, rank 0).
 Data: the plane's volumes from the shards, resampled with a seeded shuffle per (rank, DataLoader
-worker). The session (see :mod:`pretrain.launchers`) supplies rank, world size, the checkpoint to
+worker); several anatomies are mixed with their weights (:class:`shards.reader.MixedReader`). The session (see :mod:`pretrain.launchers`) supplies rank, world size, the checkpoint to
 resume from and where checkpoints go. DeepSpeed is imported here, inside the worker, after
 ``DS_ACCELERATOR`` is set.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from shards.manifest import load_manifest
-from shards.reader import ShardReader
+from shards.reader import MixedReader, ShardReader
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import PretrainConfig, run_dir
@@ -95,13 +95,23 @@ def build_ema(cfg: PretrainConfig, model: torch.nn.Module, rank: int):
 def build_loader(cfg: PretrainConfig, objective, rank: int, world: int, epoch: int):
     """Endless seeded batches of this rank's share; ``epoch`` (the start step) reseeds on resume."""
     kwargs = {"source": cfg.data.source, **objective.reader_kwargs()}
-    reader = ShardReader(kwargs.pop("source"), cfg.data.split, rank=rank, world_size=world,
-                         shuffle=True, seed=cfg.seed, shuffle_buffer=cfg.data.shuffle_buffer,
-                         resample=True, transform=objective.prepare, **kwargs)
-    reader.set_epoch(epoch)
+    source = kwargs.pop("source")
+
+    def reader(**extra) -> ShardReader:
+        return ShardReader(source, cfg.data.split, rank=rank, world_size=world, shuffle=True, seed=cfg.seed,
+                           shuffle_buffer=cfg.data.shuffle_buffer, resample=True, transform=objective.prepare,
+                           **{**kwargs, **extra})
+
+    mix = getattr(objective, "mixture", None) or {}
+    if len(mix) > 1:  # one stream per anatomy, drawn with the mixing weights
+        keys = kwargs.get("keys")
+        data = MixedReader([reader(joints=[j], keys=keys) for j in mix], list(mix.values()), seed=cfg.seed)
+    else:
+        data = reader()
+    data.set_epoch(epoch)
     extra = ({"prefetch_factor": cfg.data.prefetch, "persistent_workers": False}
              if cfg.data.num_workers > 0 else {})
-    return torch.utils.data.DataLoader(reader, batch_size=cfg.batch_size, num_workers=cfg.data.num_workers,
+    return torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, num_workers=cfg.data.num_workers,
                                        collate_fn=objective.collate, **extra)
 
 

@@ -71,6 +71,22 @@ def cmd_verify(args) -> int:
     return 1 if problems else 0
 
 
+def cmd_scan_phi(args) -> int:
+    """Exit 0 when no identifying value of the export is in the shards (or what travels with them), else 1."""
+    from .phi_scan import format_scan, scan_phi
+
+    if not args.source and not args.table:
+        raise ConfigError("scan-phi: give --source <export dir> (and/or --table) to gather identifying values from")
+    if args.source and not Path(args.source).is_dir():
+        raise FileNotFoundError(f"scan-phi: --source {args.source} is not a folder")
+    result = scan_phi(args.shards, args.source, args.table, args.include,
+                      ("free_text",) if args.allow_free_text else ())
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    print(format_scan(result))
+    return 1 if result["n_hits"] else 0
+
+
 def cmd_info(args) -> int:
     from .summary import format_summary
 
@@ -107,6 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check every shard's size and sha256 against the manifest")
     p.add_argument("shards", help="shard folder, manifest.json or s3:// URL")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("scan-phi", help="look for the source export's identifying values in the shards")
+    p.add_argument("shards", help="shard folder or URL: every file in it is scanned")
+    p.add_argument("--source", help="the export the shards came from (DICOM, fastMRI, NIfTI, tables)")
+    p.add_argument("--table", action="append", default=[], help="a label/EHR table outside the export")
+    p.add_argument("--include", action="append", default=[],
+                   help="another file or folder that travels with the shards (model card, report)")
+    p.add_argument("--allow-free-text", action="store_true",
+                   help="shards ingested with deid.keep_free_text=true: whole free-text values are not hits")
+    p.add_argument("--json", help="also write the result (no values, only where and what kind) here")
+    p.set_defaults(func=cmd_scan_phi)
 
     p = sub.add_parser("info", help="print a dataset summary from the manifest")
     p.add_argument("shards")

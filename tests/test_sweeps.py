@@ -15,7 +15,8 @@ import pandas as pd
 import pytest
 
 from downstream import cli
-from downstream.studies.backbones import StudyBackboneSpec, pretrain_study_backbone
+from downstream.studies.config import StudyBackboneSpec
+from downstream.studies.pretrained import train_backbone
 from downstream.sweep import load_sweep
 from shards.config import ConfigError
 from tests.test_studies import FAST, write_task
@@ -26,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def sweep_env(study_shards, tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep_env")
-    pretrain_study_backbone(str(study_shards), ["knee"], "sag", 0, str(root / "hub" / "knee-sag"),
-                            StudyBackboneSpec(steps=3))
+    train_backbone(str(study_shards), ["knee"], "sag", 0, str(root / "hub" / "knee-sag"), StudyBackboneSpec(steps=3),
+                   root / "pretrain")
     task = write_task(root, "knee-t", "knee", ["acl", "effusion", "medial_meniscus"], study_shards, root / "hub")
     space = root / "space.yaml"
     space.write_text(json.dumps({

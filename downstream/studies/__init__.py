@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from shards.config import load_config, lookup, save_config
+from shards.config import load_config, lookup, save_config, to_dict
+from shards.resume import check_resume, saved_yaml
 
 from ..report import write_report
 from . import label_efficiency, multi_anatomy, robustness, transfer
@@ -26,6 +27,8 @@ log = logging.getLogger(__name__)
 
 STUDIES = {"label-efficiency": label_efficiency, "transfer": transfer, "robustness": robustness,
            "multi-anatomy": multi_anatomy}
+# keys a resumed study may change (reporting and scheduling only)
+RESUME_IGNORE = ("resources", "max_concurrent_trials", "ci", "metric")
 TAG_TYPES = {"train_domain": str, "eval_domain": str, "source": str, "target": str, "trial": str}
 
 
@@ -34,7 +37,9 @@ def run_study(cfg: StudyConfig, run_dir: str | Path | None = None, make_backbone
     t0 = time.perf_counter()
     module = lookup(STUDIES, cfg.kind, "study kind")
     out = Path(run_dir or Path(cfg.out) / (cfg.name or cfg.kind)).resolve()
-    made = make_missing(module.backbones(cfg), cfg) if make_backbones and hasattr(module, "backbones") else []
+    check_resume(saved_yaml(out / "config.yaml"), to_dict(cfg), out, "study", ignore=RESUME_IGNORE)
+    made = (make_missing(module.backbones(cfg), cfg, out / "pretrain")
+            if make_backbones and hasattr(module, "backbones") else [])
     specs = resolve_specs(module.plan(cfg))
     check_specs(specs)
     out.mkdir(parents=True, exist_ok=True)

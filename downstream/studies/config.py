@@ -11,10 +11,26 @@ from omegaconf import OmegaConf
 
 from shards.config import ConfigError, load_config, to_dict
 
-from .backbones import StudyBackboneSpec
 
 KINDS = ("label-efficiency", "transfer", "robustness", "multi-anatomy")
 SWEEPS_DIR = Path(__file__).resolve().parents[2] / "configs" / "sweeps"
+
+
+@dataclass
+class StudyBackboneSpec:
+    """How ``--make-backbones`` pretrains the grid's missing backbones: a small 3D diffusion U-Net run
+    by the pretraining engine (:func:`pretrain.run.train`), the given joints mixed with equal weights,
+    ``size`` studies capped by ``data.max_studies`` (nested subsets, seed ``seed``)."""
+
+    channels: list[int] = field(default_factory=lambda: [4, 8])
+    shape: list[int] = field(default_factory=list)    # [] = the shards' common shape of the plane
+    num_train_timesteps: int = 100
+    steps: int = 30
+    batch_size: int = 4
+    lr: float = 2e-3
+    seed: int = 0
+    launcher: str = "local"                          # pretraining launcher: local | ray | torchrun
+    overrides: list[str] = field(default_factory=list)   # any further pretraining key=value
 
 
 @dataclass

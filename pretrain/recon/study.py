@@ -23,10 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from omegaconf import OmegaConf
-
-from shards.config import ConfigError, save_config, to_dict
+from shards.config import ConfigError, load_config, save_config, to_dict
 from shards.reader import iter_samples
+from shards.resume import check_resume, saved_yaml
 from shards.writer import ShardWriter
 
 STUDY_KINDS = ("transfer", "data-size")
@@ -110,19 +109,17 @@ def write_subset(source: str, out: Path, chosen: set[str], anatomies: list[str])
 
 
 def run_condition(cfg: ReconStudyConfig, study_dir: Path, name: str, anatomies: list[str], chosen: set[str]) -> dict:
-    from pretrain.cli import main as pretrain
-
+    from ..config import PretrainConfig
+    from ..run import publish_run, train
     from .evaluate import EvalReconConfig, evaluate_recon
 
     data = study_dir / "data" / name
     count = write_subset(cfg.source, data, chosen, anatomies)
     common = [f"name={name}", f"data.source={data}", f"run_root={study_dir}/runs", f"storage_path={study_dir}/ckpt"]
-    if pretrain(["run", "--config", cfg.base_config, *cfg.overrides, *common]) != 0:
-        raise RuntimeError(f"condition {name}: training failed")
+    run_cfg = load_config(PretrainConfig, cfg.base_config, [*cfg.overrides, *common])
+    train(run_cfg)
     hub = study_dir / "hub" / name
-    if pretrain(["publish", name, "--run-root", f"{study_dir}/runs", "--to", str(hub), "--overwrite"]) != 0:
-        raise RuntimeError(f"condition {name}: publishing failed")
-    published = next(p for p in hub.iterdir() if (p / "config.json").is_file())
+    published = next(iter(publish_run(run_cfg, str(hub), overwrite=True).values()))
     ev = EvalReconConfig(backbone=str(published), source=cfg.source, split=cfg.eval_split, masks=list(cfg.masks),
                          accelerations=list(cfg.accelerations), max_slices=cfg.max_eval_slices, name=name,
                          run_root=str(study_dir / "eval"), figure_slices=0)
@@ -160,15 +157,7 @@ def save_heatmap(results: list[dict], anatomies: list[str], metric: str, path: P
 
 def check_resumable(cfg: ReconStudyConfig, study_dir: Path) -> None:
     """A study folder resumes by condition name, so its data and training settings must not change."""
-    saved = study_dir / "config.yaml"
-    if not saved.is_file():
-        return
-    before, now = OmegaConf.to_container(OmegaConf.load(saved)), to_dict(cfg)
-    changed = [k for k in RESUME_KEYS if before.get(k) != now.get(k)]
-    if changed:
-        raise ConfigError(f"{study_dir} holds a study with other {', '.join(changed)} "
-                          f"({'; '.join(f'{k}: {before.get(k)} -> {now.get(k)}' for k in changed)}); "
-                          "give it a new 'name' or remove the folder")
+    check_resume(saved_yaml(study_dir / "config.yaml"), to_dict(cfg), study_dir, "study", keys=RESUME_KEYS)
 
 
 def run_study(cfg: ReconStudyConfig) -> dict:

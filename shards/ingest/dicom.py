@@ -18,8 +18,9 @@ from .config import DicomIngestConfig
 from .deid import Pseudonymizer, load_salt, study_date
 from .dicom_scan import scan_file, walk
 from .dicom_stacks import DecodeError, Stack, build_stacks, decode
+from .geometry import dicom_affine
 from .report import IngestReport
-from .series import choose, joint_from_text, vendor_name
+from .series import body_part_name, choose, joint_from_text, vendor_name
 
 COMMAND = "ingest-dicom"
 
@@ -65,7 +66,10 @@ def _header_ehr(header) -> dict:
 
 
 def _loader(stacks: list[Stack], cfg: DicomIngestConfig):
-    """Decode the best stack per plane, falling back to the next one when decoding fails."""
+    """Decode the best stack per plane, falling back to the next one when decoding fails; the
+    returned ``origin`` dict gets each decoded plane's source folder and NIfTI affine."""
+    origin: dict = {}
+
     def load(report: IngestReport):
         ranked, rejected = choose([s.candidate() for s in stacks], cfg.choice)
         by_ident = {s.candidate().ident: s for s in stacks}
@@ -81,10 +85,12 @@ def _loader(stacks: list[Stack], cfg: DicomIngestConfig):
                     report.skip(exc.rel, "decode_error", f"pixel data cannot be decoded: {exc.reason}")
                     continue
                 volumes[plane] = as_float32(volume)
-                planes[plane] = stack.plane_meta(cfg.deid.keep_descriptions, cfg.choice.oblique_threshold_deg)
+                planes[plane] = stack.plane_meta(cfg.deid.keep_free_text, cfg.choice.oblique_threshold_deg)
+                origin[plane] = {"source": stack.where, "affine": dicom_affine(
+                    stack.frames[0].orientation, stack.frames[0].position, stack.spacing).tolist()}
                 break
         return volumes, planes, {}
-    return load
+    return load, origin
 
 
 def _study(study_uid: str, stacks: list[Stack], cfg: DicomIngestConfig, pseudo: Pseudonymizer,
@@ -105,12 +111,15 @@ def _study(study_uid: str, stacks: list[Stack], cfg: DicomIngestConfig, pseudo: 
     meta = {"site": stacks[0].frames[0].site, "source": "dicom",
             "vendor": _most_common(vendor_name(s.header.get("Manufacturer", "")) for s in stacks),
             "field_strength": _most_common(_field_strength(s.header) for s in stacks),
-            "body_part": str(header.get("BodyPartExamined", "") or "").lower() or None,
+            "body_part": body_part_name(header.get("BodyPartExamined", "")),
             "study_date": study_date(header, cfg.deid.dates)}
+    if cfg.deid.keep_free_text:  # screened by deidentify(); the user opted in
+        meta["manufacturer"] = str(header.get("Manufacturer", "") or "") or None
+        meta["body_part_text"] = str(header.get("BodyPartExamined", "") or "").lower() or None
     join_keys = {"study": key, "patient": patient, "accession": pseudo.key("a", accession) if accession else ""}
-    return FoundStudy(key, patient, joint, meta, join_keys,
-                      len({f.rel for s in stacks for f in s.frames}), _loader(stacks, cfg),
-                      _header_ehr(header))
+    load, origin = _loader(stacks, cfg)
+    return FoundStudy(key, patient, joint, meta, join_keys, len({f.rel for s in stacks for f in s.frames}),
+                      load, _header_ehr(header), sorted({s.where for s in stacks}), origin)
 
 
 def find_studies(cfg: DicomIngestConfig, pseudo: Pseudonymizer, report: IngestReport) -> list[FoundStudy]:
