@@ -251,7 +251,7 @@ class OrthoDiffusionBackbone(ModelMixin, ConfigMixin):
             raise ValueError(f"spatial size {tuple(x.shape[2:])} must be divisible by {div} "
                              f"for a {self.levels}-level U-Net")
 
-    def _apply(self, layer: nn.Module, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def _call_block(self, layer: nn.Module, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         args = (h,) if isinstance(layer, AttentionBlock) else (h, emb)
         if self.gradient_checkpointing and torch.is_grad_enabled():
             return self._gradient_checkpointing_func(layer, *args)
@@ -271,16 +271,16 @@ class OrthoDiffusionBackbone(ModelMixin, ConfigMixin):
             return False
 
         for i, block in enumerate(self.input_blocks):
-            h = self._apply(block, h, emb)
+            h = self._call_block(block, h, emb)
             skips.append(h)
             if stored(f"in_{i}"):
                 return None, maps
         for i, layer in enumerate(self.middle_block):
-            h = self._apply(layer, h, emb)
+            h = self._call_block(layer, h, emb)
             if stored(f"mid_{i}"):
                 return None, maps
         for i, block in enumerate(self.output_blocks):
-            h = self._apply(block, torch.cat([h, skips.pop()], dim=1), emb)
+            h = self._call_block(block, torch.cat([h, skips.pop()], dim=1), emb)
             if stored(f"out_{i}"):
                 return None, maps
         return self.out(h), maps
