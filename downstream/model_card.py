@@ -76,8 +76,9 @@ def render_task_card(meta: dict, config: dict, metrics: dict, manifest: dict) ->
               f"{counts.get('n_eval')} test studies (split `{counts.get('eval_split')}`)", "",
               "## Preprocessing", "", "Per plane, stored in `task_model.json` and applied by "
               "`pretrain.preprocess.preprocess_volume`:", ""]
-    lines += [f"- {p}: grid {'x'.join(map(str, s['shape']))} ({s['spatial']}), intensity window "
-              f"[{s['low']:.4g}, {s['high']:.4g}] -> [{s['out_min']}, {s['out_max']}]"
+    lines += [f"- {p}: grid {'x'.join(map(str, s['shape']))} ({s['spatial']}), "
+              + ("each volume's min-max" if s["intensity"] == "minmax" else
+                 f"intensity window [{s['low']:.4g}, {s['high']:.4g}]") + f" -> [{s['out_min']}, {s['out_max']}]"
               for p, s in meta["preprocessing"].items()]
     lines += ["", f"## Metrics (split `{meta['metrics_split']}`, patient level, 95% bootstrap intervals)", ""]
     lines += diagnosis_rows(metrics) if kind == "diagnosis" else segmentation_rows(metrics)

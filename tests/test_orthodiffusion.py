@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from downstream import cli as downstream_cli
 from downstream.finetune import run_finetune
 from pretrain import cli
 from pretrain.importers import CheckpointImportError, import_checkpoint
@@ -227,17 +228,26 @@ def test_unsafe_pickle_is_refused_and_never_run(tmp_path):
 def test_cli_import_then_finetune(tiny_shards, tmp_path, capsys):
     orthodiffusion_checkpoint(tmp_path / "model.pt")
     dest = tmp_path / "hub" / "od-sag"
-    argv = ["import", str(tmp_path / "model.pt"), "--format", "orthodiffusion", "--plane", "sag", "--to", str(dest),
-            *(f"--set={kv}" for kv in TINY)]
-    assert cli.main(argv) == 0 and (dest / "config.json").is_file()
-    assert cli.main(argv) == 2 and "already exists" in capsys.readouterr().err       # never overwritten silently
-    assert cli.main([*argv[:-5], "--plane", "cor"]) == 2                               # published size
+    def argv(plane, to, sets=TINY):
+        return ["import", str(tmp_path / "model.pt"), "--format", "orthodiffusion", "--plane", plane, "--to", str(to),
+                *(f"--set={kv}" for kv in sets)]
+
+    assert cli.main(argv("sag", dest)) == 0 and (dest / "config.json").is_file()
+    assert cli.main(argv("sag", dest)) == 2 and "already exists" in capsys.readouterr().err  # never overwritten silently
+    assert cli.main(argv("cor", tmp_path / "hub" / "od-cor", sets=())) == 2                  # published size
     assert "missing key(s) input_blocks.4.0.op.bias" in capsys.readouterr().err
+    assert not (tmp_path / "hub" / "od-cor").exists()
     args = [f"shards={tiny_shards}", f"cache_dir={tmp_path / 'cache'}", f"out={tmp_path / 'runs'}",
             "planes=[sag]", f"backbones.sag={dest}", "baselines.names=[]", "train.epochs=3", "metrics.bootstrap=20",
             "features.timesteps=[10]", "features.blocks=[mid_2,out_1]"]
     res = run_finetune("knee-dx", args, run_dir=tmp_path / "ft")
     assert set(res["metrics"]) == {"diffusion"} and (tmp_path / "ft" / "head.safetensors").is_file()
+    assert "each volume's min-max" in (tmp_path / "ft" / "model" / "README.md").read_text()
+    out = tmp_path / "pred"
+    assert downstream_cli.main(["predict", "--model", str(tmp_path / "ft"), str(tiny_shards), "--out", str(out),
+                                "threads=1", f"backbone_dir={dest.parent}"]) == 0
+    summary = json.loads((out / "predict.json").read_text())
+    assert summary["n_predicted"] > 0 and all("missing plane" in f["error"] for f in summary["failed"])  # no sag
     tuned = run_finetune("knee-dx", args + ["head.finetune_blocks=[mid_2]", "train.epochs=2"], run_dir=tmp_path / "tuned")
     assert tuned["history"]["diffusion"][-1] < tuned["history"]["diffusion"][0]
 
