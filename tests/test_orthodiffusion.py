@@ -251,3 +251,63 @@ def test_cli_import_then_finetune(tiny_shards, tmp_path, capsys):
     tuned = run_finetune("knee-dx", args + ["head.finetune_blocks=[mid_2]", "train.epochs=2"], run_dir=tmp_path / "tuned")
     assert tuned["history"]["diffusion"][-1] < tuned["history"]["diffusion"][0]
 
+
+
+# ----- paper size (issue 19): the published-size config trains one step on CPU ----------------------
+PAPER_STEP = """
+import json, resource, sys, time
+import torch
+from shards.config import load_config
+from shards.manifest import load_manifest
+from pretrain.config import PretrainConfig
+from pretrain.objectives import build_objective
+torch.manual_seed(0)
+cfg = load_config(PretrainConfig, "configs/pretrain/orthodiffusion-knee.yaml",
+                  [f"data.source={sys.argv[1]}", "model.activation_checkpointing=true"])
+obj = build_objective(cfg, "sag", load_manifest(cfg.data.source))
+model = obj.build_model().train()
+before = model.out[2].weight.detach().clone()
+opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr)
+x = torch.rand(1, 1, *cfg.shape) * 2 - 1
+start = time.time()
+loss = obj.loss(model, {"x": x, "keys": ["k"]}, torch.Generator().manual_seed(0))
+loss.backward()
+opt.step()
+print(json.dumps({"loss": loss.item(), "seconds": round(time.time() - start, 1),
+                  "changed": not torch.equal(before, model.out[2].weight),
+                  "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}))
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_paper_size_config_builds_and_trains_one_cpu_step(tiny_shards, tmp_path):
+    """configs/pretrain/orthodiffusion-knee.yaml: OrthoDiffusion's size on every plane; one training step
+    at batch 1 (16x256x256, activation checkpointing) in a fresh process whose peak memory is recorded."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pretrain.config import PretrainConfig
+    from pretrain.objectives import build_objective
+    from shards.config import load_config
+    from shards.manifest import load_manifest
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(PretrainConfig, root / "configs/pretrain/orthodiffusion-knee.yaml", [f"data.source={tiny_shards}"])
+    assert cfg.shape == [16, 256, 256] and cfg.planes == ["sag", "cor", "ax"]
+    for plane in cfg.planes:
+        obj = build_objective(cfg, plane, load_manifest(str(tiny_shards)))
+        assert obj.spec.intensity == "minmax" and obj.spec.spatial == "crop_resize"
+        with torch.device("meta"):
+            model = obj.build_model()
+        assert isinstance(model, OrthoDiffusionBackbone)
+        assert sum(p.numel() for p in model.parameters()) == PUBLISHED_PARAMETERS
+    out = subprocess.run([sys.executable, "-c", PAPER_STEP, str(tiny_shards)], cwd=root, capture_output=True,
+                         text=True, timeout=3600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    step = json.loads(out.stdout.strip().splitlines()[-1])
+    (tmp_path / "paper_step.json").write_text(json.dumps(step))
+    print(f"orthodiffusion-knee, one CPU step at batch 1: {step}")
+    assert math.isfinite(step["loss"]) and step["changed"]
+    assert step["peak_rss_gib"] < 12
