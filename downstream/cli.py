@@ -1,7 +1,8 @@
 """``downstream`` command line: ``tasks`` lists the tasks, ``finetune --task NAME [key=value ...]`` runs one.
 
-Subcommands register themselves in :data:`COMMANDS` (name -> (add_arguments, run)), so sweeps,
-studies and reports plug in beside ``finetune``.
+Subcommands are entries of :data:`COMMANDS` (name -> ``Command(add_arguments, run, help)``, the
+pattern of every mskfm CLI: ``shards.config.run_cli``), so sweeps, studies and reports plug in beside
+``finetune``.
 """
 
 from __future__ import annotations
@@ -9,12 +10,10 @@ from __future__ import annotations
 import argparse
 import logging
 import re
-import sys
-from typing import Callable, Sequence
+from typing import Sequence
 
-from shards.config import ConfigError
+from shards.config import Command, build_cli, run_cli
 
-from .errors import FeatureError
 from .tasks import TASKS_DIR, describe_tasks
 from .tuning import Interrupted
 
@@ -159,41 +158,24 @@ def _evaluate_run(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
-    "tasks": (_tasks_args, _tasks_run, "list the tasks in configs/tasks, one line each"),
-    "finetune": (_finetune_args, _finetune_run, "train and evaluate a task's head and its baselines"),
-    "sweep": (_sweep_args, _sweep_run, "Ray Tune sweep of a task's head (ASHA), best config to the run folder"),
-    "study": (_study_args, _study_run, "a study grid with seeds (label-efficiency, transfer, robustness, "
-                                       "multi-anatomy) ending in a report"),
-    "report": (_report_args, _report_run, "render a study run into report.md and report.html"),
-    "export": (_export_args, _export_run, "copy a finetune run's task model to a folder, s3:// or hf://"),
-    "predict": (_predict_args, _predict_run, "apply a task model to shards, a DICOM folder or NIfTI files"),
-    "evaluate": (_evaluate_args, _evaluate_run, "metrics with intervals of a task model on another labelled "
-                                                "shard set (external test), no retraining"),
+COMMANDS: dict[str, Command] = {
+    "tasks": Command(_tasks_args, _tasks_run, "list the tasks in configs/tasks, one line each"),
+    "finetune": Command(_finetune_args, _finetune_run, "train and evaluate a task's head and its baselines"),
+    "sweep": Command(_sweep_args, _sweep_run, "Ray Tune sweep of a task's head (ASHA), best config to the run folder"),
+    "study": Command(_study_args, _study_run, "a study grid with seeds (label-efficiency, transfer, robustness, "
+                                              "multi-anatomy) ending in a report"),
+    "report": Command(_report_args, _report_run, "render a study run into report.md and report.html"),
+    "export": Command(_export_args, _export_run, "copy a finetune run's task model to a folder, s3:// or hf://"),
+    "predict": Command(_predict_args, _predict_run, "apply a task model to shards, a DICOM folder or NIfTI files"),
+    "evaluate": Command(_evaluate_args, _evaluate_run, "metrics with intervals of a task model on another labelled "
+                                                       "shard set (external test), no retraining"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="downstream", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, (add_args, _, help_text) in COMMANDS.items():
-        add_args(sub.add_parser(name, help=help_text))
-    return parser
+    return build_cli("downstream", __doc__.splitlines()[0], COMMANDS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra:  # key=value overrides after an option (``predict ... <input> --out DIR workers=2``)
-        if not hasattr(args, "overrides") or _split_inputs(extra)[0]:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        args.overrides = list(args.overrides) + extra
-    try:
-        return COMMANDS[args.command][1](args)
-    except (ConfigError, FeatureError) as exc:
-        print(f"downstream {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except Interrupted as exc:
-        print(f"downstream {args.command}: {exc}", file=sys.stderr)
-        return 130
+    return run_cli(build_parser(), COMMANDS, argv, interrupts=(Interrupted,))

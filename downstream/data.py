@@ -122,6 +122,24 @@ def split_rows(frame: pd.DataFrame, task: TaskConfig) -> tuple[np.ndarray, np.nd
     return np.array(train, dtype=np.int64), np.array(evaluate, dtype=np.int64)
 
 
+def select_rows(frame: pd.DataFrame, task: TaskConfig) -> np.ndarray:
+    """Row indices of the selection split (``train.select_split``; empty when it is ""): studies of the
+    training domain, and with ``train_fraction`` < 1 the same seeded fraction of its patients, since
+    validation labels come out of the same labelling budget as training labels."""
+    t = task.train
+    if not t.select_split:
+        return np.array([], dtype=np.int64)
+    splits = sorted(frame["split"].unique())
+    if t.select_split not in splits:
+        raise ConfigError(f"task '{task.name}': train.select_split '{t.select_split}' has no {task.joint} studies; "
+                          f"splits: {', '.join(splits)} (or train.select_split=\"\" to train without selection)")
+    rows = _in_domain(frame, task, t.select_split, t.train_domain, "train_domain")
+    if t.train_fraction < 1:
+        rows = rows[frame.loc[rows, "patient"].isin(patient_subset(frame.loc[rows, "patient"], t.train_fraction,
+                                                                   t.seed)).to_numpy()]
+    return np.array(rows, dtype=np.int64)
+
+
 def patient_subset(patients: pd.Series, fraction: float, seed: int) -> list[str]:
     """The first ``round(fraction * n)`` (at least 2) of a seeded permutation of the unique patients."""
     unique = np.array(sorted(patients.unique()))

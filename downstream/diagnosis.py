@@ -1,12 +1,16 @@
-"""Multi-label diagnosis: the task's head on frozen-backbone features, EHR variants and baselines.
+"""Multi-label diagnosis: the task's head on frozen-backbone features, EHR variants, the reference
+probe and baselines.
 
-Every model is trained on the same training rows with the same masked loss (unknown labels add
-nothing) and predicts the same evaluation rows; results come back as study-level probabilities.
+Every trained model uses the same training rows, the same masked loss (unknown labels add nothing)
+weighted per label by the training rows' class balance (``pos_weight``), and the same model selection
+on the selection split (:func:`downstream.train.fit_selected`). Each predicts the selection rows (for
+decision thresholds) and the evaluation rows; results come back as study-level probabilities.
 """
 
 from __future__ import annotations
 
-import logging
+from dataclasses import asdict
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -16,11 +20,10 @@ from .experts import run_experts
 from .heads.baselines import MRNet2D, Scratch3DClassifier
 from .heads.ehr import EHRFusion, EHRHead, encode_tabular, fit_tabular
 from .heads.fusion import build_feature_model
+from .heads.probe import LogisticProbe, fit_probe
 from .heads.tuned import TunedBackbone
 from .inputs import PlaneData
-from .train import fit, masked_bce, predict, seed_everything
-
-log = logging.getLogger(__name__)
+from .train import fit_selected, masked_bce, pos_weights, predict, seed_everything
 
 
 def feature_batcher(feats: dict[str, dict[str, np.ndarray]], y: np.ndarray, ehr: dict | None = None):
@@ -44,14 +47,24 @@ def volume_batcher(planes: dict[str, PlaneData], y: np.ndarray):
     return get
 
 
-def train_predict(task, model, batcher, train_rows, eval_rows, desc: str, epochs: int | None = None,
-                  lr: float | None = None, param_groups=None) -> dict:
+def _probs(model, batcher, rows, device: str) -> np.ndarray:
+    if len(rows) == 0:
+        return np.zeros((0, 0), np.float32)
+    return torch.sigmoid(predict(model, batcher, rows, device=device)).numpy()
+
+
+def train_predict(task, build, batcher, y: np.ndarray, rows: dict[str, np.ndarray], desc: str,
+                  epochs: int | None = None, lr: float | None = None, param_groups=None,
+                  weight_decays: list[float] | None = None) -> dict:
+    """Train ``build()`` with selection on ``rows["select"]``; predict ``rows["select"]`` and ``rows["eval"]``."""
     t = task.train
-    history = fit(model, batcher, train_rows, masked_bce, epochs=epochs or t.epochs, lr=lr or t.lr,
-                  weight_decay=t.weight_decay, batch_size=t.batch_size, seed=t.seed, desc=desc,
-                  param_groups=param_groups, device=task.device)
-    probs = torch.sigmoid(predict(model, batcher, eval_rows, device=task.device)).numpy()
-    return {"probs": probs, "history": history, "model": model}
+    loss = partial(masked_bce, pos_weight=pos_weights(y[rows["train"]]))
+    model, history, selection = fit_selected(
+        build, batcher, rows["train"], rows["select"], loss, epochs=epochs or t.epochs, lr=lr or t.lr,
+        weight_decays=weight_decays or [t.weight_decay], patience=t.patience, batch_size=t.batch_size, seed=t.seed,
+        param_groups=param_groups, desc=desc, device=task.device)
+    return {"probs": _probs(model, batcher, rows["eval"], task.device), "history": history, "model": model,
+            "select_probs": _probs(model, batcher, rows["select"], task.device), "selection": asdict(selection)}
 
 
 def _image_model(task, channels: dict[str, list[int]]):
@@ -69,20 +82,38 @@ def _fusion_table(model, planes: list[str], labels: list[str]) -> pd.DataFrame |
                          for j, src in enumerate(sources) for k, name in enumerate(labels)])
 
 
-def _head_on(task, feats: dict, channels: dict, frame: pd.DataFrame, y: np.ndarray, train_rows, eval_rows,
-             desc: str) -> dict:
-    """The task's head (single plane, feature/label-level fusion, or plane experts) on ``feats``."""
+def run_probe(task, feats: dict, channels: dict, frame: pd.DataFrame, y: np.ndarray, rows: dict) -> dict:
+    """The closed-form reference probe (:mod:`downstream.heads.probe`) on ``feats``."""
+    probe = LogisticProbe(channels, len(task.labels))
+    batcher = feature_batcher(feats, y)
+    chosen = fit_probe(probe, batcher, rows["train"], y, frame["patient"].to_numpy(), task.probe.cs,
+                       task.probe.folds, task.train.seed)
+    return {"probs": _probs(probe, batcher, rows["eval"], "cpu"), "history": [], "model": probe.eval(),
+            "select_probs": _probs(probe, batcher, rows["select"], "cpu"),
+            "selection": {"C": dict(zip(task.labels, chosen))}}
+
+
+def _head_on(task, feats: dict, channels: dict, frame: pd.DataFrame, y: np.ndarray, rows: dict, desc: str) -> dict:
+    """The task's head (single plane, feature/label-level fusion, plane experts, or the probe) on ``feats``."""
+    if task.head.kind == "logistic":
+        return run_probe(task, feats, channels, frame, y, rows)
     if task.fusion.kind == "experts" and len(feats) > 1:
         batchers = {p: feature_batcher({p: f}, y) for p, f in feats.items()}
-        return run_experts(task, batchers, channels, frame, y, train_rows, eval_rows)
-    res = train_predict(task, _image_model(task, channels), feature_batcher(feats, y), train_rows, eval_rows, desc)
+        both = np.concatenate([rows["select"], rows["eval"]])
+        res = run_experts(task, batchers, channels, frame, y, rows["train"], both)
+        n = len(rows["select"])
+        res["select_probs"], res["probs"] = res["probs"][:n], res["probs"][n:]
+        res["weights"] = res["weights"][res["weights"]["patient"].isin(set(frame["patient"].iloc[rows["eval"]]))]
+        return res
+    res = train_predict(task, lambda: _image_model(task, channels), feature_batcher(feats, y), y, rows, desc,
+                        weight_decays=list(task.train.weight_decay_grid))
     res["weights"] = _fusion_table(res["model"], list(feats), task.labels)
     return res
 
 
-def run_diagnosis(task, frame: pd.DataFrame, planes: dict[str, PlaneData], train_rows: np.ndarray,
-                  eval_rows: np.ndarray) -> dict[str, dict]:
-    """``{model name: {"probs": (n_eval, L), "history": [...], "model": module, "weights": frame?}}``."""
+def run_diagnosis(task, frame: pd.DataFrame, planes: dict[str, PlaneData], rows: dict[str, np.ndarray]) -> dict[str, dict]:
+    """``{model name: {"probs": (n_eval, L), "select_probs": (n_select, L), "history": [...], "model": module,
+    "selection": {...}, "weights": frame?}}``; ``rows``: ``train``, ``select`` and ``eval`` row indices."""
     y = frame[task.labels].to_numpy(np.float32)
     feats = {p: d.features for p, d in planes.items()}
     channels = {p: d.channels() for p, d in planes.items()}
@@ -90,49 +121,52 @@ def run_diagnosis(task, frame: pd.DataFrame, planes: dict[str, PlaneData], train
 
     seed_everything(task.train.seed)
     if task.head.finetune_blocks:
-        tuned = TunedBackbone({p: d.model for p, d in planes.items()}, _image_model(task, channels),
-                              task.features, list(task.head.finetune_blocks))
-        results["diffusion"] = train_predict(task, tuned, volume_batcher(planes, y), train_rows, eval_rows,
-                                             "finetune", param_groups=tuned.param_groups(task.train.lr, task.head.finetune_lr_scale))
+        def tuned():
+            return TunedBackbone({p: d.model for p, d in planes.items()}, _image_model(task, channels),
+                                 task.features, list(task.head.finetune_blocks))
+        results["diffusion"] = train_predict(task, tuned, volume_batcher(planes, y), y, rows, "finetune",
+                                             param_groups=lambda m: m.param_groups(task.train.lr,
+                                                                                   task.head.finetune_lr_scale))
     else:
-        results["diffusion"] = _head_on(task, feats, channels, frame, y, train_rows, eval_rows, "head")
+        results["diffusion"] = _head_on(task, feats, channels, frame, y, rows, "head")
+    if task.probe.enabled and task.head.kind != "logistic":
+        results["probe"] = run_probe(task, feats, channels, frame, y, rows)
 
     if task.ehr.enabled:
-        tab = fit_tabular(frame.iloc[train_rows], task.ehr)
+        tab = fit_tabular(frame.iloc[rows["train"]], task.ehr)
         ehr = encode_tabular(frame, tab)
         batcher = feature_batcher(feats, y, ehr)
-        seed_everything(task.train.seed)
-        ehr_head = EHRHead(tab, len(task.labels), task.ehr.embed_dim, task.ehr.hidden, task.head.dropout)
-        results["ehr_only"] = train_predict(task, ehr_head, batcher, train_rows, eval_rows, "ehr only")
-        seed_everything(task.train.seed)
-        fused = EHRFusion(_image_model(task, channels),
-                          EHRHead(tab, len(task.labels), task.ehr.embed_dim, task.ehr.hidden, task.head.dropout),
-                          len(task.labels))
-        results["diffusion+ehr"] = train_predict(task, fused, batcher, train_rows, eval_rows, "image+ehr")
-        results["diffusion+ehr"]["weights"] = _fusion_table(fused, list(planes), task.labels)
+
+        def ehr_head():
+            return EHRHead(tab, len(task.labels), task.ehr.embed_dim, task.ehr.hidden, task.head.dropout)
+
+        results["ehr_only"] = train_predict(task, ehr_head, batcher, y, rows, "ehr only")
+        results["diffusion+ehr"] = train_predict(
+            task, lambda: EHRFusion(_image_model(task, channels), ehr_head(), len(task.labels)), batcher, y, rows,
+            "image+ehr")
+        results["diffusion+ehr"]["weights"] = _fusion_table(results["diffusion+ehr"]["model"], list(planes), task.labels)
         results["diffusion+ehr"]["tabular"] = tab
 
-    results.update(run_baselines(task, frame, planes, y, train_rows, eval_rows))
+    results.update(run_baselines(task, frame, planes, y, rows))
     return results
 
 
-def run_baselines(task, frame: pd.DataFrame, planes: dict[str, PlaneData], y: np.ndarray, train_rows,
-                  eval_rows) -> dict[str, dict]:
+def run_baselines(task, frame: pd.DataFrame, planes: dict[str, PlaneData], y: np.ndarray, rows: dict) -> dict[str, dict]:
     out = {}
     b = task.baselines
     for name in b.names:
         seed_everything(task.train.seed)
         if name == "random_backbone":
-            out[name] = _head_on(task, {p: d.random_features for p, d in planes.items()},
-                                 {p: d.channels(random=True) for p, d in planes.items()}, frame, y, train_rows,
-                                 eval_rows, name)
+            feats = {p: d.random_features for p, d in planes.items()}
+            channels = {p: d.channels(random=True) for p, d in planes.items()}
+            out[name] = _head_on(task, feats, channels, frame, y, rows, name)
+            if task.probe.enabled and task.head.kind != "logistic":
+                out[f"{name}_probe"] = run_probe(task, feats, channels, frame, y, rows)
         elif name == "scratch_cnn":
-            model = Scratch3DClassifier(list(planes), len(task.labels), b.cnn_channels)
-            out[name] = train_predict(task, model, volume_batcher(planes, y), train_rows, eval_rows, name,
-                                      epochs=b.epochs, lr=b.lr)
+            out[name] = train_predict(task, lambda: Scratch3DClassifier(list(planes), len(task.labels), b.cnn_channels),
+                                      volume_batcher(planes, y), y, rows, name, epochs=b.epochs, lr=b.lr)
         elif name == "mrnet_2d":
-            model = MRNet2D(list(planes), len(task.labels), b.encoder_2d, b.cnn_channels)
-            out[name] = train_predict(task, model, volume_batcher(planes, y), train_rows, eval_rows,
-                                      f"{name} ({model.source})", epochs=b.epochs, lr=b.lr)
-            out[name]["encoder"] = model.source
+            out[name] = train_predict(task, lambda: MRNet2D(list(planes), len(task.labels), b.encoder_2d, b.cnn_channels),
+                                      volume_batcher(planes, y), y, rows, name, epochs=b.epochs, lr=b.lr)
+            out[name]["encoder"] = out[name]["model"].source
     return out

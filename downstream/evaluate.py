@@ -19,8 +19,8 @@ import pandas as pd
 
 from shards.runs import run_dir
 
-from .metrics import _percentiles, diagnosis_metrics, patient_level, segmentation_metrics
-from .model_card import _ci
+from .metrics import diagnosis_metrics, patient_level, segmentation_metrics
+from .model_card import with_ci
 from .predict import PredictConfig, open_model, predict_with
 from .task_model import TaskModel, TaskModelError
 
@@ -38,9 +38,15 @@ def at_thresholds(frame: pd.DataFrame, labels: list[str], thresholds: dict[str, 
         draws = [_sens_spec(y[i], p[i] >= thresholds[name]) for i in (rng.integers(0, len(y), len(y))
                                                                        for _ in range(n_boot if len(y) else 0))]
         out[name] = {"threshold": thresholds[name], **point,
-                     "ci": {k: _percentiles([d[k] for d in draws if math.isfinite(d[k])], ci)
+                     "ci": {k: percentiles([d[k] for d in draws if math.isfinite(d[k])], ci)
                             for k in ("sensitivity", "specificity")}}
     return out
+
+
+def percentiles(values: list[float], ci: float) -> list[float]:
+    if not values:
+        return [float("nan"), float("nan")]
+    return [float(v) for v in np.percentile(values, [(1 - ci) / 2 * 100, (1 + ci) / 2 * 100])]
 
 
 def _sens_spec(y: np.ndarray, decision: np.ndarray) -> dict:
@@ -63,11 +69,11 @@ def diagnosis_evaluation(model: TaskModel, rows: list[dict]) -> tuple[dict, str]
         ext = metrics["macro"] if name == "macro" else metrics["per_label"][name]
         inn = internal.get("macro", {}) if name == "macro" else internal.get("per_label", {}).get(name, {})
         ss = metrics["at_thresholds"].get(name)
-        at = (f"{_ci(ss['sensitivity'], ss['ci']['sensitivity'])} / {_ci(ss['specificity'], ss['ci']['specificity'])}"
+        at = (f"{with_ci(ss['sensitivity'], ss['ci']['sensitivity'])} / {with_ci(ss['specificity'], ss['ci']['specificity'])}"
               if ss else "")
-        lines.append(f"| {name} | {_ci(inn.get('auroc'), inn.get('ci', {}).get('auroc'))} | "
-                     f"{_ci(ext['auroc'], ext.get('ci', {}).get('auroc'))} | "
-                     f"{_ci(inn.get('ap'), inn.get('ci', {}).get('ap'))} | {_ci(ext['ap'], ext.get('ci', {}).get('ap'))} | {at} |")
+        lines.append(f"| {name} | {with_ci(inn.get('auroc'), inn.get('ci', {}).get('auroc'))} | "
+                     f"{with_ci(ext['auroc'], ext.get('ci', {}).get('auroc'))} | "
+                     f"{with_ci(inn.get('ap'), inn.get('ci', {}).get('ap'))} | {with_ci(ext['ap'], ext.get('ci', {}).get('ap'))} | {at} |")
     return metrics, "\n".join(lines)
 
 
@@ -83,8 +89,8 @@ def segmentation_evaluation(model: TaskModel, rows: list[dict]) -> tuple[dict, s
     for name in [*structures, "mean"]:
         ext = metrics["mean"] if name == "mean" else metrics["per_structure"][name]
         inn = internal.get("mean", {}) if name == "mean" else internal.get("per_structure", {}).get(name, {})
-        lines.append(f"| {name} | {_ci(inn.get('dice', {}).get('mean'), inn.get('dice', {}).get('ci'))} | "
-                     f"{_ci(ext['dice']['mean'], ext['dice']['ci'])} | {_ci(ext['hd95']['mean'], ext['hd95']['ci'])} |")
+        lines.append(f"| {name} | {with_ci(inn.get('dice', {}).get('mean'), inn.get('dice', {}).get('ci'))} | "
+                     f"{with_ci(ext['dice']['mean'], ext['dice']['ci'])} | {with_ci(ext['hd95']['mean'], ext['hd95']['ci'])} |")
     return metrics, "\n".join(lines)
 
 

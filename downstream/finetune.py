@@ -9,8 +9,6 @@ In-process API for sweeps and studies::
 
 from __future__ import annotations
 
-import json
-import logging
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,21 +18,21 @@ import numpy as np
 import torch
 
 from shards.config import load_config, save_config, to_dict
+from shards.runs import write_metrics
+from shards.tracking import start_tracking
 from shards.schema import STRUCTURES
 
-from .data import check_task, load_studies, split_rows
+from .data import check_task, load_studies, select_rows, split_rows
 from .diagnosis import run_diagnosis
 from .features import FeatureCache
 from .heads.segmentation import remap_structures
 from .inputs import prepare_planes
-from .metrics import diagnosis_metrics, segmentation_metrics
-from .outputs import (diagnosis_outputs, diagnosis_table, save_heads, segmentation_outputs,
+from .metrics import diagnosis_metrics, segmentation_metrics, select_thresholds
+from .outputs import (diagnosis_outputs, diagnosis_table, flat_metrics, save_heads, segmentation_outputs,
                       segmentation_table)
 from .segment import run_segmentation
 from .task_model import save_task_model
 from .tasks import TaskConfig, load_task
-
-log = logging.getLogger(__name__)
 
 
 def resolve_task(task: TaskConfig | str | Path, overrides: Sequence[str] = ()) -> TaskConfig:
@@ -59,7 +57,7 @@ def run_finetune(task: TaskConfig | str | Path, overrides: Sequence[str] = (), *
     """Train and evaluate the task's head and its baselines; returns the results dict.
 
     Keys: ``task``, ``kind``, ``run_dir``, ``metrics`` ({model: metrics}), ``table`` (str),
-    ``n_train``/``n_eval`` (studies), ``cache`` ({plane: {"hits", "lookups"}}), ``timings`` (s).
+    ``n_train``/``n_select``/``n_eval`` (studies), ``selection`` ({model: what selection chose}), ``cache`` ({plane: {"hits", "lookups"}}), ``timings`` (s).
     All checks (backbones, planes, labels, splits) run before any compute.
     """
     t0 = time.perf_counter()
@@ -69,16 +67,19 @@ def run_finetune(task: TaskConfig | str | Path, overrides: Sequence[str] = (), *
     manifest = check_task(task)
     frame = load_studies(task)
     train_rows, eval_rows = split_rows(frame, task)
+    chosen_rows = select_rows(frame, task) if task.kind == "diagnosis" else np.array([], dtype=np.int64)
     out = make_run_dir(task, run_dir)
     save_config(task, out / "config.yaml")
     cache = FeatureCache(task.cache_dir)
     planes = prepare_planes(task, list(frame["key"]), manifest, cache)
     t_features = time.perf_counter()
     m = task.metrics
+    thresholds: dict[str, dict[str, float]] = {}
     if task.kind == "diagnosis":
-        results = run_diagnosis(task, frame, planes, train_rows, eval_rows)
+        results = run_diagnosis(task, frame, planes, {"train": train_rows, "select": chosen_rows, "eval": eval_rows})
         study = diagnosis_outputs(frame, eval_rows, task.labels, results, out)
-        metrics = {name: diagnosis_metrics(study, task.labels, f"{name}/", m.bootstrap, m.ci, m.seed)
+        thresholds = decision_thresholds(frame, chosen_rows, task.labels, results)
+        metrics = {name: diagnosis_metrics(study, task.labels, f"{name}/", m.bootstrap, m.ci, m.seed, thresholds[name])
                    for name in results}
         table = diagnosis_table(metrics)
     else:
@@ -92,20 +93,49 @@ def run_finetune(task: TaskConfig | str | Path, overrides: Sequence[str] = (), *
     save_heads(results, out, {"task": task.name, "labels": task.labels, "structures": task.structures,
                               "planes": task.planes, "backbones": task.backbones,
                               "channels": {p: d.channels() for p, d in planes.items()},
-                              "tabular": results.get("diffusion+ehr", {}).get("tabular")})
+                              "tabular": results.get("diffusion+ehr", {}).get("tabular"),
+                              "thresholds": {name: {k: v if np.isfinite(v) else None for k, v in thr.items()}
+                                             for name, thr in thresholds.items()},
+                              "selection": {name: r.get("selection") for name, r in results.items()}})
     save_task_model(out, task, results["diffusion"], planes, manifest, metrics,
                     {"n_train": int(len(train_rows)), "n_eval": int(len(eval_rows)),
                      "train_split": task.train.train_split, "eval_split": task.train.eval_split})
     timings = {"features_s": round(t_features - t0, 3), "total_s": round(time.perf_counter() - t0, 3)}
     summary = {"task": task.name, "kind": task.kind, "run_dir": str(out), "metrics": metrics,
-               "n_train": int(len(train_rows)), "n_eval": int(len(eval_rows)),
+               "n_train": int(len(train_rows)), "n_select": int(len(chosen_rows)), "n_eval": int(len(eval_rows)),
+               "selection": {name: r.get("selection") for name, r in results.items()},
                "cache": {p: d.cache for p, d in planes.items()}, "timings": timings,
                "history": {name: r["history"] for name, r in results.items()},
                "encoders": {name: r["encoder"] for name, r in results.items() if "encoder" in r}}
-    (out / "metrics.json").write_text(json.dumps(summary, indent=1, default=_json_default))
+    write_metrics(out, summary, default=_json_default)
+    track(task, out, summary)
     title = (f"task {task.name} ({task.kind}, {task.joint}, planes {'+'.join(task.planes)}): "
-             f"{len(train_rows)} train / {len(eval_rows)} {task.train.eval_split} studies -> {out}")
+             f"{len(train_rows)} train / {len(chosen_rows)} {task.train.select_split or 'no'} selection / "
+             f"{len(eval_rows)} {task.train.eval_split} studies -> {out}")
     return summary | {"table": f"{title}\n{table}"}
+
+
+def track(task: TaskConfig, out: Path, summary: dict) -> None:
+    """The run's W&B record (when ``wandb.project`` is set): per-epoch training losses of every model,
+    the macro metrics with their intervals as summary."""
+    with start_tracking(task.wandb, out, out.name, to_dict(task), group=task.name, job_type="finetune") as tracker:
+        history = {m: list(h or []) for m, h in summary["history"].items()}
+        for epoch in range(max((len(h) for h in history.values()), default=0)):
+            tracker.log({f"{m}/train_loss": h[epoch] for m, h in history.items() if epoch < len(h)}, step=epoch + 1)
+        tracker.summary(flat_metrics(summary))
+
+
+def decision_thresholds(frame, rows: np.ndarray, labels: list[str], results: dict) -> dict[str, dict[str, float]]:
+    """Per model and label the Youden threshold of its predictions on the selection rows (NaN without)."""
+    out = {}
+    for name, res in results.items():
+        if len(rows) == 0:
+            out[name] = {label: float("nan") for label in labels}
+            continue
+        chosen = frame.iloc[rows][["patient", *labels]].reset_index(drop=True)
+        chosen = chosen.assign(**{f"p_{label}": res["select_probs"][:, k] for k, label in enumerate(labels)})
+        out[name] = select_thresholds(chosen, labels, "p_")
+    return out
 
 
 def _eval_truth(task: TaskConfig, data, eval_rows: np.ndarray) -> np.ndarray:

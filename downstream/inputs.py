@@ -63,7 +63,7 @@ def load_backbones(task: TaskConfig) -> dict[str, tuple]:
     out = {}
     for plane in task.planes:
         model, _, pre = load_backbone(task.backbones[plane])
-        check_feature_spec(model, task.backbones[plane], task.features)
+        check_feature_spec(model, task.backbones[plane], task.features.for_plane(plane))
         out[plane] = (model, pre)
     return out
 
@@ -80,13 +80,14 @@ def prepare_planes(task: TaskConfig, keys: list[str], manifest: dict, cache: Fea
         hits = cache.hits
         vols = cached_volumes(cache, task.shards, manifest_id, task.joint, plane, spec, keys,
                               with_seg=task.kind == "segmentation")
-        feats = cached_features(cache, model, backbone_identity(model), vols["image"], spec, task.features,
+        feat = task.features.for_plane(plane)
+        feats = cached_features(cache, model, backbone_identity(model), vols["image"], spec, feat,
                                 manifest_id, task.joint, plane, keys, task.device)
         data = PlaneData(plane, url, model, spec, vols["image"], feats, vols.get("seg"))
         if need_random:
             rnd = random_copy(model, task.train.seed)
             data.random_features = cached_features(cache, rnd, backbone_identity(rnd), vols["image"], spec,
-                                                   task.features, manifest_id, task.joint, plane, keys, task.device)
+                                                   feat, manifest_id, task.joint, plane, keys, task.device)
         data.cache = {"lookups": 2 + need_random, "hits": cache.hits - hits}
         log.info("plane %s: backbone %s, features %s (cache hits %d/%d)", plane, url,
                  {k: tuple(v.shape[1:]) for k, v in feats.items()}, data.cache["hits"], data.cache["lookups"])

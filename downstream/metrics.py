@@ -3,7 +3,9 @@ Youden point), scipy (Shapiro–Wilk, normal quantiles).
 
 Diagnosis metrics are computed per label at the patient level, on the patients whose label is
 known (unknown = NaN is excluded, never counted as negative), with percentile-bootstrap 95%
-confidence intervals over patients. Segmentation scores are per case and structure; their interval
+confidence intervals over patients. Sensitivity and specificity are read at decision thresholds
+chosen beforehand on the selection split (:func:`select_thresholds`, the Youden point there), never
+on the split being scored. Segmentation scores are per case and structure; their interval
 is the normal approximation when the per-case scores pass a Shapiro–Wilk test, else a bootstrap.
 """
 
@@ -40,12 +42,28 @@ def _auroc_ap(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
     return float(compute_roc_auc(pt, yt)), float(compute_average_precision(pt, yt))
 
 
-def binary_metrics(y: np.ndarray, p: np.ndarray) -> dict:
-    """AUROC, AP and the Youden point; NaN when only one class is present."""
+def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float = float("nan")) -> dict:
+    """AUROC, AP, and sensitivity/specificity at the given ``threshold`` (NaN if none); NaN when only
+    one class is present."""
+    nan = float("nan")
     if len(np.unique(y)) < 2:
-        return {k: float("nan") for k in ("auroc", "ap", "sensitivity", "specificity", "threshold")}
+        return {"auroc": nan, "ap": nan, "sensitivity": nan, "specificity": nan, "threshold": threshold}
     auroc, ap = _auroc_ap(y, p)
-    return {"auroc": auroc, "ap": ap, **youden_point(y, p)}
+    sens, spec = _at_threshold(y, p, threshold) if np.isfinite(threshold) else (nan, nan)
+    return {"auroc": auroc, "ap": ap, "sensitivity": sens, "specificity": spec, "threshold": threshold}
+
+
+def select_thresholds(frame: pd.DataFrame, labels: list[str], score_prefix: str = "p_") -> dict[str, float]:
+    """Per label the Youden threshold at the patient level of ``frame`` (the selection split); NaN
+    where that split has one class only of the label."""
+    pat = patient_level(frame, labels, [score_prefix + name for name in labels])
+    out = {}
+    for name in labels:
+        known = pat[name].notna().to_numpy()
+        y = pat.loc[known, name].to_numpy().astype(int)
+        p = pat.loc[known, score_prefix + name].to_numpy()
+        out[name] = youden_point(y, p)["threshold"] if len(np.unique(y)) == 2 else float("nan")
+    return out
 
 
 def _at_threshold(y: np.ndarray, p: np.ndarray, thr: float) -> tuple[float, float]:
@@ -56,29 +74,32 @@ METRIC_KEYS = ("auroc", "ap", "sensitivity", "specificity")
 
 
 def _bootstrap(pat: pd.DataFrame, labels: list[str], prefix: str, thresholds: dict, n: int, seed: int) -> dict:
-    """Per resample of patients: per-label AUROC, AP, and sens/spec at each label's Youden threshold
-    (fixed on the full set), plus their macro means. Returns {label or "macro": {metric: [values]}}."""
+    """Per resample of patients: per-label AUROC, AP, and sens/spec at each label's given threshold
+    (NaN without one), plus their macro means. Returns {label or "macro": {metric: [values]}}."""
     rng = np.random.default_rng(seed)
     ys = {name: pat[name].to_numpy() for name in labels}
     ps = {name: pat[prefix + name].to_numpy() for name in labels}
     draws: dict[str, dict[str, list[float]]] = {name: {k: [] for k in METRIC_KEYS} for name in labels + ["macro"]}
     for _ in range(n):
         idx = rng.integers(0, len(pat), len(pat))
-        per = {}
+        per: dict[str, dict] = {}
         for name in labels:
             y, p = ys[name][idx], ps[name][idx]
             known = np.isfinite(y)
             y, p = y[known].astype(int), p[known]
-            if name not in thresholds or len(np.unique(y)) < 2:
+            if len(np.unique(y)) < 2:
                 continue
             auroc, ap = _auroc_ap(y, p)
-            sens, spec = _at_threshold(y, p, thresholds[name])
+            thr = thresholds.get(name, float("nan"))
+            sens, spec = _at_threshold(y, p, thr) if np.isfinite(thr) else (float("nan"), float("nan"))
             per[name] = dict(zip(METRIC_KEYS, (auroc, ap, sens, spec)))
             for k, v in per[name].items():
-                draws[name][k].append(v)
-        if per:
-            for k in METRIC_KEYS:
-                draws["macro"][k].append(float(np.mean([m[k] for m in per.values()])))
+                if np.isfinite(v):
+                    draws[name][k].append(v)
+        for k in METRIC_KEYS:
+            finite = [m[k] for m in per.values() if np.isfinite(m[k])]
+            if finite:
+                draws["macro"][k].append(float(np.mean(finite)))
     return draws
 
 
@@ -89,13 +110,16 @@ def _percentiles(values: list[float], ci: float) -> list[float]:
 
 
 def diagnosis_metrics(frame: pd.DataFrame, labels: list[str], score_prefix: str = "p_",
-                      n_boot: int = 1000, ci: float = 0.95, seed: int = 0) -> dict:
+                      n_boot: int = 1000, ci: float = 0.95, seed: int = 0,
+                      thresholds: dict[str, float] | None = None) -> dict:
     """Per-label and macro metrics on patient-level predictions, with bootstrap intervals.
 
     ``frame`` has one row per study with ``patient``, the true labels (0/1/NaN) under each label
     name and the predicted probability under ``score_prefix + label``. Unknown labels are excluded
-    per label. Intervals resample patients (``n_boot`` times).
+    per label. Sensitivity/specificity are read at ``thresholds`` (per label, chosen on another split
+    by :func:`select_thresholds`; NaN without). Intervals resample patients (``n_boot`` times).
     """
+    thresholds = thresholds or {}
     cols = [score_prefix + name for name in labels]
     pat = patient_level(frame, labels, cols)
     per_label = {}
@@ -103,10 +127,10 @@ def diagnosis_metrics(frame: pd.DataFrame, labels: list[str], score_prefix: str 
         known = pat[name].notna().to_numpy()
         y = pat.loc[known, name].to_numpy().astype(int)
         p = pat.loc[known, score_prefix + name].to_numpy()
-        per_label[name] = binary_metrics(y, p) | {"n": int(known.sum()), "n_pos": int(y.sum())}
+        per_label[name] = (binary_metrics(y, p, float(thresholds.get(name, float("nan"))))
+                           | {"n": int(known.sum()), "n_pos": int(y.sum())})
     finite = {k: [per_label[n][k] for n in labels if np.isfinite(per_label[n][k])] for k in METRIC_KEYS}
     macro = {k: float(np.mean(v)) if v else float("nan") for k, v in finite.items()}
-    thresholds = {n: m["threshold"] for n, m in per_label.items() if np.isfinite(m["threshold"])}
     if n_boot:
         draws = _bootstrap(pat, labels, score_prefix, thresholds, n_boot, seed)
         for name in labels:

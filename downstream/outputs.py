@@ -13,6 +13,23 @@ from safetensors.torch import save_model
 from .metrics import patient_level, roc_points
 from .plots import plot_fusion_weights, plot_overlays, plot_roc
 
+REPORTED = ("auroc", "ap")   # the macro diagnosis metrics that sweeps, studies and trackers report
+
+
+def flat_metrics(result: dict) -> dict:
+    """``{model/metric, model/metric_lo, model/metric_hi}`` of the macro diagnosis metrics (or mean
+    Dice for segmentation), plus the training and evaluation sizes."""
+    out = {"n_train": result["n_train"], "n_eval": result["n_eval"]}
+    for model, m in result["metrics"].items():
+        if "macro" in m:
+            for k in REPORTED:
+                lo, hi = m["macro"].get("ci", {}).get(k, [np.nan, np.nan])
+                out |= {f"{model}/{k}": m["macro"][k], f"{model}/{k}_lo": lo, f"{model}/{k}_hi": hi}
+        else:
+            d = m["mean"]["dice"]
+            out |= {f"{model}/dice": d["mean"], f"{model}/dice_lo": d["ci"][0], f"{model}/dice_hi": d["ci"][1]}
+    return out
+
 
 def _fmt(v: float, digits: int = 3) -> str:
     return "  -  " if v is None or not math.isfinite(v) else f"{v:.{digits}f}"

@@ -15,7 +15,7 @@ inputs are local folders and run in this process.
 from __future__ import annotations
 
 import json
-import logging
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +29,8 @@ from shards.config import ConfigError, load_config, save_config
 from .predict_inputs import check_shards, ingest_studies, input_kind, load_found, shard_studies
 from .predict_outputs import predictions_frame, write_private_map, write_segmentations
 from .predictor import Predictor, Study
-from .task_model import TaskModel, load_task_model
+from .task_model import TaskModel, TaskModelError, load_task_model
 
-log = logging.getLogger(__name__)
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "predict" / "default.yaml"
 
 
@@ -119,9 +118,9 @@ def shard_rows(url: str, model: TaskModel, shards: str, cfg: PredictConfig, with
     import ray
     from ray.util import ActorPool
 
-    from .tuning import ensure_ray
+    from pretrain.launchers.ray import connect_ray
 
-    ensure_ray()
+    connect_ray(log_to_driver=False)
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= cfg.workers else 0
     t0 = time.perf_counter()
     worker = ray.remote(num_cpus=1, num_gpus=gpus)(ShardWorker)
@@ -129,19 +128,18 @@ def shard_rows(url: str, model: TaskModel, shards: str, cfg: PredictConfig, with
     timing.update(workers=cfg.workers, devices=ray.get([a.ready.remote() for a in actors]),
                   startup_s=time.perf_counter() - t0)
     t0 = time.perf_counter()
-    pool = ActorPool(actors)
-    yield from pool.map_unordered(lambda a, unit: a.run.remote(shards, split, unit, n_units, with_truth),
-                                  range(n_units))
-    timing["predict_s"] = time.perf_counter() - t0
-    for a in actors:
-        ray.kill(a)
+    try:
+        yield from ActorPool(actors).map_unordered(
+            lambda a, unit: a.run.remote(shards, split, unit, n_units, with_truth), range(n_units))
+        timing["predict_s"] = time.perf_counter() - t0
+    finally:
+        for a in actors:
+            ray.kill(a)
 
 
 def file_rows(model: TaskModel, kind: str, inputs: list[str], out: Path, cfg: PredictConfig,
               timing: dict) -> Iterator[list[dict]]:
     """Rows for DICOM/NIfTI studies, decoded one by one through the ingest; writes the private map."""
-    import tempfile
-
     with tempfile.TemporaryDirectory(prefix="mskfm-predict-") as work:
         found, source, report, salt = ingest_studies(kind, inputs, model, cfg.joint, Path(work))
         write_private_map(out, kind, source, found)
@@ -173,6 +171,8 @@ def predict_with(model: TaskModel, url: str, inputs: Sequence[str], out: str | P
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     timing = dict(timing or {})
     stream = (shard_rows(url, model, inputs[0], cfg, with_truth, timing) if kind == "shards"
               else file_rows(model, kind, inputs, out, cfg, timing))
@@ -200,4 +200,8 @@ def finish(model: TaskModel, kind: str, rows: list[dict], out: Path, timing: dic
                "timing": {k: (round(v, 3) if isinstance(v, float) else v) for k, v in timing.items()},
                "studies_per_s": round(ok / seconds, 3) if seconds > 0 else None}
     (out / "predict.json").write_text(json.dumps(summary, indent=1))
+    if rows and not ok:
+        reasons = sorted({f["error"] for f in failed})[:3]
+        raise TaskModelError(f"none of the {len(rows)} {kind} studies could be predicted ({'; '.join(reasons)}); "
+                             f"every study is listed with its reason in {out / 'predictions.csv'}")
     return summary | {"rows": rows, "predictions": frame}

@@ -9,7 +9,7 @@ nothing is unpickled)::
                         plane, feature channels, decision thresholds and where they came from, each
                         backbone by URL + sha256 of its weights and config
     heads.safetensors   the task's head (for ``head.finetune_blocks``: with its tuned backbone copies)
-    task_config.yaml    the resolved task config, local paths reduced to names
+    task_config.yaml    the resolved task config, local paths reduced to ``<local>/<name>``
     metrics.json        the run's metrics (task model and baselines) with intervals
     README.md           model card with a Hugging Face YAML header
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import posixpath
 import shutil
@@ -36,6 +37,7 @@ from safetensors.torch import load_model, save_model
 from pretrain.hub import HF_PREFIX, is_local, put_folder
 from pretrain.preprocess import PlanePreprocessing
 from pretrain.publish import load_backbone
+from pretrain.redact import public, public_string
 from shards.config import ConfigError, load_config, to_dict
 from shards.schema import STRUCTURES
 
@@ -76,22 +78,10 @@ def backbone_digest(folder: Path, where: str) -> dict[str, str]:
     return {"sha256": sha256_file(weights), "config_sha256": sha256_file(config)}
 
 
-def portable_url(url: str) -> str:
-    """A backbone URL fit to share: remote URLs and relative paths as given, an absolute local
-    path reduced to its folder name (found again with ``backbone_dir=``)."""
-    if not is_local(url):
-        return url
-    path = url.removeprefix("file://")
-    return Path(path).name if os.path.isabs(path) else path
-
-
 def portable_config(task: TaskConfig) -> dict:
-    """The resolved task config without local paths: data and output locations reduced to names."""
-    cfg = to_dict(task)
-    for key in ("shards", "cache_dir", "out"):
-        cfg[key] = portable_url(str(cfg[key])) if cfg[key] else cfg[key]
-    cfg["backbones"] = {p: portable_url(u) for p, u in cfg["backbones"].items()}
-    return cfg
+    """The resolved task config fit to share: absolute local paths become ``<local>/<name>`` and user
+    names are removed (:mod:`pretrain.redact`); remote URLs and relative paths stay as given."""
+    return public(to_dict(task))
 
 
 def head_kind(task: TaskConfig) -> str:
@@ -122,24 +112,22 @@ def build_head(task: TaskConfig, channels: dict[str, list[int]], grid: list[int]
 
 
 def save_task_model(run_dir: Path, task: TaskConfig, result: dict, planes: dict, manifest: dict, metrics: dict,
-                    counts: dict) -> Path:
+                    counts: dict, thresholds: dict[str, float] | None = None) -> Path:
     """Write ``<run_dir>/model/`` from the finetune run's task model (``result``: the ``diffusion``
-    entry of the run's results), its per-plane inputs, the training manifest and the metrics."""
+    entry of the run's results), its per-plane inputs, the training manifest, the metrics and the
+    decision thresholds chosen on the validation split (per label; NaN or absent = none chosen)."""
     out = Path(run_dir) / "model"
     tmp = Path(tempfile.mkdtemp(prefix=".model.", dir=run_dir))
-    thresholds = result.get("thresholds")
+    chosen, source = stored_thresholds(task.labels, thresholds)
     meta = {
         "format": FORMAT, "version": VERSION, "task": task.name, "kind": task.kind, "joint": task.joint,
         "planes": list(task.planes), "vocabulary": vocabulary(task), "head": head_kind(task),
         "channels": {p: d.channels() for p, d in planes.items()},
         "preprocessing": {p: dict(d.spec) for p, d in planes.items()},
-        "backbones": {p: {"url": portable_url(d.backbone_url), "plane": p,
+        "backbones": {p: {"url": public_string(d.backbone_url), "plane": p,
                           **backbone_digest(_backbone_folder(d.backbone_url), f"for plane {p} ({d.backbone_url})")}
                       for p, d in planes.items()},
-        "thresholds": ({k: float(v) for k, v in thresholds.items()} if thresholds
-                       else {name: DEFAULT_THRESHOLD for name in task.labels}),
-        "threshold_source": ("validation split" if thresholds else
-                             f"default {DEFAULT_THRESHOLD} (this run chose no thresholds on validation)"),
+        "thresholds": chosen, "threshold_source": source,
         "metrics_split": task.train.eval_split, "counts": counts,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -147,12 +135,27 @@ def save_task_model(run_dir: Path, task: TaskConfig, result: dict, planes: dict,
     (tmp / META).write_text(json.dumps(meta, indent=1, sort_keys=True))
     config = portable_config(task)
     (tmp / CONFIG).write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
-    (tmp / METRICS).write_text(json.dumps(metrics, indent=1, sort_keys=True, default=_plain))
+    (tmp / METRICS).write_text(json.dumps(public(metrics), indent=1, sort_keys=True, default=_plain))
     (tmp / CARD).write_text(render_task_card(meta, config, metrics, manifest))
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
+
+
+def stored_thresholds(labels: list[str], thresholds: dict[str, float] | None) -> tuple[dict[str, float], str]:
+    """Per label the threshold chosen on validation, else :data:`DEFAULT_THRESHOLD`; and a note saying which."""
+    if not labels:
+        return {}, "none (segmentation)"
+    given = {k: float(v) for k, v in (thresholds or {}).items() if v is not None and math.isfinite(v)}
+    out = {name: given.get(name, DEFAULT_THRESHOLD) for name in labels}
+    missing = [name for name in labels if name not in given]
+    if not missing:
+        return out, "validation split (Youden point)"
+    if len(missing) == len(labels):
+        return out, f"default {DEFAULT_THRESHOLD}: this run chose no thresholds on a validation split"
+    return out, (f"validation split (Youden point); default {DEFAULT_THRESHOLD} for {', '.join(missing)} "
+                 "(one class only in validation)")
 
 
 def vocabulary(task: TaskConfig) -> dict:
@@ -180,7 +183,6 @@ def _backbone_folder(url: str) -> Path:
 class TaskModel:
     """A loaded task model: metadata, task config, head module and per-plane backbones (eval mode)."""
 
-    source: str
     meta: dict
     task: TaskConfig
     head: torch.nn.Module
@@ -259,10 +261,12 @@ def load_task_model(url: str, backbones: dict[str, str] | None = None, backbone_
                     device: str = "cpu", cache_dir: str | Path | None = None) -> TaskModel:
     """Load and check a task model and its backbones (sha256-verified), ready for :mod:`.predict`."""
     folder = fetch_task_model(url, cache_dir)
-    meta = json.loads((folder / META).read_text())
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise TaskModelError(f"{url}: not a version-{VERSION} {FORMAT} ({META} says format "
-                             f"{meta.get('format')!r}, version {meta.get('version')!r})")
+    try:
+        meta = json.loads((folder / META).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise TaskModelError(f"{url}: {META} is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise TaskModelError(f"{url}: {META} is not a version-{VERSION} {FORMAT} task model")
     task = load_config(TaskConfig, folder / CONFIG)
     loaded = {}
     for plane in meta["planes"]:
@@ -272,12 +276,15 @@ def load_task_model(url: str, backbones: dict[str, str] | None = None, backbone_
         loaded[plane] = model
     grid = meta["preprocessing"][task.planes[0]]["shape"]
     head = build_head(task, meta["channels"], grid, loaded)
-    missing, unexpected = load_model(head, str(folder / HEADS), strict=False)
+    try:
+        missing, unexpected = load_model(head, str(folder / HEADS), strict=False)
+    except Exception as exc:  # a truncated or foreign file: safetensors raises several types
+        raise TaskModelError(f"{url}: {HEADS} cannot be read ({type(exc).__name__}: {exc})") from None
     if missing or unexpected:
         raise TaskModelError(f"{url}: {HEADS} does not fit the task's head (missing {sorted(missing)[:5]}, "
                              f"unexpected {sorted(unexpected)[:5]})")
     metrics = json.loads((folder / METRICS).read_text()) if (folder / METRICS).is_file() else {}
-    return TaskModel(str(url), meta, task, head.to(device).eval(), loaded, metrics)
+    return TaskModel(meta, task, head.to(device).eval(), loaded, metrics)
 
 
 def export_task_model(run: str, dest: str, overwrite: bool = False) -> str:
@@ -290,4 +297,6 @@ def export_task_model(run: str, dest: str, overwrite: bool = False) -> str:
     except FileExistsError:
         raise TaskModelError(f"a task model already exists at {dest}; export under a new name or pass "
                              f"--overwrite") from None
+    except RuntimeError as exc:  # hf:// without a token
+        raise TaskModelError(str(exc)) from None
     return str(dest)

@@ -7,20 +7,23 @@ budget and the metrics. ``downstream finetune --task ankle-dx`` resolves ``confi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
 from omegaconf import OmegaConf
 
 from shards.config import ConfigError, load_config
+from shards.runs import default_folder
 from shards.schema import JOINTS, LABELS, PLANES, STRUCTURES
+from shards.tracking import WandbConfig
+
+from .pooling import POOLINGS
 
 TASKS_DIR = Path(__file__).resolve().parents[1] / "configs" / "tasks"
 
 KINDS = ("diagnosis", "segmentation")
-POOLINGS = ("avg", "attention", "global_local")
-HEADS = {"diagnosis": ("linear", "mlp"), "segmentation": ("decoder",)}
+HEADS = {"diagnosis": ("linear", "mlp", "logistic"), "segmentation": ("decoder",)}
 FUSIONS = ("concat", "projected_sum", "cross_attention", "label_level", "experts")
 DOMAIN_KEYS = ("", "site", "vendor", "field_strength")
 BASELINES = {"diagnosis": ("random_backbone", "scratch_cnn", "mrnet_2d"),
@@ -28,8 +31,18 @@ BASELINES = {"diagnosis": ("random_backbone", "scratch_cnn", "mrnet_2d"),
 
 
 @dataclass
+class PlaneFeatures:
+    """One plane's own timesteps and blocks; an empty list keeps the task-wide ``features`` value."""
+
+    timesteps: list[int] = field(default_factory=list)
+    blocks: list[str] = field(default_factory=list)
+
+
+@dataclass
 class FeatureSpec:
-    """Which frozen-backbone features: noise timesteps, named blocks, noise draws averaged, seed."""
+    """Which frozen-backbone features: noise timesteps, named blocks, noise draws averaged, seed.
+    ``per_plane.<plane>`` overrides timesteps and blocks for that plane (OrthoDiffusion's fusion recipe:
+    sag t=200 ``mid_0``, cor t=150 ``mid_0``, ax t=50 ``mid_2``)."""
 
     timesteps: list[int] = field(default_factory=lambda: [50])
     blocks: list[str] = field(default_factory=lambda: ["mid"])
@@ -37,11 +50,19 @@ class FeatureSpec:
     seed: int = 0
     pooling: str = "attention"
     batch_size: int = 4
+    per_plane: dict[str, PlaneFeatures] = field(default_factory=dict)
+
+    def for_plane(self, plane: str) -> "FeatureSpec":
+        """The spec one plane's features are computed (and cached) with."""
+        own = self.per_plane.get(plane, PlaneFeatures())
+        return replace(self, timesteps=list(own.timesteps or self.timesteps), blocks=list(own.blocks or self.blocks),
+                       per_plane={})
 
 
 @dataclass
 class HeadSpec:
-    """Head on pooled features. ``finetune_blocks``: backbone parameter-name prefixes to unfreeze
+    """Head on pooled features: ``linear``, ``mlp`` or ``logistic`` (the closed-form reference probe,
+    :mod:`downstream.heads.probe`). ``finetune_blocks``: backbone parameter-name prefixes to unfreeze
     (trained at ``lr * finetune_lr_scale``); empty = frozen backbone and cached features."""
 
     kind: str = "linear"
@@ -76,9 +97,18 @@ class EHRSpec:
 
 @dataclass
 class TrainSpec:
+    """Training and model selection. Every choice (best epoch, early stopping after ``patience``
+    epochs without improvement, the weight decay of frozen-feature heads from ``weight_decay_grid``,
+    decision thresholds) is made on ``select_split`` (patients of ``train_domain``, subset by
+    ``train_fraction`` like the training patients), never on ``eval_split``. ``select_split: ""``
+    turns selection off (last epoch, ``weight_decay``, sensitivity/specificity not reported)."""
+
     epochs: int = 60
     lr: float = 3e-3
     weight_decay: float = 1e-4
+    weight_decay_grid: list[float] = field(default_factory=lambda: [1e-4, 1e-2, 1e-1])
+    select_split: str = "val"
+    patience: int = 10
     batch_size: int = 16
     seed: int = 0
     train_split: str = "train"
@@ -87,6 +117,17 @@ class TrainSpec:
     domain_key: str = ""        # "", site, vendor or field_strength: train/evaluate on one domain
     train_domain: str = ""
     eval_domain: str = ""
+
+
+@dataclass
+class ProbeSpec:
+    """The reference probe reported next to every diagnosis head (``probe``, and
+    ``random_backbone_probe`` with the ``random_backbone`` baseline): ``cs`` values of C on
+    scikit-learn's log grid, chosen by ``folds``-fold patient-grouped CV on the training rows."""
+
+    enabled: bool = True
+    cs: int = 10
+    folds: int = 5
 
 
 @dataclass
@@ -120,7 +161,7 @@ class TaskConfig:
     backbones: dict[str, str] = field(default_factory=dict)
     shards: str = "data/shards"
     cache_dir: str = "cache/features"
-    out: str = "runs/finetune"
+    out: str = field(default_factory=default_folder("finetune"))
     run_name: str = ""
     device: str = "cpu"
     threads: int = 0
@@ -129,8 +170,10 @@ class TaskConfig:
     fusion: FusionSpec = field(default_factory=FusionSpec)
     ehr: EHRSpec = field(default_factory=EHRSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
+    probe: ProbeSpec = field(default_factory=ProbeSpec)
     metrics: MetricsSpec = field(default_factory=MetricsSpec)
     baselines: BaselineSpec = field(default_factory=BaselineSpec)
+    wandb: WandbConfig = field(default_factory=WandbConfig)    # W&B tracking; off without wandb.project
 
     def validate(self) -> None:
         where = f"task '{self.name}'"
@@ -170,14 +213,27 @@ class TaskConfig:
                               f"got {self.baselines.cnn_channels}")
         if self.ehr.enabled and self.kind != "diagnosis":
             raise ConfigError(f"{where}: ehr fusion needs a diagnosis task")
+        if self.ehr.enabled and self.fusion.kind == "experts" and len(self.planes) > 1:
+            raise ConfigError(f"{where}: ehr fusion mixes one image model with the EHR head; plane experts "
+                              f"(fusion.kind=experts) are several: use concat, projected_sum or label_level")
         if not self.features.timesteps or not self.features.blocks or self.features.noise_draws < 1:
             raise ConfigError(f"{where}: features need timesteps, blocks and noise_draws >= 1")
+        extra = sorted(set(self.features.per_plane) - set(self.planes))
+        if extra:
+            raise ConfigError(f"{where}: features.per_plane has planes {extra} that are not task planes {self.planes}")
         if not 0 < self.train.train_fraction <= 1:
             raise ConfigError(f"{where}: train.train_fraction must be in (0, 1], got {self.train.train_fraction}")
         _one_of(self.train.domain_key, DOMAIN_KEYS, f"{where}: train.domain_key")
         if self.head.finetune_blocks and (self.kind != "diagnosis" or self.fusion.kind == "experts"):
             raise ConfigError(f"{where}: head.finetune_blocks works with diagnosis heads on feature/label-level "
                               f"fusion, not with fusion.kind=experts or segmentation")
+        if self.head.kind == "logistic" and (self.head.finetune_blocks or self.ehr.enabled
+                                             or (len(self.planes) > 1 and self.fusion.kind != "concat")):
+            raise ConfigError(f"{where}: head.kind=logistic is a closed-form probe on concatenated frozen features: "
+                              f"it needs fusion.kind=concat, no head.finetune_blocks and no ehr")
+        if self.train.patience < 0 or not self.train.weight_decay_grid or self.probe.folds < 2 or self.probe.cs < 1:
+            raise ConfigError(f"{where}: train.patience must be >= 0, train.weight_decay_grid non-empty, "
+                              f"probe.folds >= 2 and probe.cs >= 1")
         if self.fusion.kind == "experts" and self.fusion.folds < 2:
             raise ConfigError(f"{where}: fusion.folds must be >= 2 for experts")
 

@@ -2,11 +2,17 @@
 
 ``get_batch(indices) -> (inputs, target)`` hides where rows come from (memory-mapped feature cache,
 preprocessed volumes, EHR tables); models take ``inputs`` and return logits.
+
+:func:`fit` first fits the model's feature standardisation on the rows it trains on (the training
+rows); :func:`fit_selected` adds model selection on a separate selection split (best epoch, early
+stopping, weight decay from a grid), so that no choice ever reads the evaluation split.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
@@ -14,17 +20,31 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from .standardize import Standardize
+
 log = logging.getLogger(__name__)
 
 GetBatch = Callable[[np.ndarray], tuple[dict, torch.Tensor]]
+POS_WEIGHT_CAP = 100.0
 
 
-def masked_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """BCE over known labels only: NaN targets (unknown) add nothing to the loss or its gradient."""
+def masked_bce(logits: torch.Tensor, target: torch.Tensor, pos_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """BCE over known labels only: NaN targets (unknown) add nothing to the loss or its gradient.
+    ``pos_weight`` (labels,) weighs the positive term per label (class imbalance)."""
     known = torch.isfinite(target)
     if not known.any():
         return logits.sum() * 0.0
-    return F.binary_cross_entropy_with_logits(logits[known], target[known])
+    pw = None if pos_weight is None else pos_weight.to(logits).expand_as(logits)[known]
+    return F.binary_cross_entropy_with_logits(logits[known], target[known], pos_weight=pw)
+
+
+def pos_weights(y: np.ndarray, cap: float = POS_WEIGHT_CAP) -> torch.Tensor:
+    """Per label ``n_negative / n_positive`` over the known labels of ``y`` (the training rows),
+    capped at ``cap``; 1 where a class is absent."""
+    y = np.asarray(y, dtype=np.float64)
+    pos, neg = np.nansum(y == 1, axis=0), np.nansum(y == 0, axis=0)
+    w = np.where((pos > 0) & (neg > 0), neg / np.maximum(pos, 1), 1.0)
+    return torch.tensor(np.clip(w, 1.0 / cap, cap), dtype=torch.float32)
 
 
 def seed_everything(seed: int) -> None:
@@ -32,16 +52,46 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
+@torch.no_grad()
+def fit_standardizers(model: torch.nn.Module, get_batch: GetBatch, rows: Sequence[int], batch_size: int = 64,
+                      device: str = "cpu") -> int:
+    """Fit every unfitted :class:`~downstream.standardize.Standardize` of ``model`` on ``rows``, stage
+    by stage (block maps, then pooled vectors); returns how many. Fitted or loaded ones are kept."""
+    todo = [m for m in model.modules() if isinstance(m, Standardize) and not bool(m.fitted)]
+    if not todo:
+        return 0
+    model.to(device).eval()
+    rows = np.asarray(rows)
+    try:
+        for m in todo:
+            m.passthrough = True
+        for stage in sorted({m.stage for m in todo}):
+            active = [m for m in todo if m.stage == stage]
+            for m in active:
+                m.start()
+            for s in range(0, len(rows), batch_size):
+                model(to_device(get_batch(rows[s:s + batch_size])[0], device))
+            for m in active:
+                m.finish()
+    finally:
+        for m in todo:
+            m.passthrough, m._sums = False, None
+    return len(todo)
+
+
 def fit(model: torch.nn.Module, get_batch: GetBatch, rows: Sequence[int], loss_fn: Callable, *, epochs: int,
         lr: float, weight_decay: float = 0.0, batch_size: int = 16, seed: int = 0,
         param_groups: list[dict] | None = None, desc: str = "train", device: str = "cpu",
-        on_epoch: Callable[[int, float], None] | None = None) -> list[float]:
-    """Train with AdamW for ``epochs`` over ``rows``; returns the mean loss per epoch.
+        on_epoch: Callable[[int, float], bool | None] | None = None) -> list[float]:
+    """Fit the model's feature standardisation on ``rows``, then train with AdamW for ``epochs`` over
+    ``rows``; returns the mean loss per epoch.
 
-    ``on_epoch(epoch, loss)`` runs after each epoch (sweeps report validation metrics from it)."""
+    ``on_epoch(epoch, loss)`` runs after each epoch (sweeps report validation metrics from it, model
+    selection keeps the best state); returning True stops training early."""
     rows = np.asarray(rows)
     if len(rows) == 0:
         raise ValueError(f"{desc}: no training rows")
+    fit_standardizers(model, get_batch, rows, device=device)
     model.to(device).train()
     groups = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
@@ -60,10 +110,79 @@ def fit(model: torch.nn.Module, get_batch: GetBatch, rows: Sequence[int], loss_f
             total, count = total + float(loss.detach()) * len(idx), count + len(idx)
         history.append(total / count)
         if on_epoch is not None:
-            on_epoch(len(history), history[-1])
+            stop = on_epoch(len(history), history[-1])
             model.train()
+            if stop:
+                break
     model.eval()
     return history
+
+
+@torch.no_grad()
+def mean_loss(model: torch.nn.Module, get_batch: GetBatch, rows: Sequence[int], loss_fn: Callable,
+              batch_size: int = 64, device: str = "cpu") -> float:
+    """``loss_fn`` over ``rows`` in eval mode (batch losses weighted by batch size)."""
+    model.eval()
+    rows = np.asarray(rows)
+    total = 0.0
+    for s in range(0, len(rows), batch_size):
+        inputs, target = get_batch(rows[s:s + batch_size])
+        total += float(loss_fn(model(to_device(inputs, device)), target.to(device))) * len(rows[s:s + batch_size])
+    return total / len(rows)
+
+
+@dataclass
+class Selection:
+    """What model selection chose, on the selection split only: per weight decay its best epoch and
+    selection loss; ``weight_decay``/``epoch``/``loss`` of the chosen candidate."""
+
+    weight_decay: float
+    epoch: int
+    loss: float | None
+    candidates: list[dict] = field(default_factory=list)
+
+
+def fit_selected(build: Callable[[], torch.nn.Module], get_batch: GetBatch, train_rows: Sequence[int],
+                 select_rows: Sequence[int], loss_fn: Callable, *, epochs: int, lr: float,
+                 weight_decays: Sequence[float], patience: int = 0, batch_size: int = 16, seed: int = 0,
+                 param_groups: Callable[[torch.nn.Module], list[dict]] | None = None, desc: str = "train",
+                 device: str = "cpu") -> tuple[torch.nn.Module, list[float], Selection]:
+    """Train one model per weight decay (``build()`` makes it, seeded alike) on ``train_rows``; keep each
+    one's state at its lowest ``loss_fn`` on ``select_rows`` (stopping after ``patience`` epochs without
+    improvement, 0 = never) and return the candidate with the lowest, its loss history and the
+    :class:`Selection`. Without selection rows: the last epoch of the first weight decay."""
+    select_rows = np.asarray(select_rows)
+    best: tuple | None = None
+    candidates = []
+    for wd in (weight_decays if len(select_rows) else list(weight_decays)[:1]):
+        seed_everything(seed)
+        model = build()
+        state: dict = {"loss": float("inf"), "epoch": 0, "weights": None, "since": 0}
+
+        def keep_best(epoch: int, _loss: float, model=model, state=state) -> bool:
+            if not len(select_rows):
+                return False
+            val = mean_loss(model, get_batch, select_rows, loss_fn, device=device)
+            if val < state["loss"]:
+                state.update(loss=val, epoch=epoch, since=0, weights=copy.deepcopy(model.state_dict()))
+            else:
+                state["since"] += 1
+            return bool(patience) and state["since"] >= patience
+
+        history = fit(model, get_batch, train_rows, loss_fn, epochs=epochs, lr=lr, weight_decay=wd,
+                      batch_size=batch_size, seed=seed, param_groups=param_groups(model) if param_groups else None,
+                      desc=f"{desc} wd={wd:g}", device=device, on_epoch=keep_best)
+        if state["weights"] is not None:
+            model.load_state_dict(state["weights"])
+        loss = state["loss"] if len(select_rows) else None
+        candidates.append({"weight_decay": float(wd), "epoch": state["epoch"] or len(history), "loss": loss,
+                           "epochs_run": len(history)})
+        if best is None or (loss is not None and loss < best[2].loss):
+            best = (model, history, Selection(float(wd), candidates[-1]["epoch"], loss))
+    model, history, chosen = best
+    chosen.candidates = candidates
+    model.eval()
+    return model, history, chosen
 
 
 @torch.no_grad()

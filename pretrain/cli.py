@@ -21,12 +21,12 @@ import argparse
 import os
 import sys
 
-from shards.config import ConfigError, load_config
+from shards.config import Command, build_cli, load_config, run_cli
+from shards.reader import ShardError
 from shards.schema import PLANES
 
-from .checkpoint import CheckpointError
-from .importers import FORMATS, CheckpointImportError
-from .recon.cli import add_recon_parsers
+from .loop import NonFiniteLossError
+from .recon.cli import RECON_COMMANDS
 
 
 def cmd_run(args) -> int:
@@ -59,44 +59,52 @@ def cmd_import(args) -> int:
     return 0
 
 
+def _run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="configs/pretrain/<name>.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. launcher=local optim.total_steps=20")
+
+
+def _publish_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run name (under --run-root) or run folder")
+    p.add_argument("--to", required=True, help="hub: a folder, s3:// URL or hf://owner (one folder per plane)")
+    p.add_argument("--plane", action="append", help="publish only this plane (repeatable)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing published version")
+    p.add_argument("--run-root", default=None, help="folder of the runs (default <runs root>/pretrain: "
+                                                   "runs/pretrain or $MSKFM_RUNS/pretrain)")
+
+
+def _import_args(p: argparse.ArgumentParser) -> None:
+    from .importers import FORMATS
+
+    p.add_argument("source", help="checkpoint file (model.pt, .safetensors) or hf://owner/repo/path/to/file")
+    p.add_argument("--format", required=True, choices=sorted(FORMATS), help="the checkpoint's upstream format")
+    p.add_argument("--plane", required=True, choices=PLANES, help="plane the model was trained on")
+    p.add_argument("--to", required=True, help="destination folder, s3:// URL or hf://owner/repo")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing backbone there")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="change the format's published config for a checkpoint trained otherwise "
+                   "(repeatable), e.g. --set model_channels=32 --set preprocessing.shape=[16,128,128]")
+
+
+COMMANDS: dict[str, Command] = {
+    "run": Command(_run_args, cmd_run, "train the backbones of a config (resumes a run of the same name)"),
+    "publish": Command(_publish_args, cmd_publish, "publish the trained backbones of a run"),
+    "import": Command(_import_args, cmd_import, "import a published foundation model's checkpoint as a backbone"),
+    **RECON_COMMANDS,
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pretrain", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="train the backbones of a config (resumes a run of the same name)")
-    r.add_argument("--config", required=True, help="configs/pretrain/<name>.yaml")
-    r.add_argument("overrides", nargs="*", help="key=value overrides, e.g. launcher=local optim.total_steps=20")
-    r.set_defaults(func=cmd_run)
-    pub = sub.add_parser("publish", help="publish the trained backbones of a run")
-    pub.add_argument("run", help="run name (under --run-root) or run folder")
-    pub.add_argument("--to", required=True, help="hub: a folder, s3:// URL or hf://owner (one folder per plane)")
-    pub.add_argument("--plane", action="append", help="publish only this plane (repeatable)")
-    pub.add_argument("--overwrite", action="store_true", help="replace an existing published version")
-    pub.add_argument("--run-root", default="runs/pretrain")
-    pub.set_defaults(func=cmd_publish)
-    imp = sub.add_parser("import", help="import a published foundation model's checkpoint as a backbone folder")
-    imp.add_argument("source", help="checkpoint file (model.pt, .safetensors) or hf://owner/repo/path/to/file")
-    imp.add_argument("--format", required=True, choices=sorted(FORMATS), help="the checkpoint's upstream format")
-    imp.add_argument("--plane", required=True, choices=PLANES, help="plane the model was trained on")
-    imp.add_argument("--to", required=True, help="destination folder, s3:// URL or hf://owner/repo")
-    imp.add_argument("--overwrite", action="store_true", help="replace an existing backbone there")
-    imp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="change the format's published config for a checkpoint trained otherwise "
-                     "(repeatable), e.g. --set model_channels=32 --set preprocessing.shape=[16,128,128]")
-    imp.set_defaults(func=cmd_import)
-    add_recon_parsers(sub)
-    return p
+    return build_cli("pretrain", __doc__.splitlines()[0], COMMANDS)
 
 
 def main(argv: list[str] | None = None) -> int:
     import torch
 
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (ConfigError, CheckpointError, CheckpointImportError, FileNotFoundError, FileExistsError) as exc:
-        print(f"pretrain {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    # deterministic failures: the same one line (exit 2) under every launcher
+    return run_cli(build_parser(), COMMANDS, argv,
+                   errors=(NonFiniteLossError, ShardError, FileNotFoundError, FileExistsError))
 
 
 if __name__ == "__main__":

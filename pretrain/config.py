@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from shards.config import ConfigError
+from shards.runs import default_folder
 from shards.schema import JOINTS
+from shards.tracking import WandbConfig
 
 LAUNCHERS = ("local", "torchrun", "ray")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -63,7 +65,9 @@ class PretrainConfig:
     joints: dict[str, float] = field(default_factory=dict)  # several anatomies: {joint: mixing weight}; {} = joint
     planes: list[str] = field(default_factory=lambda: ["sag", "cor", "ax"])
     shape: list[int] = field(default_factory=lambda: [8, 32, 32])  # (slices, rows, cols) per plane
-    preprocess: dict[str, Any] = field(default_factory=dict)  # PlanePreprocessing overrides (spatial, intensity)
+    intensity: str = "percentile"     # percentile: dataset-wide window; volume: per-volume clip + z-score;
+                                      # minmax: per-volume min-max to [-1, 1] (OrthoDiffusion)
+    spatial: str = "resize"           # resize (trilinear) | pad_crop | crop_resize (OrthoDiffusion: slices cropped)
     model: dict[str, Any] = field(default_factory=dict)
     schedule: dict[str, Any] = field(default_factory=dict)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -77,9 +81,10 @@ class PretrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     launcher: str = "ray"
-    storage_path: str = "runs/pretrain"  # checkpoints: local folder or s3:// URL
-    run_root: str = "runs/pretrain"      # config.yaml, metrics.json(l), logs
+    storage_path: str = field(default_factory=default_folder("pretrain"))  # checkpoints: folder or s3:// URL
+    run_root: str = field(default_factory=default_folder("pretrain"))      # config.yaml, metrics.json(l), logs
     seed: int = 0
+    wandb: WandbConfig = field(default_factory=WandbConfig)  # W&B tracking by rank 0; off without a project
 
     def validate(self) -> None:
         if self.launcher not in LAUNCHERS:
@@ -101,6 +106,10 @@ class PretrainConfig:
             raise ConfigError(f"key 'data.max_studies': {self.data.max_studies} must be >= 0 (0 = all studies)")
         if not self.planes or len(set(self.planes)) != len(self.planes):
             raise ConfigError(f"key 'planes': {self.planes} must be a non-empty list without repeats")
+        if self.intensity not in ("percentile", "volume", "minmax"):
+            raise ConfigError(f"key 'intensity': '{self.intensity}' is not one of ('percentile', 'volume', 'minmax')")
+        if self.spatial not in ("resize", "pad_crop", "crop_resize"):
+            raise ConfigError(f"key 'spatial': '{self.spatial}' is not one of ('resize', 'pad_crop', 'crop_resize')")
         if len(self.shape) != 3 or min(self.shape) < 1:
             raise ConfigError(f"key 'shape': {self.shape} must be three positive sizes (S, R, C)")
         if "/" in self.name or not self.name:

@@ -29,7 +29,7 @@ import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from shards.config import ConfigError, lookup
+from shards.config import ConfigError, UserError, lookup
 
 from .hub import HF_PREFIX, is_local, put_folder, refuse_existing
 from .models.orthodiffusion import ORTHODIFFUSION_PREPROCESSING, ORTHODIFFUSION_SCHEDULE, OrthoDiffusionBackbone
@@ -38,7 +38,7 @@ from .publish import SCHEDULER_DIR
 from .schedule import ScheduleConfig
 
 
-class CheckpointImportError(ValueError):
+class CheckpointImportError(UserError, ValueError):
     """A checkpoint that cannot be imported: the message names the file and the key or reason."""
 
 

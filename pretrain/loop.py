@@ -21,8 +21,10 @@ from pathlib import Path
 
 import torch
 
+from shards.config import to_dict
 from shards.manifest import load_manifest
-from shards.reader import MixedReader, ShardReader
+from shards.reader import MixedReader, ShardError, ShardReader
+from shards.tracking import Tracker, start_tracking
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import PretrainConfig, run_dir
@@ -115,17 +117,26 @@ def build_loader(cfg: PretrainConfig, objective, rank: int, world: int, epoch: i
                                        collate_fn=objective.collate, **extra)
 
 
+def _next_batch(batches):
+    try:
+        return next(batches)
+    except ShardError as exc:  # from a DataLoader worker, the message carries its traceback
+        raise ShardError(str(exc).strip().splitlines()[-1].split("ShardError: ", 1)[-1]) from None
+
+
 def _to_engine(batch: dict, device, dtype) -> dict:
     return {k: (v.to(device, dtype if v.is_floating_point() else None) if torch.is_tensor(v) else v)
             for k, v in batch.items()}
 
 
 class MetricsLog:
-    """Rank-0 log: ``metrics.jsonl`` (one line per logged step or event) and printed lines."""
+    """Rank-0 log: ``metrics.jsonl`` (one line per logged step or event), printed lines, and the
+    W&B run when ``wandb.project`` is set."""
 
-    def __init__(self, folder: Path, enabled: bool):
+    def __init__(self, folder: Path, enabled: bool, tracker: Tracker | None = None):
         self.enabled = enabled
         self.path = folder / "metrics.jsonl"
+        self.tracker = tracker or Tracker()
         if enabled:
             folder.mkdir(parents=True, exist_ok=True)
 
@@ -134,6 +145,8 @@ class MetricsLog:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
+        if "loss" in record:
+            self.tracker.log(record, step=record["step"])
         if show:
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in record.items()), flush=True)
@@ -171,14 +184,21 @@ def _write_pid(folder: Path, rank: int) -> None:
 
 def train_unit(cfg: PretrainConfig, unit: str, session) -> dict:
     """Train ``unit`` to ``cfg.optim.total_steps`` (resuming if the session has a checkpoint)."""
-    rank, world = session.rank, session.world_size
+    rank = session.rank
     folder = run_dir(cfg, unit)
     _write_pid(folder, rank)
     torch.manual_seed(cfg.seed)
     objective = build_objective(cfg, unit, load_manifest(cfg.data.source))
     engine, lr_sched = build_engine(cfg, objective.build_model())
     ema = build_ema(cfg, engine.module, rank)
-    log = MetricsLog(folder, rank == 0)
+    tracker = (start_tracking(cfg.wandb, folder, f"{cfg.name}-{unit}", to_dict(cfg), group=cfg.name, job_type="pretrain")
+               if rank == 0 else Tracker())
+    with tracker:
+        return _train(cfg, unit, session, objective, engine, lr_sched, ema, MetricsLog(folder, rank == 0, tracker))
+
+
+def _train(cfg: PretrainConfig, unit: str, session, objective, engine, lr_sched, ema, log: MetricsLog) -> dict:
+    rank, world = session.rank, session.world_size
     step, history = 0, []
     with session.latest_checkpoint() as ckpt:
         if ckpt is not None:
@@ -196,7 +216,7 @@ def train_unit(cfg: PretrainConfig, unit: str, session) -> dict:
     while step < total:
         for _ in range(cfg.optim.grad_accum):
             t0 = time.perf_counter()
-            batch = next(batches)
+            batch = _next_batch(batches)
             window.data_s += time.perf_counter() - t0
             loss = objective.loss(engine, _to_engine(batch, engine.device, dtype), gen)
             if not torch.isfinite(loss):
@@ -222,6 +242,7 @@ def train_unit(cfg: PretrainConfig, unit: str, session) -> dict:
     final = {"steps": step, "final_loss": history[-1]["loss"] if history else math.nan,
              "unit": unit, "world_size": world}
     log.write({"event": "done", **final})
+    log.tracker.summary(final)
     return final
 
 

@@ -73,8 +73,9 @@ class DiffusionObjective:
 
         self.cfg, self.plane = cfg, unit
         try:
-            self.spec = spec_from_manifest(manifest, unit, list(cfg.shape), **dict(cfg.preprocess))
-        except (TypeError, ValueError) as exc:
+            self.spec = spec_from_manifest(manifest, unit, list(cfg.shape), intensity=cfg.intensity,
+                                           spatial=cfg.spatial)
+        except ValueError as exc:
             raise ConfigError(f"plane '{unit}' of {cfg.data.source}: {exc}") from exc
         try:
             self.scheduler = build_scheduler(dict(cfg.schedule))

@@ -1,7 +1,8 @@
 """Per-plane preprocessing of a volume before it reaches a backbone.
 
-A :class:`PlanePreprocessing` spec fixes the grid (slices, rows, cols) and the intensity window. The
-window comes from the shard manifest's data fingerprint (:func:`spec_from_manifest`), the spec is
+A :class:`PlanePreprocessing` spec fixes the grid (slices, rows, cols) and the intensity normalisation:
+a dataset-wide window from the shard manifest's data fingerprint (:func:`spec_from_manifest`), a fixed
+window, or a per-volume percentile clip and z-score. The spec is
 stored in the backbone's ``config.json``, and downstream code reads it back from there — so training
 and feature extraction apply exactly the same transform.
 """
@@ -12,12 +13,13 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
-from monai.transforms import Compose, Resize, ResizeWithPadOrCrop, ScaleIntensity, ScaleIntensityRange
+from monai.transforms import (ClipIntensityPercentiles, Compose, NormalizeIntensity, Resize, ResizeWithPadOrCrop,
+                              ScaleIntensity, ScaleIntensityRange)
 from monai.utils import convert_to_tensor
 
 from shards.schema import PLANES
 
-INTENSITY_MODES = ("percentile", "fixed", "minmax")
+INTENSITY_MODES = ("percentile", "fixed", "volume", "minmax")
 SPATIAL_MODES = ("resize", "pad_crop", "crop_resize")
 
 
@@ -26,8 +28,11 @@ class PlanePreprocessing:
     """How one plane's stack becomes a network input of shape (1, *shape).
 
     intensity: ``percentile`` (window = dataset percentiles ``p_low``/``p_high`` from the manifest,
-    resolved into ``low``/``high`` by :func:`spec_from_manifest`), ``fixed`` (``low``/``high`` given) or
-    ``minmax`` (each volume's own min/max to ``[out_min, out_max]``, as OrthoDiffusion; no window).
+    resolved into ``low``/``high`` by :func:`spec_from_manifest`), ``fixed`` (``low``/``high`` given),
+    both scaled to [``out_min``, ``out_max``]; ``volume``: each volume clipped at its own
+    ``p_low``/``p_high`` percentiles, then z-scored with its own mean and standard deviation (before the
+    spatial step, so padding is 0 = the volume's mean; ``low``/``high``/``out_*``/``clip`` unused); or
+    ``minmax``: each volume's own min/max to [``out_min``, ``out_max``] (OrthoDiffusion's; no window).
     spatial: ``resize`` (trilinear to ``shape``), ``pad_crop`` (centred pad/crop, no resampling) or
     ``crop_resize`` (centred crop/pad of the slices, bilinear in-plane resize; OrthoDiffusion's).
     """
@@ -54,7 +59,10 @@ class PlanePreprocessing:
         if self.intensity not in INTENSITY_MODES:
             raise ValueError(f"preprocessing.intensity '{self.intensity}' is unknown; "
                              f"known: {', '.join(INTENSITY_MODES)}")
-        if self.intensity == "minmax":
+        if not 0 <= self.p_low < self.p_high <= 100:
+            raise ValueError(f"preprocessing.p_low/p_high must satisfy 0 <= p_low < p_high <= 100, "
+                             f"got {self.p_low}, {self.p_high}")
+        if self.intensity in ("volume", "minmax"):
             return
         if self.low is None or self.high is None:
             raise ValueError("preprocessing.low/high are unset: build the spec with spec_from_manifest() "
@@ -119,14 +127,17 @@ def build_transform(spec: PlanePreprocessing | dict) -> Compose:
     else:  # slices cropped/padded, never resampled; trilinear with the slice count kept is per-slice bilinear
         spatial = [ResizeWithPadOrCrop([size[0], -1, -1], mode="constant"),
                    Resize([-1, *size[1:]], mode="trilinear", anti_aliasing=False)]
+    if spec.intensity == "volume":
+        return Compose([ClipIntensityPercentiles(spec.p_low, spec.p_high), NormalizeIntensity(), *spatial])
     scale = (ScaleIntensity(minv=spec.out_min, maxv=spec.out_max) if spec.intensity == "minmax"
              else ScaleIntensityRange(a_min=spec.low, a_max=spec.high, b_min=spec.out_min, b_max=spec.out_max,
                                       clip=spec.clip))
-    return Compose([*spatial, scale])  # pad with raw zeros, then window
+    return Compose([*spatial, scale])  # pad with raw zeros, then window / min-max
 
 
 def preprocess_volume(vol: np.ndarray | torch.Tensor, spec: PlanePreprocessing | dict) -> torch.Tensor:
-    """A plane stack (S, R, C) -> float32 tensor (1, *spec.shape), scaled to [out_min, out_max]."""
+    """A plane stack (S, R, C) -> float32 tensor (1, *spec.shape), windowed to [out_min, out_max] or
+    (``intensity: volume``) z-scored per volume."""
     if vol.ndim != 3:
         raise ValueError(f"expected a (slices, rows, cols) volume for plane '{_as_spec(spec).plane}', "
                          f"got shape {tuple(vol.shape)}")

@@ -8,19 +8,20 @@ Ray) starts: the paths, the shard manifest, and each unit's objective and model,
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from shards.config import ConfigError, load_config, save_config, to_dict
 from shards.resume import check_resume, saved_yaml
+from shards.runs import runs_root, write_metrics
 
 from .config import PretrainConfig, run_dir
 
 # keys a resumed run may change: more steps, logging, checkpoint cadence, workers and retries
 RESUME_IGNORE = ("optim.total_steps", "log_every", "checkpoint_every", "keep_checkpoints",
                  "data.num_workers", "data.prefetch", "ray.address", "ray.max_failures",
-                 "ray.concurrent_planes")
+                 "ray.concurrent_planes", "wandb")
+
 
 def resolve_paths(cfg: PretrainConfig) -> PretrainConfig:
     """Absolute local paths, so Ray workers (other working directories) see the same folders."""
@@ -70,18 +71,20 @@ def train(cfg: PretrainConfig) -> dict:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     cfg = resolve_paths(cfg)
     check_models(cfg, check_manifest(cfg))
-    check_resume(saved_yaml(run_dir(cfg) / "config.yaml"), to_dict(cfg), run_dir(cfg), "pretraining run",
-                 ignore=RESUME_IGNORE)
-    if is_rank0(cfg):
+    if is_rank0(cfg):  # under torchrun the other ranks stop with rank 0
+        check_resume(saved_yaml(run_dir(cfg) / "config.yaml"), to_dict(cfg), run_dir(cfg), "pretraining run",
+                     ignore=RESUME_IGNORE)
         save_config(cfg, run_dir(cfg) / "config.yaml")
     results = launch(cfg)
     if is_rank0(cfg):
-        (run_dir(cfg) / "metrics.json").write_text(json.dumps(results, indent=1, sort_keys=True, default=str))
+        write_metrics(run_dir(cfg), results, default=str, sort_keys=True)
     return results
 
 
-def load_run_config(run: str | Path, run_root: str | Path = "runs/pretrain") -> PretrainConfig:
-    """The config of a finished run, given its name under ``run_root`` or its folder."""
+def load_run_config(run: str | Path, run_root: str | Path | None = None) -> PretrainConfig:
+    """The config of a finished run, given its name under ``run_root`` (default
+    ``<runs root>/pretrain``) or its folder."""
+    run_root = run_root or runs_root() / "pretrain"
     folder = Path(run) if Path(run).is_dir() else Path(run_root) / run
     path = folder / "config.yaml"
     if not path.is_file():
@@ -114,7 +117,7 @@ def publish_unit(cfg: PretrainConfig, unit: str, hub: str, overwrite: bool = Fal
 
 
 def publish_run(run: str | Path | PretrainConfig, hub: str, planes: list[str] | None = None,
-                overwrite: bool = False, run_root: str | Path = "runs/pretrain") -> dict[str, str]:
+                overwrite: bool = False, run_root: str | Path | None = None) -> dict[str, str]:
     """Publish the newest checkpoint of each of ``planes`` (default: all) of a run; ``{unit: url}``.
 
     ``run`` is a run name (under ``run_root``), a run folder, or the run's config."""

@@ -19,25 +19,73 @@ from collections import Counter
 from pathlib import Path
 
 import fsspec
+import numpy as np
 
 MIN_BINARY = 6
+PREFIX = 8
 TEXT_SUFFIXES = (".json", ".jsonl", ".txt", ".cls", ".yaml", ".yml", ".csv", ".md", ".html")
+_TOKEN = re.compile(rb"[a-z0-9]+")
+# Values the platform generates that may look like a source value: shard names (``train-000123.tar``
+# vs a zero-padded StudyID or file name), ``study_date`` (under ``deid.dates=shift`` a shifted
+# date can equal another study's real one; the shift has its own test) and the manifest's
+# ``created`` time (today may be a study date of the export). Blanked before matching.
+GENERATED = re.compile(rb'[A-Za-z0-9_]+-\d{6}\.tar(?:\.tmp)?|"(?:study_date|created)":\s*"[^"]*"')
 
 
 class Matcher:
-    """Two compiled searches over bytes: whole words in text, long needles anywhere in binary."""
+    """Needles looked up by hash, not by one huge regex (an export gives 10^5 UIDs). Text: at the
+    start of every word, by the needle's first (up to) 8 characters. Binary: within runs of 6+ bytes
+    drawn from the needles' own alphabet (array data has few), by the needle's first 6 bytes."""
 
     def __init__(self, needles, skip_kinds=()):
-        self.by_value = {n.value.lower().encode(): n for n in needles.items.values() if n.kind not in skip_kinds}
-        ordered = sorted(self.by_value, key=len, reverse=True)
-        alternation = b"|".join(re.escape(v) for v in ordered) or b"(?!)"
-        self.text = re.compile(rb"(?<![A-Za-z0-9])(?:" + alternation + rb")(?![A-Za-z0-9])", re.IGNORECASE)
-        long_ = b"|".join(re.escape(v) for v in ordered if len(v) >= MIN_BINARY) or b"(?!)"
-        self.binary = re.compile(long_, re.IGNORECASE)
+        self.by_value: dict[bytes, object] = {}
+        for n in needles.items.values():
+            value = n.value.lower().encode("utf-8", "replace").strip(b" ()+[]{}'\"")
+            if n.kind not in skip_kinds and _TOKEN.match(value):
+                self.by_value.setdefault(value, n)
+        self.by_prefix: dict[bytes, list[bytes]] = {}
+        self.by_head: dict[bytes, list[bytes]] = {}
+        for value in sorted(self.by_value, key=len, reverse=True):
+            self.by_prefix.setdefault(value[:PREFIX], []).append(value)
+            if len(value) >= MIN_BINARY:
+                self.by_head.setdefault(value[:MIN_BINARY], []).append(value)
+        self.prefix_lengths = sorted({len(k) for k in self.by_prefix}, reverse=True)
+        self.starts = {v[:3] for v in self.by_value}  # most words start no needle: one lookup
+        alphabet = set(b"".join(v for vs in self.by_head.values() for v in vs))
+        self.alphabet = np.zeros(256, bool)  # bytes that occur in a needle, in either case
+        for c in alphabet:
+            self.alphabet[[c, ord(chr(c).upper()) if chr(c).upper().isascii() else c]] = True
 
     def find(self, blob: bytes, binary: bool) -> Counter:
-        pattern = self.binary if binary else self.text
-        return Counter(m.group(0).lower() for m in pattern.finditer(blob))
+        if binary:
+            return Counter(self._binary(blob)) if self.by_head else Counter()
+        return Counter(self._text(blob.lower()))
+
+    def _text(self, low: bytes):
+        """The longest whole-word needle at the start of each word."""
+        for token in _TOKEN.finditer(low):
+            i = token.start()
+            if low[i:i + 3] not in self.starts:
+                continue
+            for value in (v for n in self.prefix_lengths for v in self.by_prefix.get(low[i:i + n], ())):
+                end = i + len(value)
+                if low.startswith(value, i) and not low[end:end + 1].isalnum():
+                    yield value
+                    break
+
+    def _binary(self, blob: bytes):
+        """Needles of 6+ bytes anywhere, searched only in runs of needle-alphabet bytes (numpy finds them)."""
+        ok = self.alphabet[np.frombuffer(blob, np.uint8)].astype(np.int8)
+        edges = np.diff(np.concatenate(([0], ok, [0])))
+        starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+        long_ = ends - starts >= MIN_BINARY
+        for a, b in zip(starts[long_].tolist(), ends[long_].tolist()):
+            text = blob[a:b].lower()
+            for i in range(len(text) - MIN_BINARY + 1):
+                for value in self.by_head.get(text[i:i + MIN_BINARY], ()):
+                    if text.startswith(value, i):
+                        yield value
+                        break
 
 
 def _is_text(name: str, blob: bytes) -> bool:
@@ -74,7 +122,7 @@ class Scan:
         self.bytes += len(blob)
         counts = Counter()
         for part, binary in _member_parts(name, blob):
-            counts.update(self.matcher.find(part, binary))
+            counts.update(self.matcher.find(part if binary else GENERATED.sub(b" ", part), binary))
         self._record(counts, file, member)
 
     def tar(self, f, file: str) -> None:

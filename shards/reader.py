@@ -305,14 +305,15 @@ def study_index(source: str, split: str | None = "train", plane: str | None = No
     """``{sample key: joint}`` of a split's studies (those with ``plane`` when given), from the tar
     member names and ``meta.json`` only: no volume is decoded."""
     out: dict[str, str] = {}
+    present: dict[str, set] = {}
+
+    def wanted(fname: str) -> bool:  # records every member, reads only meta.json
+        key, suffix = base_plus_ext(fname)
+        present.setdefault(key, set()).add(field_of(suffix or ""))
+        return suffix == "meta.json"
+
     for entry in shard_entries(load_manifest(source), split):
-        present: dict[str, set] = {}
-
-        def wanted(fname: str) -> bool:
-            key, suffix = base_plus_ext(fname)
-            present.setdefault(key, set()).add(field_of(suffix or ""))
-            return suffix == "meta.json"
-
+        present.clear()
         with fsspec.open(entry["path"], "rb") as stream:
             for m in tar_file_iterator(stream, select_files=wanted):
                 key, _ = base_plus_ext(m["fname"])

@@ -61,7 +61,7 @@ def test_plane_backbone_shapes(manifest, plane):
     with torch.no_grad():
         feats = model.features(x, [10, 500])
     names = model.block_names()
-    assert names == ["down.0", "down.1", "mid", "up.0", "up.1"]
+    assert names == ["down.0", "down.1", "mid_0", "mid_1", "mid_2", "mid", "up.0", "up.1"]
     assert sorted(feats) == sorted(f"t{t}/{b}" for t in (10, 500) for b in names)
     for b in names:
         s = model.block_strides()[b]
@@ -108,12 +108,64 @@ def test_features_allow_grad_and_reject_bad_input(manifest):
     x = torch.randn(1, 1, *SHAPE)
     model.features(x, 5, "down.1")["t5/down.1"].mean().backward()
     assert model.unet.down_blocks[1].resnets[0].conv1.conv.weight.grad is not None
-    with pytest.raises(ValueError, match=r"valid: down\.0, down\.1, mid, up\.0, up\.1"):
+    with pytest.raises(ValueError, match=r"valid: down\.0, down\.1, mid_0, mid_1, mid_2, mid, up\.0, up\.1"):
         model.features(x, 5, ["mid", "encoder.9"])
     with pytest.raises(ValueError, match="outside"):
         model.features(x, 1000, "mid")
     with pytest.raises(ValueError, match="divisible by 2"):
         model(torch.randn(1, 1, 7, 16, 16), torch.tensor([1]))
+
+
+def test_middle_block_parts(manifest):
+    """mid_0/mid_1/mid_2: after the middle block's first resnet, its attention, its second resnet."""
+    model = tiny_backbone(manifest)
+    x = torch.randn(2, 1, *SHAPE, generator=torch.Generator().manual_seed(4))
+    mid = model.unet.middle_block
+    seen = {}
+    hooks = [getattr(mid, part).register_forward_hook(lambda m, a, o, part=part: seen.setdefault(part, o))
+             for part in ("resnet_1", "attention", "resnet_2")]
+    with torch.no_grad():
+        feats = model.features(x, 30, ["mid_0", "mid_1", "mid_2", "mid"], seed=1)
+    for h in hooks:
+        h.remove()
+    assert torch.equal(feats["t30/mid_0"], seen["resnet_1"]) and torch.equal(feats["t30/mid_1"], seen["attention"])
+    assert torch.equal(feats["t30/mid_2"], feats["t30/mid"])
+    assert not torch.allclose(feats["t30/mid_0"], feats["t30/mid_1"])
+    for name in ("mid_0", "mid_1", "mid_2"):
+        s = model.block_strides()[name]
+        assert feats[f"t30/{name}"].shape == (2, model.block_channels()[name], *(d // s for d in SHAPE))
+
+
+@pytest.mark.parametrize("blocks", [["down.0"], ["down.1"], ["down.0", "mid_0"], ["mid_1"]])
+def test_features_stop_after_the_last_requested_block(manifest, blocks):
+    """The U-Net's decoder and output layer never run when only earlier blocks are requested
+    (a reused name used to disable the early exit whenever a down.* block was asked for)."""
+    model = tiny_backbone(manifest)
+    calls = []
+    hook = model.unet.out.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        feats = model.features(torch.randn(1, 1, *SHAPE), 10, blocks)
+    hook.remove()
+    assert calls == [] and sorted(feats) == sorted(f"t10/{b}" for b in blocks)
+
+
+def test_per_volume_intensity_normalisation(manifest):
+    spec = spec_from_manifest(manifest, "sag", SHAPE, intensity="volume", p_low=1.0, p_high=99.0)
+    assert spec.low is None and spec.to_dict()["intensity"] == "volume"
+    rng = np.random.default_rng(0)
+    vol = rng.normal(50, 10, (8, 16, 16)).astype(np.float32)      # inside the manifest window (0..100)
+    vol[0, 0, 0] = 1e6                                             # a hot voxel: clipped away
+    out = preprocess_volume(vol, spec)[0].numpy()
+    assert out.shape == SHAPE and abs(out.mean()) < 1e-4 and out.std() == pytest.approx(1, abs=1e-3)
+    assert out.max() < 4
+    # per volume: a rescaled scan (another scanner gain) gives the same input; the dataset window does not
+    np.testing.assert_allclose(preprocess_volume(vol * 0.5 + 20, spec)[0].numpy(), out, atol=1e-4)
+    window = spec_from_manifest(manifest, "sag", SHAPE)
+    assert not np.allclose(preprocess_volume(vol * 0.5 + 20, window), preprocess_volume(vol, window), atol=0.05)
+    model = DiffusionBackbone(**TINY, plane="sag", preprocessing=spec.to_dict())
+    assert model.preprocessing.intensity == "volume"                # recorded in the backbone config
+    with pytest.raises(ValueError, match="p_low/p_high"):
+        PlanePreprocessing(plane="sag", intensity="volume", p_low=60, p_high=40).validate()
 
 
 @pytest.mark.parametrize("beta", ["linear", "cosine"])

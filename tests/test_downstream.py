@@ -20,7 +20,8 @@ from downstream.heads.ehr import EHRFusion, EHRHead, encode_tabular, fit_tabular
 from downstream.heads.fusion import FeatureFusion, GatingNetwork, LabelLevelFusion
 from downstream.heads.linear import PlaneHead
 from downstream.heads.segmentation import SegDecoder, SparseDiceCELoss
-from downstream.metrics import diagnosis_metrics, interval, segmentation_metrics, segmentation_scores
+from downstream.metrics import (diagnosis_metrics, interval, segmentation_metrics, segmentation_scores,
+                                select_thresholds)
 from downstream.tasks import FeatureSpec, describe_tasks, load_task, task_registry
 from downstream.train import fit, masked_bce
 from shards.config import ConfigError
@@ -29,25 +30,6 @@ from shards.manifest import load_manifest
 PLANES = ("sag", "cor", "ax")
 FAST = ["train.epochs=3", "baselines.epochs=1", "baselines.cnn_channels=[4,4,8,8]", "metrics.bootstrap=20",
         "features.timesteps=[10]", "features.blocks=[mid,up.1]"]
-
-
-@pytest.fixture(scope="session")
-def tiny_hub(tiny_shards, tmp_path_factory) -> Path:
-    """Tiny published backbones (channels 4, 8) for the three planes, published with pretrain's API."""
-    from pretrain.models.diffusion import DiffusionBackbone
-    from pretrain.preprocess import spec_from_manifest
-    from pretrain.publish import publish_backbone
-
-    hub = tmp_path_factory.mktemp("hub")
-    manifest = load_manifest(str(tiny_shards))
-    for i, plane in enumerate(PLANES):
-        torch.manual_seed(1000 + i)  # not the random_backbone baseline's seed
-        model = DiffusionBackbone(channels=(4, 8), attention_levels=(False, False), num_res_blocks=1,
-                                  num_head_channels=8, norm_num_groups=4, plane=plane,
-                                  preprocessing=spec_from_manifest(manifest, plane).to_dict(),
-                                  schedule={"num_train_timesteps": 100})
-        publish_backbone(model, model.make_scheduler(), str(hub / f"knee-{plane}"), {}, manifest, {"steps": 0})
-    return hub
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -88,13 +70,21 @@ def test_diagnosis_metrics_hand_checked():
     frame = pd.DataFrame({"patient": ["p1", "p2", "p2", "p3", "p4", "p5", "p6", "p7", "p8"],
                           "acl": [0, 0, 0, 1, 1, np.nan, 0, 1, 1],
                           "p_acl": [0.1, 0.3, 0.5, 0.45, 0.8, 0.99, 0.6, 0.7, 0.9]})
-    m = diagnosis_metrics(frame, ["acl"], n_boot=200, seed=0)
+    thresholds = select_thresholds(frame, ["acl"])                # as if this were the selection split
+    assert thresholds["acl"] == pytest.approx(0.7)                 # J = 0.75 at 0.7 vs 0.67 at 0.45
+    m = diagnosis_metrics(frame, ["acl"], n_boot=200, seed=0, thresholds=thresholds)
     acl = m["per_label"]["acl"]
     assert acl["n"] == 7 and acl["n_pos"] == 4 and m["n_patients"] == 8
     assert acl["auroc"] == pytest.approx(11 / 12)                 # 0.45 beats 2 of 3 negatives
     assert acl["ap"] == pytest.approx((1 + 1 + 1 + 4 / 5) / 4)
-    assert acl["threshold"] == pytest.approx(0.7)                  # J = 0.75 at 0.7 vs 0.67 at 0.45
+    assert acl["threshold"] == pytest.approx(0.7)
     assert (acl["sensitivity"], acl["specificity"]) == (0.75, 1.0)
+    # another split is scored at the given threshold, not at its own Youden point (0.45 here: 1.0, 1.0)
+    other = pd.DataFrame({"patient": ["q1", "q2", "q3", "q4"], "acl": [0, 0, 1, 1], "p_acl": [0.1, 0.3, 0.45, 0.8]})
+    scored = diagnosis_metrics(other, ["acl"], n_boot=0, thresholds=thresholds)["per_label"]["acl"]
+    assert (scored["sensitivity"], scored["specificity"], scored["threshold"]) == (0.5, 1.0, pytest.approx(0.7))
+    blind = diagnosis_metrics(other, ["acl"], n_boot=0)["per_label"]["acl"]
+    assert np.isnan(blind["sensitivity"]) and blind["auroc"] == 1.0  # no threshold given: none picked here
     lo, hi = acl["ci"]["auroc"]
     assert 0 <= lo <= acl["auroc"] <= hi <= 1
     assert m["macro"]["auroc"] == pytest.approx(11 / 12)
@@ -331,6 +321,8 @@ def test_finetune_ankle_dx_end_to_end(tiny_shards, tiny_hub, tmp_path, capsys):
     sums = weights.groupby(["patient", "label"])["weight"].sum()
     assert np.allclose(sums, 1.0, atol=1e-5) and set(weights["plane"]) == set(PLANES)
 
+    _predict_reproduces(run, tiny_shards, tiny_hub, tmp_path / "pred", single_study_patients=True)  # experts
+
     second = run_finetune("ankle-dx", args, run_dir=tmp_path / "run2")
     assert all(c["hits"] == c["lookups"] for c in second["cache"].values())
     first_probs, second_probs = pred, pd.read_csv(tmp_path / "run2" / "predictions.csv")
@@ -351,8 +343,24 @@ def test_finetune_segmentation(tiny_shards, tiny_hub, tmp_path):
 def test_finetune_ehr_and_backbone_blocks(tiny_shards, tiny_hub, tmp_path):
     args = task_args(tiny_shards, tiny_hub, tmp_path, planes=("sag",)) + ["planes=[sag]", "baselines.names=[]"]
     res = run_finetune("knee-dx-ehr", args, run_dir=tmp_path / "ehr")
-    assert set(res["metrics"]) == {"diffusion", "ehr_only", "diffusion+ehr"}
+    assert set(res["metrics"]) == {"diffusion", "probe", "ehr_only", "diffusion+ehr"}
     w = pd.read_csv(tmp_path / "ehr" / "fusion_weights_diffusion_ehr.csv")
     assert np.allclose(w.groupby("label")["weight"].sum(), 1.0)
     tuned = run_finetune("knee-dx", args + ["head.finetune_blocks=[mid]", "train.epochs=2"], run_dir=tmp_path / "ft")
     assert tuned["history"]["diffusion"][-1] < tuned["history"]["diffusion"][0]
+    _predict_reproduces(tmp_path / "ft", tiny_shards, tiny_hub, tmp_path / "pred")  # tuned backbone copies
+
+
+def _predict_reproduces(run: Path, shards: Path, hub: Path, out: Path, single_study_patients: bool = False) -> None:
+    """The run's task model, applied by ``predict``, gives the run's own test-split probabilities
+    (plane experts gate per patient in finetune, per study in predict: compared where equal)."""
+    from downstream.predict import load_predict_config, run_predict
+
+    pred = run_predict(str(run), [str(shards)], out, load_predict_config(None, [f"backbone_dir={hub}", "split=test"]))
+    ref = pd.read_csv(run / "study_predictions.csv")
+    if single_study_patients:
+        ref = ref[ref.groupby("patient")["key"].transform("count") == 1]
+    merged = ref.merge(pred["predictions"], on="key")
+    assert len(merged) == len(ref) > 0
+    for col in [c for c in ref.columns if c.startswith("diffusion/")]:
+        assert np.abs(merged[col] - merged["prob/" + col.split("/", 1)[1]]).max() < 1e-6, col

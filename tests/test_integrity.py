@@ -198,7 +198,7 @@ def test_second_writer_into_a_folder_is_refused_naming_the_holder(tmp_path, monk
         monkeypatch.setenv("MSKFM_DEID_SALT", SALT)
         (tmp_path / "src").mkdir()
         assert ingest_main(["nifti", str(tmp_path / "src"), "--out", str(out), f"run_dir={tmp_path / 'r'}"]) == 2
-        assert who in capsys.readouterr().out and not (tmp_path / "r").exists()
+        assert who in capsys.readouterr().err and not (tmp_path / "r").exists()
     finally:
         holder.kill()
         holder.wait()
@@ -216,7 +216,12 @@ def _nifti_source(root: Path, n: int = 2) -> Path:
     for i, (plan, visit, key) in enumerate(iter_study_refs(cfg.synth)):
         if i >= n:
             break
-        export_study(generate_study(cfg.synth, plan, visit, key)[0], root / "src", "nifti")
+        folder = export_study(generate_study(cfg.synth, plan, visit, key)[0], root / "src", "nifti")
+        for f in folder.glob("*.json"):  # sidecars are not NIfTI
+            f.unlink()
+        for plane, name in (("sag", "series_one"), ("cor", "series_two"), ("ax", "series_three")):
+            for suffix in ("", "_seg"):  # file names of an export, not words the shards use
+                (folder / f"{plane}{suffix}.nii.gz").rename(folder / f"{name}{suffix}.nii.gz")
     return root / "src"
 
 
@@ -241,10 +246,10 @@ def test_shard_resume_with_other_config_or_source_is_refused(tmp_path, monkeypat
         build_shards(_build_cfg(ingested), progress=False)  # never relabel an ingest as synthetic
     capsys.readouterr()
     assert ingest_main([*argv, f"run_dir={tmp_path / 'r2'}", "splits.train=0.9"]) == 2
-    assert "ingest_config.splits.train (ingest_config.splits.train: 0.7 -> 0.9)" in capsys.readouterr().out
+    assert "ingest_config.splits.train (ingest_config.splits.train: 0.7 -> 0.9)" in capsys.readouterr().err
     monkeypatch.setenv("MSKFM_DEID_SALT", SALT + "-other")
     assert ingest_main([*argv, f"run_dir={tmp_path / 'r3'}"]) == 2
-    assert "other deid_key_check" in capsys.readouterr().out
+    assert "other deid_key_check" in capsys.readouterr().err
     monkeypatch.setenv("MSKFM_DEID_SALT", SALT)
     assert ingest_main([*argv, f"run_dir={tmp_path / 'r4'}"]) == 0  # the same settings resume
     report = json.loads((tmp_path / "r4" / "ingest_report.json").read_text())
@@ -255,13 +260,14 @@ def test_pretrain_sweep_and_study_resume_with_other_config_is_refused(tiny_shard
     from downstream.studies import run_study
     from downstream.studies.config import load_study
     from downstream.sweep import load_sweep, run_sweep
-    from pretrain.cli import _resolve_paths, main
+    from pretrain.cli import main
     from pretrain.config import PretrainConfig, run_dir
+    from pretrain.run import resolve_paths
     from shards.config import save_config
 
     args = [f"data.source={tiny_shards}", f"run_root={tmp_path}/runs", f"storage_path={tmp_path}/ckpt",
             "launcher=local", "name=r"]
-    cfg = _resolve_paths(load_config(PretrainConfig, TINY, args))
+    cfg = resolve_paths(load_config(PretrainConfig, TINY, args))
     save_config(cfg, run_dir(cfg) / "config.yaml")  # as a first `pretrain run` leaves it
     assert main(["run", "--config", TINY, *args, "optim.lr=0.5", "seed=3"]) == 2
     err = capsys.readouterr().err
@@ -278,3 +284,128 @@ def test_pretrain_sweep_and_study_resume_with_other_config_is_refused(tiny_shard
     study.seeds = [*study.seeds, 99]
     with pytest.raises(ConfigError, match=r"holds a study with other seeds"):
         run_study(study, tmp_path / "study")
+
+
+# -- 6: a malformed header value costs one study (with a reason), never the ingest or its report ----
+
+def test_malformed_header_value_skips_one_study_with_a_reason(tmp_path, monkeypatch):
+    import numpy as np
+    from pydicom.uid import generate_uid
+
+    from shards.ingest.cli import main as ingest_main
+
+    from .test_ingest_dicom import SAG, write_series
+
+    rng = np.random.default_rng(0)
+    fields = {"unit": "1.5T", "garbage": "high", "plain": "3.0"}  # same length: 4 bytes
+    for i, (name, value) in enumerate(fields.items()):
+        patient = {"PatientName": f"P^{name.upper()}", "PatientID": f"ID{i}"}
+        write_series(tmp_path / "src" / name, patient, generate_uid(), SAG, 3, 3.0, "SAG PD", rng)
+        for f in (tmp_path / "src" / name).iterdir():  # what a misbehaving export writes
+            raw = f.read_bytes().replace(b"\x18\x00\x87\x00DS\x04\x003.0 ", b"\x18\x00\x87\x00DS\x04\x00"
+                                         + value.ljust(4).encode())
+            assert raw != f.read_bytes() or value == "3.0"
+            f.write_bytes(raw)
+    monkeypatch.setenv("MSKFM_DEID_SALT", SALT)
+    code = ingest_main(["dicom", str(tmp_path / "src"), "--out", str(tmp_path / "out"),
+                        f"run_dir={tmp_path / 'run'}"])
+    report = json.loads((tmp_path / "run" / "ingest_report.json").read_text())
+    assert code == 0 and report["counts"]["studies_ingested"] == 2
+    bad = [e for e in report["skipped"] if e["code"] == "bad_header"]
+    assert len(bad) == 1 and bad[0]["path"] == "garbage" and "MagneticFieldStrength" in bad[0]["reason"]
+    strengths = sorted(s["meta"]["field_strength"] for s in iter_samples(tmp_path / "out", None, ("meta",), require=()))
+    assert strengths == [1.5, 3.0]
+
+
+def test_an_ingest_that_stops_still_writes_its_report(tmp_path, monkeypatch):
+    from shards.ingest import dicom as dicom_mod
+    from shards.ingest.cli import main as ingest_main
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk went away")
+    monkeypatch.setattr(dicom_mod, "build_stacks", broken)
+    monkeypatch.setenv("MSKFM_DEID_SALT", SALT)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "notes.txt").write_text("not dicom")
+    with pytest.raises(RuntimeError, match="disk went away"):
+        ingest_main(["dicom", str(tmp_path / "src"), "--out", str(tmp_path / "out"), f"run_dir={tmp_path / 'run'}"])
+    report = json.loads((tmp_path / "run" / "ingest_report.json").read_text())
+    assert [e["code"] for e in report["skipped"]] == ["not_dicom", "aborted"]
+    assert "disk went away" in report["skipped"][-1]["reason"]
+
+
+# -- 10: nothing in a checkpoint is unpickled -----------------------------------------------------
+
+class _Planted:
+    """What an attacker with write access to the checkpoint storage plants: code run on unpickling."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def _plant(ckpt: Path, relative: str, marker: Path) -> None:
+    """Replace one checkpoint file with a malicious pickle and record its sha256, as the attacker would."""
+    import hashlib
+
+    import torch
+
+    torch.save({"module": _Planted(marker)}, ckpt / relative)
+    state = json.loads((ckpt / "loop_state.json").read_text())
+    state["files"][relative] = hashlib.sha256((ckpt / relative).read_bytes()).hexdigest()
+    (ckpt / "loop_state.json").write_text(json.dumps(state))
+
+
+@pytest.mark.integration
+def test_planted_pickle_in_a_checkpoint_never_runs(tiny_shards, tmp_path, capsys):
+    from pretrain.cli import main
+
+    args = ["run", "--config", TINY, f"data.source={tiny_shards}", f"run_root={tmp_path}/runs",
+            f"storage_path={tmp_path}/ckpt", "name=p", "launcher=local", "optim.total_steps=2", "checkpoint_every=2"]
+    assert main(args) == 0
+    ckpt = tmp_path / "ckpt" / "p" / "sag" / "checkpoint_00000002"
+    publish = ["publish", "p", "--run-root", f"{tmp_path}/runs", "--to", f"{tmp_path}/hub"]
+    marker = tmp_path / "owned"
+    _plant(ckpt, "state/mp_rank_00_model_states.pt", marker)
+    capsys.readouterr()
+    rc = main(args[:-2] + ["optim.total_steps=4", "checkpoint_every=2"])  # resume
+    assert not marker.exists() and rc == 2 and "corrupt checkpoint" in capsys.readouterr().err
+    assert {"weights.safetensors", "ema.safetensors"} <= {p.name for p in ckpt.iterdir()}
+    assert main(publish) == 0 and not marker.exists()  # publishing reads safetensors only
+    (ckpt / "weights.safetensors").unlink()            # a checkpoint without full weights
+    _plant(ckpt, "ema.pt", marker)
+    (ckpt / "ema.safetensors").unlink()
+    state = json.loads((ckpt / "loop_state.json").read_text())
+    state["files"] = {k: v for k, v in state["files"].items() if not k.endswith(".safetensors")}
+    (ckpt / "loop_state.json").write_text(json.dumps(state))
+    assert main([*publish, "--overwrite"]) == 2 and not marker.exists()
+    assert "corrupt checkpoint" in capsys.readouterr().err
+
+
+def test_no_unrestricted_unpickling_in_library_code():
+    offenders = [str(p.relative_to(ROOT)) for pkg in ("shards", "pretrain", "downstream", "cluster")
+                 for p in (ROOT / pkg).rglob("*.py") if "weights_only=False" in p.read_text()]
+    assert offenders == []
+
+
+# -- 11: under Ray, a failure that would recur stops at once, as under the local launcher ---------
+
+@pytest.mark.integration
+def test_nonfinite_loss_under_ray_stops_without_retry(tiny_shards, ray_local, tmp_path, capsys):
+    from pretrain.cli import main
+
+    args = ["run", "--config", TINY, f"data.source={tiny_shards}", f"run_root={tmp_path}/runs",
+            f"storage_path={tmp_path}/ckpt", "name=nan", "launcher=ray", "ray.num_workers=1",
+            "ray.max_failures=2", "optim.total_steps=6", "optim.lr=1e30", "optim.clip=0",
+            "optim.warmup_steps=1", "checkpoint_every=1"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert [line for line in err if line.startswith("pretrain run: error:")] == [err[-1]]
+    assert "sag: non-finite loss" in err[-1] and "(rank 0); samples:" in err[-1]
+    events = [json.loads(line).get("event") for line in
+              (tmp_path / "runs" / "nan" / "sag" / "metrics.jsonl").read_text().splitlines()]
+    assert events.count("start") + events.count("resume") == 1  # one attempt, no retry

@@ -241,7 +241,7 @@ def test_cli_import_then_finetune(tiny_shards, tmp_path, capsys):
             "planes=[sag]", f"backbones.sag={dest}", "baselines.names=[]", "train.epochs=3", "metrics.bootstrap=20",
             "features.timesteps=[10]", "features.blocks=[mid_2,out_1]"]
     res = run_finetune("knee-dx", args, run_dir=tmp_path / "ft")
-    assert set(res["metrics"]) == {"diffusion"} and (tmp_path / "ft" / "head.safetensors").is_file()
+    assert "diffusion" in res["metrics"] and (tmp_path / "ft" / "head.safetensors").is_file()
     assert "each volume's min-max" in (tmp_path / "ft" / "model" / "README.md").read_text()
     out = tmp_path / "pred"
     assert downstream_cli.main(["predict", "--model", str(tmp_path / "ft"), str(tiny_shards), "--out", str(out),
@@ -281,6 +281,7 @@ print(json.dumps({"loss": loss.item(), "seconds": round(time.time() - start, 1),
 
 @pytest.mark.integration
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # ~2 min of CPU time; 24 min of wall time when the 2 cores are shared (docs/backbones.md)
 def test_paper_size_config_builds_and_trains_one_cpu_step(tiny_shards, tmp_path):
     """configs/pretrain/orthodiffusion-knee.yaml: OrthoDiffusion's size on every plane; one training step
     at batch 1 (16x256x256, activation checkpointing) in a fresh process whose peak memory is recorded."""

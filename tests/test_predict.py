@@ -93,7 +93,7 @@ def test_task_model_files_and_card(dx_run, tmp_path):
         assert (model / name).is_file(), name
     meta = json.loads((model / "task_model.json").read_text())
     assert meta["vocabulary"]["labels"] == load_task("knee-dx").labels and meta["planes"] == ["sag"]
-    assert meta["backbones"]["sag"]["url"] == "knee-sag" and len(meta["backbones"]["sag"]["sha256"]) == 64
+    assert meta["backbones"]["sag"]["url"] == "<local>/knee-sag" and len(meta["backbones"]["sag"]["sha256"]) == 64
     assert set(meta["thresholds"]) == set(meta["vocabulary"]["labels"]) and meta["threshold_source"]
     card = (model / "README.md").read_text()
     header = card.split("---")[1]
@@ -127,7 +127,8 @@ def test_export_then_predict_reproduces_test_split(dx_run, hub, knee_shards, tmp
     assert set(pred["planes"]) == {"sag"}
 
 
-def test_altered_or_missing_backbone_refused(dx_run, hub, knee_shards, tmp_path, capsys):
+def test_altered_or_missing_backbone_refused(dx_run, hub, knee_shards, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
     bad = tmp_path / "hub"
     shutil.copytree(hub, bad)
     weights = bad / "knee-sag" / "diffusion_pytorch_model.safetensors"
@@ -137,6 +138,13 @@ def test_altered_or_missing_backbone_refused(dx_run, hub, knee_shards, tmp_path,
     save_file(tensors, weights)
     with pytest.raises(TaskModelError, match=r"weights sha256 is [0-9a-f]{64}, the task model expects [0-9a-f]{64}"):
         load_task_model(str(dx_run), backbone_dir=str(bad))
+    heads = tmp_path / "model"
+    shutil.copytree(dx_run / "model", heads)
+    (heads / "heads.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(TaskModelError, match="heads.safetensors cannot be read"):
+        load_task_model(str(heads), backbone_dir=str(hub))
+    assert cli.main(["export", str(dx_run), "--to", "hf://someone/knee-dx"]) == 2  # no HF_TOKEN here
+    assert "needs a Hugging Face token" in capsys.readouterr().err
     args = ["predict", "--model", str(dx_run), str(knee_shards), "--out", str(tmp_path / "p")]
     assert cli.main([*args, f"backbone_dir={bad}"]) == 2
     assert "altered" in capsys.readouterr().err
@@ -147,7 +155,7 @@ def test_altered_or_missing_backbone_refused(dx_run, hub, knee_shards, tmp_path,
 
 
 # ----- DICOM and NIfTI inputs ---------------------------------------------------------------------
-def test_predict_dicom_folder(dx_run, hub, tmp_path, monkeypatch, capsys):
+def test_predict_dicom_folder(dx_run, seg_run, hub, tmp_path, monkeypatch, capsys):
     from tests.test_ingest_dicom import PHI_STRINGS, SAG, write_series
 
     monkeypatch.delenv("MSKFM_DEID_SALT", raising=False)
@@ -167,6 +175,14 @@ def test_predict_dicom_folder(dx_run, hub, tmp_path, monkeypatch, capsys):
     assert set(private["key"]) == set(pd.read_csv(out / "predictions.csv")["key"])
     assert all(str(source) in s for s in private["sources"])
     assert (out / "sources.private.csv").stat().st_mode & 0o077 == 0
+
+    seg = run_predict(str(seg_run), [str(source)], tmp_path / "seg", _cfg(hub))  # label maps in the stack's geometry
+    img = nib.load(tmp_path / "seg" / seg["predictions"]["segmentation"].iloc[0])
+    assert img.shape == (16, 16, 8)  # (cols, rows, slices) of the 16x16 images, 8 slices
+    first_slice_lps = np.array([-10.0, 5.0, 20.0])  # write_series' first position along the normal
+    assert np.allclose(img.affine @ [0, 0, 0, 1], [*(first_slice_lps * [-1, -1, 1]), 1])
+    # columns along +y (0.6 mm), rows along -z (0.5 mm), slices along -x (3 mm) in LPS; x, y flipped in RAS
+    assert np.allclose(img.affine[:3, :3], [[0, 0, 3.0], [-0.6, 0, 0], [0, -0.5, 0]])
 
     empty = tmp_path / "nothing"
     empty.mkdir()
@@ -210,6 +226,13 @@ def test_predict_nifti_segmentation_in_input_geometry(seg_run, hub, knee_shards,
     ok = pred[pred["status"] == "ok"]["segmentation"]
     same = [np.asarray(nib.as_closest_canonical(nib.load(out / f)).dataobj) for f in ok]
     assert np.array_equal(same[0], same[1])  # the same labels in patient space, whatever the storage order
+
+
+def test_evaluate_segmentation_on_shards(seg_run, hub, knee_shards, tmp_path):
+    res = run_evaluate(str(seg_run), str(knee_shards), tmp_path / "eval", _cfg(hub, "split=test"))
+    dice = res["metrics"]["mean"]["dice"]
+    assert 0 <= dice["mean"] <= 1 and dice["n"] == res["n_studies"] > 0
+    assert set(res["metrics"]["per_structure"]) == {"femur", "tibia", "patella"}
 
 
 # ----- at scale and external sets ---------------------------------------------------------------

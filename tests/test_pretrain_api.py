@@ -88,9 +88,35 @@ def test_two_joint_capped_run_publishes_what_it_saw(tiny_shards, tmp_path):
     from pretrain.run import publish_run
 
     cfg = _cfg(tiny_shards, tmp_path, "joints={knee: 1, shoulder: 1}", "data.max_studies=6", "launcher=local",
-               "optim.total_steps=2", "checkpoint_every=2", "name=mix")
+               "optim.total_steps=2", "checkpoint_every=2", "log_every=1", "name=mix", "wandb.project=mskfm-test")
     assert train(cfg)["sag"]["steps"] == 2
+    # rank 0 tracked the run with W&B, offline (tests set WANDB_MODE=offline), inside the plane's folder
+    assert len(list((tmp_path / "runs" / "mix" / "sag" / "wandb").glob("offline-run-*/run-*.wandb"))) == 1
     url = publish_run(cfg, str(tmp_path / "hub"))["sag"]
     metrics = json.loads((Path(url) / "metrics.json").read_text())
     assert metrics["joints"] == ["knee", "shoulder"] and metrics["n_studies"] == 6 and metrics["steps"] == 2
     assert Path(url).name == "knee+shoulder-sag"
+
+
+def test_recon_backbone_carries_its_transform_settings(tmp_path):
+    """The typed transform settings travel in the published config.json and come back typed."""
+    import json
+    from dataclasses import asdict
+
+    from pretrain.models.recon import VarNetBackbone
+    from pretrain.recon.evaluate import trained_recon_settings, trained_transform
+    from pretrain.recon.publish import load_recon_backbone, publish_recon_backbone
+    from pretrain.recon.transforms import ReconTransformConfig
+
+    settings = ReconTransformConfig(virtual_coils=4, prewhiten=True, grid=[32, 32])
+    model = VarNetBackbone(num_cascades=1, sens_chans=2, sens_pools=1, chans=2, pools=1, transform=asdict(settings))
+    url = publish_recon_backbone(model, str(tmp_path / "v"), {}, {"kind": "recon"}, {"steps": 0})
+    assert trained_transform(url) == settings
+    assert trained_recon_settings(url) == {"virtual_coils": 4, "coil_compression": "svd", "normalisation": "max",
+                                           "prewhiten": True}
+    assert load_recon_backbone(url).config["transform"]["grid"] == [32, 32]
+    config = json.loads((tmp_path / "v" / "config.json").read_text())
+    config["transform"]["virtual_coil"] = 3
+    (tmp_path / "v" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="virtual_coil"):
+        trained_transform(url)

@@ -4,6 +4,7 @@ must not reach shards, manifests or published backbones; ``shards scan-phi`` fin
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -247,3 +248,57 @@ def test_published_backbones_carry_no_paths_or_user_names(kind, tmp_path, monkey
     published = (out / "training_config.yaml").read_text()
     assert "<local>/shards-knee" in published and "s3://bucket/backbones" in published
     assert "runs/pretrain" in published and "<user>" in published
+
+
+def test_scan_phi_reads_sidecars_and_nifti_headers(tmp_path):
+    import nibabel as nib
+
+    from shards.phi_scan import scan_phi
+
+    src = tmp_path / "nifti_export" / "sub-01"
+    src.mkdir(parents=True)
+    img = nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4))
+    img.header["descrip"] = b"seen by Dr Smithers 07.03.1945"
+    nib.save(img, src / "sag_pd.nii.gz")
+    (src / "sag_pd.json").write_text(json.dumps({"InstitutionName": "Saint Juniper Clinic", "EchoTime": 0.03,
+                                                 "AcquisitionDateTime": "2021-03-07T10:00:00"}))
+    clean, leaky = tmp_path / "clean", tmp_path / "leaky"
+    for folder, note in ((clean, "sag pd fs"), (leaky, "saint juniper clinic, smithers, 07/03/2021")):
+        with ShardWriter(folder, kind="study", info={"name": folder.name}) as writer:
+            writer.write({"__key__": "s-1", "meta": {"joint": "knee", "patient": "p-1", "planes": {},
+                                                     "note": note, "echo": 0.03}}, "train")
+    assert scan_phi(clean, tmp_path / "nifti_export")["n_hits"] == 0
+    result = scan_phi(leaky, tmp_path / "nifti_export")
+    assert result["source_files"]["nifti"] == 1 and result["source_files"]["sidecars"] == 1
+    assert {(h["kind"], h["field"]) for h in result["hits"]} == {
+        ("place", "InstitutionName"), ("name", "descrip"), ("date", "AcquisitionDateTime")}
+
+
+def test_scan_phi_does_not_flag_what_the_platform_generates(tmp_path):
+    """Zero-padded source numbers vs shard names, and a (shifted) study_date equal to another
+    study's real date, are not hits; the same values elsewhere are."""
+    from shards.phi_scan import scan_phi
+
+    (tmp_path / "src").mkdir()
+    today = time.strftime("%Y-%m-%d", time.gmtime())  # the manifest's "created" day
+    (tmp_path / "src" / "tables.csv").write_text(f"accession,visit,seen\n000001,2020-01-14,{today}\n")
+    for name, extra in (("ok", {}), ("leak", {"note": "acc 000001 on 2020-01-14"})):
+        with ShardWriter(tmp_path / name, kind="study", max_count=1, info={"name": name}) as writer:
+            for i in range(2):
+                writer.write({"__key__": f"s-{i}", "meta": {"joint": "knee", "patient": f"p-{i}", "planes": {},
+                                                             "study_date": "2020-01-14", **extra}}, "train")
+    assert "train-000001.tar" in (tmp_path / "ok" / "manifest.json").read_text()
+    assert scan_phi(tmp_path / "ok", tmp_path / "src")["n_hits"] == 0
+    assert {h["kind"] for h in scan_phi(tmp_path / "leak", tmp_path / "src")["hits"]} == {"table"}
+
+
+def test_a_scan_that_cannot_run_fails_the_ingest_but_keeps_the_report(export, tmp_path, monkeypatch):
+    import shards.phi_scan
+
+    def broken(*args, **kwargs):
+        raise OSError("disk gone")
+    monkeypatch.setenv("MSKFM_DEID_SALT", SALT)
+    monkeypatch.setattr(shards.phi_scan, "scan_phi", broken)
+    code, out, report = _ingest(export, tmp_path)
+    assert code == 1 and report["phi_scan"]["error"] == "OSError: disk gone"
+    assert report["counts"]["studies_ingested"] == 1 and (out / "manifest.json").is_file()

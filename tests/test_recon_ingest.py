@@ -48,4 +48,5 @@ def test_bad_files_name_file_and_slice(tmp_path, kwargs, match, monkeypatch):
 
 def test_acquisition_names():
     assert acquisition_meta("CORPDFS_FBK") == ("PDFS", "cor")
-    assert acquisition_meta("SAGT1") == ("T1", "sag")
+    assert acquisition_meta("SAGT1") == ("T1", "sag") and acquisition_meta(b"AXFLAIR_FBK") == ("FLAIR", "ax")
+    assert acquisition_meta("COR DR SMITH 555-0199") == ("unknown", "cor")  # free text is not a contrast

@@ -16,11 +16,14 @@ def mlp(in_dim: int, out_dim: int, hidden: int, dropout: float) -> nn.Sequential
 
 
 def classifier(kind: str, in_dim: int, out_dim: int, hidden: int = 64, dropout: float = 0.1) -> nn.Module:
-    """``linear``: a linear probe (after LayerNorm, so feature scales do not matter); ``mlp``: one hidden layer."""
+    """``linear``: a linear probe; ``mlp``: one hidden layer. Inputs are pooled vectors already
+    standardised per feature with training-row statistics (:class:`~downstream.pooling.Pooler`); no
+    LayerNorm, which rescales each study by the spread of its own feature vector and so drowns
+    small-scale, informative features in large-scale ones."""
     if kind == "linear":
-        return nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, out_dim))
+        return nn.Linear(in_dim, out_dim)
     if kind == "mlp":
-        return mlp(in_dim, out_dim, hidden, dropout)
+        return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, out_dim))
     raise ValueError(f"head kind '{kind}' is unknown; known: linear, mlp")
 
 

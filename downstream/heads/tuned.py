@@ -1,8 +1,9 @@
 """Fine-tuning selected backbone blocks under a head, at a reduced learning rate.
 
-Blocks are named as in the backbone's ``features`` (``down.i``, ``mid``, ``up.i``; OrthoDiffusion's
-``in_i``, ``mid_i``, ``out_i``); only their parameters (``model.block_prefix(name)``) are unfrozen.
-The features are recomputed on every step (no cache), with the task's timesteps, noise draws and seed.
+Blocks are named as in the backbone's ``features`` (``down.i``, ``mid_0``..``mid_2``, ``mid``, ``up.i``;
+OrthoDiffusion's ``in_i``, ``mid_i``, ``out_i``); only their parameters (``model.block_prefix(name)``)
+are unfrozen. The features are recomputed on every step (no cache), with the task's timesteps, noise
+draws and seed.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ class TunedBackbone(nn.Module):
     def forward(self, inputs: dict) -> torch.Tensor:
         maps = {}
         for plane, model in self.backbones.items():
-            named = model.features(inputs[plane], list(self.feat.timesteps), list(self.feat.blocks),
-                                   self.feat.noise_draws, self.feat.seed)
+            feat = self.feat.for_plane(plane)
+            named = model.features(inputs[plane], list(feat.timesteps), list(feat.blocks), feat.noise_draws, feat.seed)
             maps[plane] = [t for _, t in sorted(named.items())]
         return self.head(maps)
 

@@ -7,8 +7,6 @@ pretrained backbones of its own).
 
 from __future__ import annotations
 
-import json
-import logging
 import time
 from pathlib import Path
 
@@ -16,6 +14,8 @@ import pandas as pd
 
 from shards.config import load_config, lookup, save_config, to_dict
 from shards.resume import check_resume, saved_yaml
+from shards.runs import write_metrics
+from shards.tracking import start_tracking
 
 from ..report import write_report
 from . import label_efficiency, multi_anatomy, robustness, transfer
@@ -23,12 +23,10 @@ from .config import StudyConfig
 from .pretrained import make_missing
 from .trials import check_specs, resolve_specs, run_trials
 
-log = logging.getLogger(__name__)
-
 STUDIES = {"label-efficiency": label_efficiency, "transfer": transfer, "robustness": robustness,
            "multi-anatomy": multi_anatomy}
 # keys a resumed study may change (reporting and scheduling only)
-RESUME_IGNORE = ("resources", "max_concurrent_trials", "ci", "metric")
+RESUME_IGNORE = ("resources", "max_concurrent_trials", "ci", "metric", "ray", "wandb")
 TAG_TYPES = {"train_domain": str, "eval_domain": str, "source": str, "target": str, "trial": str}
 
 
@@ -45,14 +43,17 @@ def run_study(cfg: StudyConfig, run_dir: str | Path | None = None, make_backbone
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     t_checked = time.perf_counter()
-    trials = run_trials(specs, out, cfg.resources, cfg.max_concurrent_trials)
+    trials = run_trials(specs, out, cfg.resources, cfg.max_concurrent_trials, cfg.ray.address)
     trials.to_csv(out / "trials.csv", index=False, float_format="%.6f")
     md, page = study_report(out)
     summary = {"kind": cfg.kind, "run_dir": str(out), "n_trials": len(specs),
                "n_errors": int(trials.drop_duplicates("trial")["error"].notna().sum()),
                "backbones_made": made, "report": str(md), "html": str(page),
                "timings": {"prepare_s": round(t_checked - t0, 3), "total_s": round(time.perf_counter() - t0, 3)}}
-    (out / "metrics.json").write_text(json.dumps(summary, indent=1))
+    write_metrics(out, summary, default=None)
+    with start_tracking(cfg.wandb, out, out.name, to_dict(cfg), job_type=f"study-{cfg.kind}") as tracker:
+        tracker.table("trials", trials)
+        tracker.summary({k: summary[k] for k in ("n_trials", "n_errors")})
     return summary
 
 

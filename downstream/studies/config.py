@@ -10,6 +10,10 @@ from typing import Any, Sequence
 from omegaconf import OmegaConf
 
 from shards.config import ConfigError, load_config, to_dict
+from shards.runs import default_folder
+from shards.tracking import WandbConfig
+
+from ..tuning import RayConnection
 
 
 KINDS = ("label-efficiency", "transfer", "robustness", "multi-anatomy")
@@ -37,7 +41,7 @@ class StudyBackboneSpec:
 class StudyConfig:
     kind: str = "label-efficiency"
     name: str = ""
-    out: str = "runs/study"
+    out: str = field(default_factory=default_folder("study"))
     task: str = "knee-dx"                       # the task (label-efficiency, robustness, multi-anatomy)
     targets: list[str] = field(default_factory=list)          # transfer: target tasks
     overrides: list[str] = field(default_factory=list)        # task overrides for every trial
@@ -53,6 +57,8 @@ class StudyConfig:
     make_backbones: StudyBackboneSpec = field(default_factory=StudyBackboneSpec)
     resources: dict[str, float] = field(default_factory=lambda: {"cpu": 1.0})
     max_concurrent_trials: int = 2
+    ray: RayConnection = field(default_factory=RayConnection)
+    wandb: WandbConfig = field(default_factory=WandbConfig)   # W&B record of the study (trials table)
     quick: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:

@@ -9,7 +9,9 @@ Block names, for a U-Net with ``N = len(channels)`` levels (see :meth:`Diffusion
 
 - ``down.i`` (i = 0..N-1): encoder level i, the last resnet/attention output *before* downsampling;
   ``channels[i]`` channels at 1/2**i of the input size.
-- ``mid``: the middle block; ``channels[-1]`` channels at 1/2**(N-1).
+- ``mid_0``, ``mid_1``, ``mid_2``: inside the middle block, after its first resnet, its attention and
+  its second resnet (OrthoDiffusion's names); ``mid``: the middle block's output (equal to ``mid_2``).
+  All ``channels[-1]`` channels at 1/2**(N-1).
 - ``up.i`` (i = 0..N-1, deepest first): decoder block i, the output *before* upsampling;
   ``channels[N-1-i]`` channels at 1/2**(N-1-i). ``up.N-1`` is the full-resolution decoder output.
 """
@@ -29,6 +31,8 @@ from ..preprocess import PlanePreprocessing
 from ..schedule import ScheduleConfig, build_scheduler
 
 UNET_BLOCKS = {"down": "down_blocks", "up": "up_blocks"}  # feature block kind -> MONAI U-Net module list
+# sub-blocks of MONAI's AttnMidBlock, in execution order
+MID_PARTS = {"mid_0": "resnet_1", "mid_1": "attention", "mid_2": "resnet_2"}
 
 
 class _Captured(Exception):
@@ -95,25 +99,27 @@ class DiffusionBackbone(ModelMixin, ConfigMixin):
     def block_names(self) -> list[str]:
         """Valid names for :meth:`features`, encoder to decoder."""
         n = self.levels
-        return [f"down.{i}" for i in range(n)] + ["mid"] + [f"up.{i}" for i in range(n)]
+        return [f"down.{i}" for i in range(n)] + [*MID_PARTS, "mid"] + [f"up.{i}" for i in range(n)]
 
     def block_prefix(self, name: str) -> str:
         """Parameter-name prefix of the block ``name`` (what fine-tuning that block unfreezes)."""
         if name == "mid":
             return "unet.middle_block."
+        if name in MID_PARTS:
+            return f"unet.middle_block.{MID_PARTS[name]}."
         kind, _, index = name.partition(".")
         return f"unet.{UNET_BLOCKS[kind]}.{index}."
 
     def block_channels(self) -> dict[str, int]:
         """Channels of each named feature map."""
         ch, n = list(self.config.channels), self.levels
-        return ({f"down.{i}": ch[i] for i in range(n)} | {"mid": ch[-1]}
+        return ({f"down.{i}": ch[i] for i in range(n)} | {name: ch[-1] for name in (*MID_PARTS, "mid")}
                 | {f"up.{i}": ch[n - 1 - i] for i in range(n)})
 
     def block_strides(self) -> dict[str, int]:
         """Downsampling factor of each named feature map relative to the input grid."""
         n = self.levels
-        return ({f"down.{i}": 2 ** i for i in range(n)} | {"mid": 2 ** (n - 1)}
+        return ({f"down.{i}": 2 ** i for i in range(n)} | {name: 2 ** (n - 1) for name in (*MID_PARTS, "mid")}
                 | {f"up.{i}": 2 ** (n - 1 - i) for i in range(n)})
 
     @property
@@ -176,10 +182,13 @@ class DiffusionBackbone(ModelMixin, ConfigMixin):
         for name in names:
             if name == "mid":
                 handles.append(self.unet.middle_block.register_forward_hook(keep(name, lambda a, o: o)))
+            elif name in MID_PARTS:
+                part = getattr(self.unet.middle_block, MID_PARTS[name])
+                handles.append(part.register_forward_hook(keep(name, lambda a, o: o)))
             elif name.startswith("down."):
                 block = self.unet.down_blocks[int(name[5:])]
-                last = len(block.resnets) - 1
-                handles.append(block.register_forward_hook(keep(name, lambda a, o, k=last: o[1][k])))
+                k_last = len(block.resnets) - 1
+                handles.append(block.register_forward_hook(keep(name, lambda a, o, k=k_last: o[1][k])))
             else:
                 block = self.unet.up_blocks[int(name[3:])]
                 if block.upsampler is not None:

@@ -16,7 +16,6 @@ PSNR, NMSE) and ``heatmap.png`` (the metric, conditions x test anatomies).
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 from shards.config import ConfigError, load_config, save_config, to_dict
 from shards.reader import iter_samples
 from shards.resume import check_resume, saved_yaml
+from shards.runs import default_folder, write_metrics
 from shards.writer import ShardWriter
 
 STUDY_KINDS = ("transfer", "data-size")
@@ -49,7 +49,7 @@ class ReconStudyConfig:
     max_eval_slices: int | None = None
     metric: str = "ssim"
     seed: int = 0
-    run_root: str = "runs/recon-study"
+    run_root: str = field(default_factory=default_folder("recon-study"))
 
     def validate(self) -> None:
         if self.kind not in STUDY_KINDS:
@@ -169,7 +169,7 @@ def run_study(cfg: ReconStudyConfig) -> dict:
     # every condition's subset is drawn (and checked) before the first training run starts
     subsets = [(name, anats, choose_slices(keys, anats, n, cfg.seed)) for name, anats, n in conditions(cfg)]
     results = [run_condition(cfg, study_dir, name, anats, chosen) for name, anats, chosen in subsets]
-    (study_dir / "metrics.json").write_text(json.dumps({"kind": cfg.kind, "results": results}, indent=1))
+    write_metrics(study_dir, {"kind": cfg.kind, "results": results}, default=None)
     title = f"{cfg.kind}: {cfg.metric.upper()} ({', '.join(cfg.masks)} x{'/'.join(f'{a:g}' for a in cfg.accelerations)})"
     save_heatmap(results, list(cfg.anatomies), cfg.metric, study_dir / "heatmap.png", title)
     return {"results": results, "run_dir": str(study_dir)}

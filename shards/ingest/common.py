@@ -135,9 +135,15 @@ def run_pipeline(cfg: IngestConfig, command: str, pseudo, find_studies, to_key) 
         if not Path(cfg.source).is_dir():
             report.skip(str(cfg.source), "no_source", "input folder does not exist")
             return finish(cfg, command, report, {})
-        studies = find_studies(cfg, pseudo, report)
-        tables = open_tables(cfg, to_key)
-        write_studies(studies, cfg, report, tables, info)
+        tables: dict[str, TableJoin] = {}
+        try:
+            studies = find_studies(cfg, pseudo, report)
+            tables = open_tables(cfg, to_key)
+            write_studies(studies, cfg, report, tables, info)
+        except BaseException as exc:  # never lose the report of what was done before the failure
+            report.skip(".", "aborted", f"ingest stopped: {type(exc).__name__}: {exc}")
+            finish(cfg, command, report, tables)
+            raise
         if report.files_seen == 0:
             report.skip(".", "empty", "no files under the input folder")
         if (Path(cfg.out) / "manifest.json").is_file():
@@ -154,7 +160,10 @@ def scan_output(out: str | Path, source: str | Path, tables: list[str], free_tex
     """`shards scan-phi` over the finished shard folder (manifest and journal included)."""
     from ..phi_scan import scan_phi
 
-    return scan_phi(out, source, [t for t in tables if t], skip_kinds=("free_text",) if free_text else ())
+    try:
+        return scan_phi(out, source, [t for t in tables if t], skip_kinds=("free_text",) if free_text else ())
+    except Exception as exc:  # the report is written either way; an unscanned ingest exits 1
+        return {"error": f"{type(exc).__name__}: {exc}", "n_hits": 0}
 
 
 def finish(cfg: IngestConfig, command: str, report: IngestReport,

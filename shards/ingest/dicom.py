@@ -8,6 +8,7 @@ finished shard.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -37,11 +38,16 @@ def key_function(pseudo: Pseudonymizer):
 
 
 def _field_strength(header) -> float | None:
+    """Tesla; also read when an export writes a unit into the value ("1.5T", "15000 G")."""
     value = header.get("MagneticFieldStrength")
     if value in (None, ""):
         return None
-    tesla = float(value) / (10000.0 if float(value) > 20 else 1.0)  # some exports write gauss
-    return round(tesla, 1)
+    match = re.fullmatch(r"\s*(\d*\.?\d+)\s*(t|tesla|g|gauss)?\s*", str(value), re.IGNORECASE)
+    if match is None:
+        raise ValueError(f"MagneticFieldStrength {str(value)[:16]!r} is not a field strength")
+    number, unit = float(match.group(1)), (match.group(2) or "").lower()
+    gauss = unit.startswith("g") or (not unit and number > 20)  # some exports write gauss
+    return round(number / 10000.0 if gauss else number, 1)
 
 
 def _most_common(values):
@@ -131,7 +137,12 @@ def find_studies(cfg: DicomIngestConfig, pseudo: Pseudonymizer, report: IngestRe
         frames += scan_file(path, path.relative_to(source).as_posix(), cfg.deid, pseudo, cfg.site, report)
     studies = []
     for study_uid, stacks in sorted(build_stacks(frames, cfg.slice_gap_tolerance, report).items()):
-        found = _study(study_uid, stacks, cfg, pseudo, report)
+        try:
+            found = _study(study_uid, stacks, cfg, pseudo, report)
+        except (ValueError, TypeError, AttributeError) as exc:  # one malformed value: skip the study
+            report.skip(stacks[0].where, "bad_header", f"study not ingested: a header value cannot be "
+                        f"read: {exc}", study=pseudo.key("s", study_uid))
+            continue
         if found is not None:
             studies.append(found)
     found = {s.key for s in studies}

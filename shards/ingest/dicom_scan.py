@@ -78,7 +78,7 @@ def read_dicom(path: Path, **kwargs) -> Dataset:
                 raise
             ds = pydicom.dcmread(path, force=True, **kwargs)
             if len(ds) == 0:
-                raise InvalidDicomError(f"{path}: no data elements")
+                raise InvalidDicomError(f"{path}: no data elements") from None
     if "TransferSyntaxUID" not in ds.file_meta:  # bare dataset: encoding was detected on read
         implicit, little = ds.original_encoding
         ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else

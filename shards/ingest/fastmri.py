@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from ..config import ConfigError, save_config, to_dict
 from ..manifest import load_manifest
+from ..runs import runs_root, write_metrics
 from ..splits import assign_split
 from ..writer import ShardWriter
 from .deid import DeidConfig, Pseudonymizer, load_salt
@@ -61,7 +62,7 @@ def header_sizes(xml: bytes | str, path: str) -> dict:
 def acquisition_meta(acquisition: str) -> tuple[str, str]:
     """(contrast, orientation) from a fastMRI acquisition name, e.g. CORPD_FBK -> (PD, cor);
     a contrast outside :data:`CONTRASTS` is ``unknown`` (the attribute may hold any text)."""
-    acq = str(acquisition).upper()
+    acq = (acquisition.decode("ascii", "replace") if isinstance(acquisition, bytes) else str(acquisition)).upper()
     orientation = next((o.lower() for o in ("AX", "COR", "SAG") if acq.startswith(o)), "unknown")
     body = re.sub(r"^(AX|COR|SAG)", "", acq).split("_")[0]
     return (body if body in CONTRASTS else "unknown"), orientation
@@ -201,18 +202,18 @@ def _manifest_info(cfg: FastMRIIngestConfig) -> dict:
 def run_fastmri(cfg: FastMRIIngestConfig) -> int:
     """Ingest, scan the shards for the source's identifying values, write
     ``runs/ingest/<name>/{config.yaml, metrics.json, ingest_report.json}``; 1 on any PHI hit."""
-    from ..phi_scan import format_scan, scan_phi
+    from ..phi_scan import format_scan
+    from .common import scan_output
 
     manifest = ingest_fastmri(cfg.source, cfg.out, cfg.anatomy or None, dict(cfg.splits), cfg.split_seed,
                               cfg.shard_max_count, cfg.deid, _manifest_info(cfg))
     counts = {s: v["n_samples"] for s, v in manifest["splits"].items()}
-    scan = scan_phi(cfg.out, cfg.source)
-    run_dir = Path("runs") / "ingest" / (cfg.name or Path(cfg.out).name)
+    scan = scan_output(cfg.out, cfg.source, [], free_text=False)
+    run_dir = runs_root() / "ingest" / (cfg.name or Path(cfg.out).name)
     save_config(cfg, run_dir / "config.yaml")
-    (run_dir / "metrics.json").write_text(json.dumps({"slices": counts, "stats": manifest["stats"],
-                                                      "phi_hits": scan["n_hits"]}, indent=1))
+    write_metrics(run_dir, {"slices": counts, "stats": manifest["stats"], "phi_hits": scan["n_hits"]}, default=None)
     (run_dir / "ingest_report.json").write_text(json.dumps({"command": "fastmri", "slices": counts,
                                                             "phi_scan": scan}, indent=1))
     print(f"fastmri -> {cfg.out}: {counts} slices")
-    print(format_scan(scan))
-    return 1 if scan["n_hits"] else 0
+    print(f"scan-phi: could not run ({scan['error']})" if "error" in scan else format_scan(scan))
+    return 1 if scan["n_hits"] or "error" in scan else 0

@@ -3,7 +3,8 @@
 From every DICOM header (recursively, private tags included): person names, IDs, UIDs (not class
 UIDs), dates, institution, station, addresses and phone numbers, free text (descriptions, comments,
 body part, manufacturer). From fastMRI files: string attributes (``patient_id``...) and the
-ISMRMRD header's subject, study and measurement fields. From NIfTI headers: their text fields.
+ISMRMRD header's subject, study and measurement fields. From NIfTI headers: their text fields; from
+JSON sidecars (dcm2niix/BIDS): values under DICOM keywords.
 From tables (``*.csv``, ``*.tsv``, ``*.parquet`` in the export, and those given): every cell
 outside the closed vocabularies. And the names of the export's folders and files (stems).
 
@@ -24,7 +25,8 @@ from pathlib import Path
 
 from pydicom.multival import MultiValue
 
-from ..schema import JOINTS, PLANES
+from ..schema import JOINTS, LABELS, PLANE_NAMES, PLANES, RECON_FIELDS, STRUCTURES, STUDY_FIELDS
+from ..stats import empty_stats
 from .deid import _DATE_LIKE, HONORIFIC_NAME, KEEP_UIDS, PHONE
 from .series import BODY_PARTS, VENDORS
 from .tables import EHR_VOCAB, SEXES
@@ -56,8 +58,11 @@ MIN_DIGITS = 6      # shortest all-digit needle (shorter numbers are counts, siz
 
 
 def _vocabulary() -> frozenset[str]:
-    """Words that shards carry by design: never needles on their own."""
-    words = {*PLANES, *JOINTS, *(b.lower() for b in BODY_PARTS), *(v[0].lower() for v in VENDORS),
+    """Words that shards carry by design (schema fields and names, closed vocabularies, export
+    file names such as ``labels.json`` or ``sag_seg.nii.gz``): never needles on their own."""
+    schema = {*STUDY_FIELDS, *RECON_FIELDS, *PLANE_NAMES.values(), *empty_stats(), "manifest",
+              *(f"{p}_seg" for p in PLANES), *(n for names in (*LABELS.values(), *STRUCTURES.values()) for n in names)}
+    words = {*schema, *PLANES, *JOINTS, *(b.lower() for b in BODY_PARTS), *(v[0].lower() for v in VENDORS),
              *(w for vocab in EHR_VOCAB.values() for w in vocab), *SEXES, "other", "unknown", "none",
              "null", "true", "false", "yes", "no", "train", "val", "test", "dicom", "nifti", "fastmri",
              "study", "recon", "knee", "brain", "prostate", "breast", "t1", "t2", "pd", "stir", "gre",
@@ -116,9 +121,10 @@ class Needles:
             self.add(form, "date", field)
 
     def date_text(self, text: str, field: str) -> None:
-        """A date written in any of the common formats; ambiguous d/m orders give both dates."""
+        """A date written in any of the common formats; ambiguous d/m orders give both dates. The
+        text as written is kept too when it is a valid date (else it is a number, not a date)."""
         text = str(text or "").strip()
-        self.add(text, "date", field)
+        before = len(self.items)
         digits = re.findall(r"\d+", text)
         month = next((i + 1 for i, name in enumerate(MONTHS) if re.search(name[:3], text, re.I)), None)
         if month and len(digits) == 2:
@@ -133,6 +139,8 @@ class Needles:
             else:
                 self.date(_year(int(c)), int(b), int(a), field)
                 self.date(_year(int(c)), int(a), int(b), field)
+        if len(self.items) > before:
+            self.add(text, "date", field)
 
     def free_text(self, text, field: str, whole: bool = True) -> None:
         """Free text: the whole value (8+ characters), and what it embeds."""
@@ -141,12 +149,12 @@ class Needles:
             self.add(text, "free_text", field)
         for m in _DATE_LIKE.finditer(text):
             self.date_text(m.group(0), field)
+        for m in re.finditer(r"\d{5,}", text):
+            self.add(m.group(0), "id", field)
         for m in PHONE.finditer(text):
             self.phone(m.group(0), field)
         for m in HONORIFIC_NAME.finditer(text):
             self.name(m.group(1), field)
-        for m in re.finditer(r"\d{5,}", text):
-            self.add(m.group(0), "id", field)
 
     def phone(self, text: str, field: str) -> None:
         digits = re.sub(r"\D", "", text)
@@ -251,6 +259,43 @@ def _nifti(path: Path, needles: Needles) -> bool:
     return True
 
 
+NAME_KEYWORDS = frozenset("""PatientName OtherPatientNames PatientBirthName PatientMotherBirthName
+ReferringPhysicianName PerformingPhysicianName OperatorsName NameOfPhysiciansReadingStudy
+PhysiciansOfRecord RequestingPhysician""".split())
+
+
+def _sidecar(path: Path, needles: Needles) -> bool:
+    """A JSON sidecar (dcm2niix/BIDS): values under DICOM keywords, by the keyword's kind."""
+    import json
+
+    try:
+        data = json.loads(path.read_text(errors="replace"))
+    except (OSError, ValueError):
+        return False
+    stack = [data]
+    while stack:
+        node = stack.pop()
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for key, value in items:
+            if isinstance(value, (dict, list)):
+                stack.append(value)
+                continue
+            key, text = str(key), str(value if value is not None else "")
+            if key in NAME_KEYWORDS:
+                needles.name(text, key)
+            elif key.endswith(("Date", "DateTime")) or key == "PatientBirthDate":
+                needles.date_text(re.sub(r"[T ].*$", "", text), key)
+            elif key in ID_KEYWORDS or key.endswith("UID"):
+                needles.add(text, "uid" if key.endswith("UID") else "id", key)
+            elif key in PLACE_KEYWORDS:
+                needles.add(text, "place", key)
+            elif key in PHONE_KEYWORDS:
+                needles.phone(text, key)
+            elif key in FREE_TEXT_KEYWORDS or key.endswith("Comments"):
+                needles.free_text(text, key)
+    return True
+
+
 def gather_table(path: Path, needles: Needles) -> None:
     """Every cell of a label or EHR table outside the closed vocabularies (dates in any format)."""
     from .tables import TableError, read_table
@@ -276,7 +321,8 @@ def gather_table(path: Path, needles: Needles) -> None:
 
 def gather(source: str | Path | None, tables: list[str | Path] = ()) -> tuple[Needles, dict]:
     """Needles from every file under ``source`` and the given tables; and what was read (counts)."""
-    needles, counts = Needles(), {"dicom": 0, "fastmri": 0, "nifti": 0, "tables": 0, "other": 0}
+    needles, counts = Needles(), {"dicom": 0, "fastmri": 0, "nifti": 0, "sidecars": 0, "tables": 0,
+                                      "other": 0}
     if source:
         from .dicom_scan import walk
 
@@ -285,7 +331,7 @@ def gather(source: str | Path | None, tables: list[str | Path] = ()) -> tuple[Ne
         for path in files:
             rel = path.relative_to(root)
             for part in (*rel.parent.parts, re.sub(r"(\.nii)?\.[A-Za-z0-9]+$", "", rel.name)):
-                if len(part) >= 6:
+                if len(part) >= 6 and re.search(r"[A-Za-z]", part):  # not 000123: numbering, not a name
                     needles.add(part, "file_name", "path")
             name = path.name.lower()
             with warnings.catch_warnings():
@@ -294,6 +340,8 @@ def gather(source: str | Path | None, tables: list[str | Path] = ()) -> tuple[Ne
                     counts["fastmri"] += 1
                 elif name.endswith((".nii", ".nii.gz")) and _nifti(path, needles):
                     counts["nifti"] += 1
+                elif name.endswith(".json") and _sidecar(path, needles):
+                    counts["sidecars"] += 1
                 elif name.endswith(TABLE_SUFFIXES):
                     gather_table(path, needles)
                     counts["tables"] += 1

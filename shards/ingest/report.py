@@ -57,7 +57,7 @@ class IngestReport:
         """Non-zero exit: nothing usable came out, identifying values reached the shard folder, or
         strict and anything was skipped."""
         counts = self.counts()
-        return (self.n_usable == 0 or counts["phi_hits"] > 0
+        return (self.n_usable == 0 or counts["phi_hits"] > 0 or "error" in self.phi_scan
                 or (strict and bool(counts["skipped"] or counts["table_problems"])))
 
     def to_dict(self) -> dict:
@@ -82,7 +82,9 @@ class IngestReport:
                  f"{c['warnings']} warnings, {c['table_problems']} table problems "
                  f"({c['files_seen']} files seen)"]
         lines += [f"  skipped {code}: {n}" for code, n in c["skipped_by_code"].items()]
-        if self.phi_scan:
+        if "error" in self.phi_scan:
+            lines.append(f"scan-phi: could not run ({self.phi_scan['error']}): run `shards scan-phi` on the shards")
+        elif self.phi_scan:
             from ..phi_scan import format_scan
 
             lines.append(format_scan(self.phi_scan))
