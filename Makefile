@@ -1,5 +1,6 @@
-# Two entry points: `make demo` and `make test`. Both create .venv (if missing) and install
-# the pinned set from constraints.txt; torch 2.13.0 comes from that pin, never an unpinned build.
+# Two entry points: `make demo` and `make test` (the linter, then the tests). Both create .venv (if
+# missing) and install the pinned set from constraints.txt; torch 2.13.0 comes from that pin, never an
+# unpinned build.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -7,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test test-fast test-integration bench clean
+.PHONY: install demo test lint test-fast test-integration bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,8 +22,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH bash scripts/demo.sh
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(BIN)/python -m pytest -q -ra --durations=15
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not integration"

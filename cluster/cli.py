@@ -14,13 +14,15 @@ import os
 import sys
 
 from . import jobs, launcher, local
+from shards.config import OverridesParser, UserError
+
 from .config import ClusterError, LocalClusterConfig, is_loopback, load_local_config
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cluster", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OverridesParser)
     for name, text in [("up", "start a head here, join one (--join), or launch a cloud cluster"),
                        ("down", "stop the nodes started here, or tear down a cloud cluster"),
                        ("submit", "run a command as a Ray job: `cluster submit [opts] -- CMD ...`"),
@@ -71,6 +73,9 @@ def cmd_up(args) -> int:
         print(f"  auth:      token in {node.auth_token_path} (this user only); other machines and "
               "clients need it: copy the file, export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=<file>")
     print("  submit:    cluster submit -- <command>    stop: cluster down")
+    auth = f"RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={node.auth_token_path} " if node.auth_token_path else ""
+    print(f"  drivers:   {auth}pretrain run ... ray.address={node.address}   (a command on this machine "
+          "joining this head)")
     return 0
 
 
@@ -102,7 +107,8 @@ def _address(args) -> str:
 
 def cmd_submit(args, command: list[str]) -> int:
     jobs.entrypoint(command)  # no command: fail before contacting anything
-    return jobs.submit(_address(args), command, args.working_dir, wait=not args.no_wait)
+    shared = _local_config(args).shared_dirs
+    return jobs.submit(_address(args), command, args.working_dir, wait=not args.no_wait, shared_dirs=shared)
 
 
 def cmd_status(args) -> int:
@@ -126,6 +132,8 @@ def cmd_jobs(args) -> int:
     for r in rows:
         code = "-" if r["exit"] is None else r["exit"]
         print(f"  {r['id']}  {r['status']:9} exit={code}  {r['start']}  {r['entrypoint']}")
+        if r["outputs"]:
+            print(f"      {r['outputs']}")
     return 0
 
 
@@ -142,6 +150,6 @@ def main(argv: list[str] | None = None) -> int:
         if command:
             raise ClusterError(f"`cluster {args.command}` takes no command after `--`")
         return {"up": cmd_up, "down": cmd_down, "status": cmd_status, "jobs": cmd_jobs}[args.command](args)
-    except ClusterError as exc:
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

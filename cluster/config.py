@@ -1,23 +1,22 @@
 """Typed config of a local head (``configs/cluster/local.yaml``), loaded like every mskfm config.
 
-A YAML plus ``key=value`` overrides merged onto a dataclass schema with OmegaConf; an unknown key
-or a wrong type is a :class:`ClusterError` naming the key. Kept separate from ``shards.config`` on
-purpose: ``cluster`` imports Ray only.
+A YAML plus ``key=value`` overrides merged onto a dataclass schema by the one config loader of every
+package (``shards.config``, which imports only OmegaConf; ``cluster`` imports nothing else of mskfm):
+an unknown key or a wrong type is a ``ConfigError`` naming the key, a bad value a :class:`ClusterError`.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from shards.config import UserError, load_config
 
 
-class ClusterError(RuntimeError):
+class ClusterError(UserError, RuntimeError):
     """A cluster problem the user can fix; the CLI prints it and exits non-zero."""
 
 
@@ -35,6 +34,9 @@ class LocalClusterConfig:
     auth: str = "token"                 # Ray token authentication: "token" or "disabled"
     state_dir: str = "~/.mskfm/cluster"
     start_timeout_s: float = 120.0
+    # Folders every node mounts at the same path: on a cluster with other machines, `submit`
+    # accepts local paths only under these (or s3:// URLs). Unused when all nodes are this machine.
+    shared_dirs: List[str] = field(default_factory=list)
 
     def validate(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
@@ -60,26 +62,7 @@ class LocalClusterConfig:
 
 def load_local_config(path: str | Path | None, overrides: Sequence[str] = ()) -> LocalClusterConfig:
     """Defaults <- YAML ``path`` <- ``key=value`` overrides, validated before anything starts."""
-    cfg = OmegaConf.structured(LocalClusterConfig)
-    layers = []
-    if path is not None:
-        if not Path(path).is_file():
-            raise ClusterError(f"cluster config not found: {path}")
-        layers.append((str(path), OmegaConf.load(path)))
-    bad = [item for item in overrides if "=" not in item]
-    if bad:
-        raise ClusterError(f"override '{bad[0]}' is not of the form key=value")
-    if overrides:
-        layers.append(("command line", OmegaConf.from_dotlist(list(overrides))))
-    for origin, layer in layers:
-        try:
-            cfg = OmegaConf.merge(cfg, layer)
-        except OmegaConfBaseException as exc:
-            key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
-            raise ClusterError(f"{origin}: key '{key}': {str(exc).splitlines()[0]}") from None
-    obj: LocalClusterConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
-    obj.validate()
-    return obj
+    return load_config(LocalClusterConfig, path, overrides)
 
 
 def is_loopback(host: str) -> bool:

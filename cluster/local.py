@@ -1,9 +1,12 @@
 """A Ray head on this machine (``cluster up``), joining one (``--join``), and stopping what we started.
 
 Every ``ray start`` runs in its own session, so all the processes of one node share a process
-group; the group id and the node's private ``--temp-dir`` are recorded under
-``<state_dir>/<name>/nodes/``. ``cluster down`` signals exactly those groups (never ``ray stop``,
-which would stop every Ray on the machine, other users' and tests' included).
+group; the group id, the node's private ``--temp-dir``, the boot time and the processes (pid and
+start time) are recorded under ``<state_dir>/<name>/nodes/``. ``cluster down`` signals only the
+processes it can show are that node's (never ``ray stop``, which would stop every Ray on the
+machine, other users' and tests' included): a recorded process with the same start time, a process
+whose command line names the private temp dir, or a child of one of those. A group id reused after a
+reboot or by another program is left alone, with a warning.
 
 Loopback by default: Ray's CLI turns ``--node-ip-address 127.0.0.1`` into the machine's routable
 address and then binds its gRPC servers there; with ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` the node
@@ -14,6 +17,7 @@ only. Such a head takes nodes of this machine only; other machines need ``host: 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -22,12 +26,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .config import ClusterError, LocalClusterConfig, is_loopback
 
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,6 +44,8 @@ class NodeRecord:
     dashboard_url: str   # "" when the node serves no dashboard
     log: str
     auth_token_path: str = ""  # the head's token file ("" when auth is disabled)
+    boot_time: float = 0.0     # the machine's boot time when the node started (0: not recorded)
+    processes: list = field(default_factory=list)  # [pid, create_time] of the node's processes
 
 
 def free_ports(host: str, n: int) -> list[int]:
@@ -142,17 +149,55 @@ def head_record(cfg: LocalClusterConfig) -> NodeRecord | None:
 
 
 def group_pids(node: NodeRecord) -> list[int]:
-    """Live processes of a node: its process group, plus anything naming its private temp dir."""
+    """Live processes of a node (see :func:`node_processes`)."""
+    return node_processes(node)[0]
+
+
+def node_processes(node: NodeRecord) -> tuple[list[int], list[int]]:
+    """(the node's live processes, strangers): processes in its process group or naming its temp
+    dir; a process is the node's when it is a recorded one (same pid and start time, same boot),
+    names the node's private temp dir, or descends from one that is."""
     import psutil
 
-    pids = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
+    same_boot = not node.boot_time or abs(psutil.boot_time() - node.boot_time) < 2.0
+    recorded = {(int(pid), round(float(t), 2)) for pid, t in node.processes} if same_boot else set()
+    ours, others = set(), []
+    for proc in psutil.process_iter(["pid", "cmdline", "create_time"]):
         try:
-            if os.getpgid(proc.pid) == node.pgid or node.temp_dir in " ".join(proc.info["cmdline"] or ()):
-                pids.append(proc.pid)
+            names_dir = node.temp_dir in " ".join(proc.info["cmdline"] or ())
+            if proc.pid == os.getpid() or not (names_dir or os.getpgid(proc.pid) == node.pgid):
+                continue
         except (ProcessLookupError, psutil.Error):
             continue
-    return [p for p in pids if p != os.getpid()]
+        if names_dir or (proc.pid, round(proc.info["create_time"] or 0.0, 2)) in recorded:
+            ours.add(proc.pid)
+        else:
+            others.append(proc)
+    strangers = []
+    for proc in others:  # e.g. Ray workers (their command line is rewritten to ray::...)
+        try:
+            mine = any(parent.pid in ours for parent in proc.parents())
+        except psutil.Error:
+            continue
+        if mine:
+            ours.add(proc.pid)
+        else:
+            strangers.append(proc.pid)
+    return sorted(ours), strangers
+
+
+def _snapshot(pgid: int) -> list[list]:
+    """[pid, create_time] of the live processes of a process group (recorded with the node)."""
+    import psutil
+
+    out = []
+    for proc in psutil.process_iter(["pid", "create_time"]):
+        try:
+            if os.getpgid(proc.pid) == pgid:
+                out.append([proc.pid, round(proc.info["create_time"], 2)])
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return out
 
 
 def _run_ray_start(args: list[str], env: dict, temp_dir: str, log: Path, timeout: float) -> int:
@@ -167,10 +212,12 @@ def _run_ray_start(args: list[str], env: dict, temp_dir: str, log: Path, timeout
         except subprocess.TimeoutExpired:
             rc = None
         except BaseException:  # Ctrl-C: its own session does not get the signal; stop it here
+            node.processes = _snapshot(proc.pid)
             _kill(node, grace_s=2.0)
             shutil.rmtree(temp_dir, ignore_errors=True)
             raise
     if rc != 0:
+        node.processes = _snapshot(proc.pid)  # the group we have just started
         _kill(node, grace_s=5.0)
         shutil.rmtree(temp_dir, ignore_errors=True)
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
@@ -180,6 +227,9 @@ def _run_ray_start(args: list[str], env: dict, temp_dir: str, log: Path, timeout
 
 
 def _record(cfg: LocalClusterConfig, node: NodeRecord) -> NodeRecord:
+    import psutil
+
+    node.boot_time, node.processes = psutil.boot_time(), _snapshot(node.pgid)
     _nodes_dir(cfg).mkdir(parents=True, exist_ok=True)
     (_nodes_dir(cfg) / f"{node.role}-{node.pgid}.json").write_text(json.dumps(asdict(node), indent=1))
     return node
@@ -205,6 +255,9 @@ def _resource_args(cfg: LocalClusterConfig) -> list[str]:
 
 def exposure_warnings(cfg: LocalClusterConfig) -> list[str]:
     notes = []
+    if cfg.auth == "disabled" and is_loopback(cfg.host):
+        notes.append("WARNING: token authentication is OFF (auth=disabled): any process of any user "
+                     "on this machine that reaches the Ray ports can run code as you.")
     if not is_loopback(cfg.host):
         guard = ("token authentication is on" if cfg.auth == "token" else
                  "token authentication is OFF (auth=disabled): anyone who reaches it can run code")
@@ -271,7 +324,10 @@ def _url_host(host: str) -> str:
 
 
 def _kill(node: NodeRecord, grace_s: float) -> int:
-    pids = group_pids(node)
+    pids, strangers = node_processes(node)
+    for pid in strangers:
+        log.warning("left alone: process %d is in the recorded process group %d of the %s node "
+                    "but is not one that `cluster up` started (group id reused?)", pid, node.pgid, node.role)
     _signal_all(pids, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline and group_pids(node):

@@ -1,19 +1,19 @@
 """``downstream`` command line: ``tasks`` lists the tasks, ``finetune --task NAME [key=value ...]`` runs one.
 
-Subcommands register themselves in :data:`COMMANDS` (name -> (add_arguments, run)), so sweeps,
-studies and reports plug in beside ``finetune``.
+Subcommands are entries of :data:`COMMANDS` (name -> ``Command(add_arguments, run, help)``, the
+pattern of every mskfm CLI: ``shards.config.run_cli``), so sweeps, studies and reports plug in beside
+``finetune``.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
-from typing import Callable, Sequence
+import re
+from typing import Sequence
 
-from shards.config import ConfigError
+from shards.config import Command, build_cli, run_cli
 
-from .errors import FeatureError
 from .tasks import TASKS_DIR, describe_tasks
 from .tuning import Interrupted
 
@@ -73,7 +73,7 @@ def _study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--space", default=None, help="study grid (default configs/sweeps/<kind>.yaml)")
     p.add_argument("--quick", action="store_true", help="the reduced grid of the config's quick: block")
     p.add_argument("--make-backbones", action="store_true",
-                   help="pretrain (small, plain torch) the grid's backbones that are not published yet")
+                   help="pretrain (small, with `pretrain run`'s engine) the grid's backbones that are not published yet")
     p.add_argument("--run-dir", default=None, help="run folder (default runs/study/<kind>); rerun to resume")
     p.add_argument("overrides", nargs="*", help="study keys, e.g. seeds=[0,1] task=ankle-dx")
 
@@ -100,32 +100,82 @@ def _report_run(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
-    "tasks": (_tasks_args, _tasks_run, "list the tasks in configs/tasks, one line each"),
-    "finetune": (_finetune_args, _finetune_run, "train and evaluate a task's head and its baselines"),
-    "sweep": (_sweep_args, _sweep_run, "Ray Tune sweep of a task's head (ASHA), best config to the run folder"),
-    "study": (_study_args, _study_run, "a study grid with seeds (label-efficiency, transfer, robustness, "
-                                       "multi-anatomy) ending in a report"),
-    "report": (_report_args, _report_run, "render a study run into report.md and report.html"),
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="a finetune run folder (or its model/ folder)")
+    p.add_argument("--to", required=True, help="destination: a folder, s3://bucket/prefix or hf://owner/repo")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing task model there")
+
+
+def _export_run(args: argparse.Namespace) -> int:
+    from .task_model import export_task_model
+
+    print(f"task model exported to {export_task_model(args.run, args.to, args.overwrite)}")
+    return 0
+
+
+def _split_inputs(items: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Positional inputs vs key=value overrides (a key is a dotted lower-case name)."""
+    overrides = [i for i in items if re.match(r"^[a-z_][a-z0-9_.]*=", i)]
+    return [i for i in items if i not in overrides], overrides
+
+
+def _predict_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="task model: folder, finetune run folder, s3:// or hf:// URL")
+    p.add_argument("--out", required=True, help="output folder (predictions.csv, segmentations/, predict.json)")
+    p.add_argument("--config", default=None, help="predict config (default configs/predict/default.yaml)")
+    p.add_argument("inputs", nargs="+", help="a shard folder or URL, a DICOM folder, or NIfTI files; then "
+                                             "key=value overrides, e.g. workers=2 split=test")
+    p.set_defaults(overrides=[])
+
+
+def _predict_run(args: argparse.Namespace) -> int:
+    from .predict import load_predict_config, run_predict
+
+    inputs, overrides = _split_inputs(args.inputs)
+    overrides += args.overrides
+    summary = run_predict(args.model, inputs, args.out, load_predict_config(args.config, overrides))
+    print(f"{summary['n_predicted']} of {summary['n_studies']} studies predicted ({summary['n_failed']} failed, "
+          f"listed in predictions.csv), {summary['studies_per_s']} studies/s -> {args.out}/predictions.csv")
+    for f in summary["failed"][:10]:
+        print(f"  failed {f['key']}: {f['error']}")
+    return 0
+
+
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="task model: folder, finetune run folder, s3:// or hf:// URL")
+    p.add_argument("--shards", required=True, help="labelled shard set (folder or URL), e.g. an external cohort")
+    p.add_argument("--out", default=None, help="output folder (default runs/evaluate/<task>-<shard set>)")
+    p.add_argument("--config", default=None, help="predict config (default configs/predict/default.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. split=test workers=2")
+
+
+def _evaluate_run(args: argparse.Namespace) -> int:
+    from .evaluate import run_evaluate
+    from .predict import load_predict_config
+
+    result = run_evaluate(args.model, args.shards, args.out, load_predict_config(args.config, args.overrides))
+    print(result["table"])
+    return 0
+
+
+COMMANDS: dict[str, Command] = {
+    "tasks": Command(_tasks_args, _tasks_run, "list the tasks in configs/tasks, one line each"),
+    "finetune": Command(_finetune_args, _finetune_run, "train and evaluate a task's head and its baselines"),
+    "sweep": Command(_sweep_args, _sweep_run, "Ray Tune sweep of a task's head (ASHA), best config to the run folder"),
+    "study": Command(_study_args, _study_run, "a study grid with seeds (label-efficiency, transfer, robustness, "
+                                              "multi-anatomy) ending in a report"),
+    "report": Command(_report_args, _report_run, "render a study run into report.md and report.html"),
+    "export": Command(_export_args, _export_run, "copy a finetune run's task model to a folder, s3:// or hf://"),
+    "predict": Command(_predict_args, _predict_run, "apply a task model to shards, a DICOM folder or NIfTI files"),
+    "evaluate": Command(_evaluate_args, _evaluate_run, "metrics with intervals of a task model on another labelled "
+                                                       "shard set (external test), no retraining"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="downstream", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, (add_args, _, help_text) in COMMANDS.items():
-        add_args(sub.add_parser(name, help=help_text))
-    return parser
+    return build_cli("downstream", __doc__.splitlines()[0], COMMANDS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    try:
-        return COMMANDS[args.command][1](args)
-    except (ConfigError, FeatureError) as exc:
-        print(f"downstream {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except Interrupted as exc:
-        print(f"downstream {args.command}: {exc}", file=sys.stderr)
-        return 130
+    return run_cli(build_parser(), COMMANDS, argv, interrupts=(Interrupted,))

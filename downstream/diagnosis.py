@@ -9,7 +9,6 @@ decision thresholds) and the evaluation rows; results come back as study-level p
 
 from __future__ import annotations
 
-import logging
 from dataclasses import asdict
 from functools import partial
 
@@ -25,8 +24,6 @@ from .heads.probe import LogisticProbe, fit_probe
 from .heads.tuned import TunedBackbone
 from .inputs import PlaneData
 from .train import fit_selected, masked_bce, pos_weights, predict, seed_everything
-
-log = logging.getLogger(__name__)
 
 
 def feature_batcher(feats: dict[str, dict[str, np.ndarray]], y: np.ndarray, ehr: dict | None = None):

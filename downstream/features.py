@@ -5,7 +5,9 @@ parts: backbone identity (sha256 of config + weights), preprocessing spec, times
 draws, noise seed, shard manifest identity, joint, plane and the list of studies. It holds
 ``keys.json`` (study order), ``parts.json`` and one ``.npy`` per feature map, read back memory-mapped. Writers build the entry in
 a temporary folder and ``os.replace`` it into place, under an ``fcntl`` lock so that concurrent
-processes compute it once; readers only ever see complete entries.
+processes compute it once; readers only ever see complete entries. ``checksums.json`` holds the
+sha256 of every other file of the entry: an entry that no longer matches (truncated, altered, or
+written before checksums existed) is recomputed with a warning naming it.
 """
 
 from __future__ import annotations
@@ -51,14 +53,44 @@ def backbone_identity(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+CHECKSUMS = "checksums.json"
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def entry_problem(folder: Path) -> str | None:
+    """Why the cache entry ``folder`` cannot be trusted, or None when every file matches its sha256."""
+    try:
+        recorded = json.loads((folder / CHECKSUMS).read_text())
+    except FileNotFoundError:
+        return f"no {CHECKSUMS} (written by an older mskfm or cut short)"
+    except ValueError as exc:
+        return f"{CHECKSUMS} is unreadable: {exc}"
+    present = {p.name for p in folder.iterdir() if p.name != CHECKSUMS}
+    if missing := sorted(set(recorded) - present):
+        return f"file(s) {', '.join(missing)} missing"
+    for name, digest in sorted(recorded.items()):
+        if _file_sha256(folder / name) != digest:
+            return f"file {name} does not match the sha256 recorded when it was written"
+    return None
+
+
 class FeatureCache:
-    """Content-addressed on-disk store of per-study arrays. ``hits``/``misses`` count lookups."""
+    """Content-addressed on-disk store of per-study arrays. ``hits``/``misses`` count lookups;
+    ``recomputed`` counts damaged entries that were rebuilt."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.hits = 0
         self.misses = 0
+        self.recomputed = 0
 
     def path(self, parts: dict) -> Path:
         return self.root / digest(parts)
@@ -78,21 +110,30 @@ class FeatureCache:
         ``compute(tmp_dir, keys)`` fills a missing entry."""
         parts = parts | {"studies": digest(list(keys))}
         final = self.path(parts)
-        if not final.is_dir():
-            with self._lock(final.name):
-                if not final.is_dir():
-                    self.misses += 1
-                    tmp = self.root / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-                    tmp.mkdir()
-                    try:
-                        compute(tmp, list(keys))
-                        (tmp / "keys.json").write_text(json.dumps(list(keys)))
-                        (tmp / "parts.json").write_text(json.dumps(parts, sort_keys=True, default=str, indent=1))
-                        os.replace(tmp, final)
-                    finally:
-                        shutil.rmtree(tmp, ignore_errors=True)
+        if final.is_dir() and entry_problem(final) is None:
+            self.hits += 1
+            return self.load(final, keys)
+        with self._lock(final.name):
+            if final.is_dir():
+                problem = entry_problem(final)
+                if problem is None:  # another process has just written it
+                    self.hits += 1
                     return self.load(final, keys)
-        self.hits += 1
+                log.warning("feature cache entry %s is damaged (%s): recomputing it", final, problem)
+                self.recomputed += 1
+                shutil.rmtree(final)
+            self.misses += 1
+            tmp = self.root / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            tmp.mkdir()
+            try:
+                compute(tmp, list(keys))
+                (tmp / "keys.json").write_text(json.dumps(list(keys)))
+                (tmp / "parts.json").write_text(json.dumps(parts, sort_keys=True, default=str, indent=1))
+                sums = {p.name: _file_sha256(p) for p in sorted(tmp.iterdir())}
+                (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1))
+                os.replace(tmp, final)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
         return self.load(final, keys)
 
     @staticmethod

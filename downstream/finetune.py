@@ -9,8 +9,6 @@ In-process API for sweeps and studies::
 
 from __future__ import annotations
 
-import json
-import logging
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,6 +18,8 @@ import numpy as np
 import torch
 
 from shards.config import load_config, save_config, to_dict
+from shards.runs import write_metrics
+from shards.tracking import start_tracking
 from shards.schema import STRUCTURES
 
 from .data import check_task, load_studies, select_rows, split_rows
@@ -28,12 +28,11 @@ from .features import FeatureCache
 from .heads.segmentation import remap_structures
 from .inputs import prepare_planes
 from .metrics import diagnosis_metrics, segmentation_metrics, select_thresholds
-from .outputs import (diagnosis_outputs, diagnosis_table, save_heads, segmentation_outputs,
+from .outputs import (diagnosis_outputs, diagnosis_table, flat_metrics, save_heads, segmentation_outputs,
                       segmentation_table)
 from .segment import run_segmentation
+from .task_model import save_task_model
 from .tasks import TaskConfig, load_task
-
-log = logging.getLogger(__name__)
 
 
 def resolve_task(task: TaskConfig | str | Path, overrides: Sequence[str] = ()) -> TaskConfig:
@@ -98,6 +97,9 @@ def run_finetune(task: TaskConfig | str | Path, overrides: Sequence[str] = (), *
                               "thresholds": {name: {k: v if np.isfinite(v) else None for k, v in thr.items()}
                                              for name, thr in thresholds.items()},
                               "selection": {name: r.get("selection") for name, r in results.items()}})
+    save_task_model(out, task, results["diffusion"], planes, manifest, metrics,
+                    {"n_train": int(len(train_rows)), "n_eval": int(len(eval_rows)),
+                     "train_split": task.train.train_split, "eval_split": task.train.eval_split})
     timings = {"features_s": round(t_features - t0, 3), "total_s": round(time.perf_counter() - t0, 3)}
     summary = {"task": task.name, "kind": task.kind, "run_dir": str(out), "metrics": metrics,
                "n_train": int(len(train_rows)), "n_select": int(len(chosen_rows)), "n_eval": int(len(eval_rows)),
@@ -105,11 +107,22 @@ def run_finetune(task: TaskConfig | str | Path, overrides: Sequence[str] = (), *
                "cache": {p: d.cache for p, d in planes.items()}, "timings": timings,
                "history": {name: r["history"] for name, r in results.items()},
                "encoders": {name: r["encoder"] for name, r in results.items() if "encoder" in r}}
-    (out / "metrics.json").write_text(json.dumps(summary, indent=1, default=_json_default))
+    write_metrics(out, summary, default=_json_default)
+    track(task, out, summary)
     title = (f"task {task.name} ({task.kind}, {task.joint}, planes {'+'.join(task.planes)}): "
              f"{len(train_rows)} train / {len(chosen_rows)} {task.train.select_split or 'no'} selection / "
              f"{len(eval_rows)} {task.train.eval_split} studies -> {out}")
     return summary | {"table": f"{title}\n{table}"}
+
+
+def track(task: TaskConfig, out: Path, summary: dict) -> None:
+    """The run's W&B record (when ``wandb.project`` is set): per-epoch training losses of every model,
+    the macro metrics with their intervals as summary."""
+    with start_tracking(task.wandb, out, out.name, to_dict(task), group=task.name, job_type="finetune") as tracker:
+        history = {m: list(h or []) for m, h in summary["history"].items()}
+        for epoch in range(max((len(h) for h in history.values()), default=0)):
+            tracker.log({f"{m}/train_loss": h[epoch] for m, h in history.items() if epoch < len(h)}, step=epoch + 1)
+        tracker.summary(flat_metrics(summary))
 
 
 def decision_thresholds(frame, rows: np.ndarray, labels: list[str], results: dict) -> dict[str, dict[str, float]]:

@@ -13,6 +13,23 @@ from safetensors.torch import save_model
 from .metrics import patient_level, roc_points
 from .plots import plot_fusion_weights, plot_overlays, plot_roc
 
+REPORTED = ("auroc", "ap")   # the macro diagnosis metrics that sweeps, studies and trackers report
+
+
+def flat_metrics(result: dict) -> dict:
+    """``{model/metric, model/metric_lo, model/metric_hi}`` of the macro diagnosis metrics (or mean
+    Dice for segmentation), plus the training and evaluation sizes."""
+    out = {"n_train": result["n_train"], "n_eval": result["n_eval"]}
+    for model, m in result["metrics"].items():
+        if "macro" in m:
+            for k in REPORTED:
+                lo, hi = m["macro"].get("ci", {}).get(k, [np.nan, np.nan])
+                out |= {f"{model}/{k}": m["macro"][k], f"{model}/{k}_lo": lo, f"{model}/{k}_hi": hi}
+        else:
+            d = m["mean"]["dice"]
+            out |= {f"{model}/dice": d["mean"], f"{model}/dice_lo": d["ci"][0], f"{model}/dice_hi": d["ci"][1]}
+    return out
+
 
 def _fmt(v: float, digits: int = 3) -> str:
     return "  -  " if v is None or not math.isfinite(v) else f"{v:.{digits}f}"
@@ -54,11 +71,13 @@ def save_heads(results: dict[str, dict], run_dir: Path, meta: dict) -> None:
 
 def diagnosis_outputs(frame: pd.DataFrame, eval_rows: np.ndarray, labels: list[str], results: dict[str, dict],
                       run_dir: Path) -> pd.DataFrame:
-    """Per-patient predictions.csv, ROC and fusion-weight plots; returns the study-level frame."""
+    """Per-patient predictions.csv, per-study study_predictions.csv, ROC and fusion-weight plots;
+    returns the study-level frame."""
     study = frame.iloc[eval_rows][["key", "patient", "split", *labels]].reset_index(drop=True)
     for name, res in results.items():
         for k, label in enumerate(labels):
             study[f"{name}/{label}"] = res["probs"][:, k]
+    study.to_csv(run_dir / "study_predictions.csv", index=False, float_format="%.9g")
     scores = [c for c in study.columns if "/" in c]
     patient = patient_level(study, labels, scores)
     patient.to_csv(run_dir / "predictions.csv", index=False, float_format="%.5f")

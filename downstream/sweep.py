@@ -1,10 +1,14 @@
 """``downstream sweep``: Ray Tune trials of a task's head with an ASHA scheduler.
 
+Any head a task supports is swept: linear/MLP heads with feature- or label-level fusion, plane
+experts with gating, EHR fusion, partial fine-tuning of backbone blocks, segmentation decoders.
 Trials get a small config (task name, ``key=value`` overrides, sampled parameters) and read the
-frozen-backbone features from the on-disk feature cache, which the driver fills once per distinct
-feature setting before any trial starts. Each trial trains the head with the task's own training
-loop and reports the macro metric on the *selection* split (``val`` by default, never the test
-split) every ``report_every`` epochs, which ASHA uses to stop weak trials early. The run folder gets
+preprocessed volumes and frozen-backbone features from the on-disk cache, which the driver fills
+once per distinct feature setting before any trial starts. Each trial trains the head with the
+task's own training code (no baselines) and scores it on the *selection* split (``val`` by
+default, never the test split): a single frozen-feature model every ``report_every`` epochs, which
+ASHA uses to stop weak trials early; heads trained in stages or on volumes once, at the end (ASHA
+then cannot stop them early). With EHR the selection model is the fused one. The run folder gets
 ``trials.csv``, ``best.json`` (parameters and the overrides that re-create the best head) and
 ``metrics.json``; ``downstream finetune --task T --from-sweep <run>`` trains and tests that head.
 Running the same command again resumes an interrupted sweep.
@@ -14,8 +18,8 @@ from __future__ import annotations
 
 import itertools
 import json
-import logging
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,53 +28,75 @@ import numpy as np
 import pandas as pd
 import torch
 
-from shards.config import ConfigError, load_config, save_config
+from shards.config import ConfigError, load_config, save_config, to_dict
+from shards.resume import check_resume, saved_yaml
+from shards.runs import default_folder, write_metrics
+from shards.tracking import WandbConfig, start_tracking
 
 from .data import check_task, load_studies, split_rows
-from .diagnosis import feature_batcher
+from .diagnosis import feature_batcher, run_diagnosis
 from .features import FeatureCache
 from .finetune import resolve_task
 from .heads.fusion import build_feature_model
 from .inputs import prepare_planes
 from .metrics import diagnosis_metrics
+from .segment import run_segmentation
 from .studies.trials import absolute_paths
 from .tasks import TaskConfig
 from .train import fit, masked_bce, predict, seed_everything
-from .tuning import run_tuner, trial_rows
-
-log = logging.getLogger(__name__)
+from .tuning import RayConnection, run_tuner, trial_rows
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 # Parameters that change the cached features: swept over discrete values, precomputed by the driver.
 FEATURE_KEYS = ("features.timesteps", "features.blocks", "features.noise_draws", "features.seed",
                 "features.per_plane", "planes", "backbones")
-METRICS = ("auroc", "ap")
+# Selection metrics per task kind (higher is better); the first is the default.
+METRICS = {"diagnosis": ("auroc", "ap"), "segmentation": ("dice", "iou")}
+RESUME_IGNORE = ("resources", "max_concurrent_trials", "ray", "wandb")  # a resumed sweep may change only these
 
 
 @dataclass
 class ASHASpec:
-    """ASHA over epochs: ``max_t`` 0 means the task's ``train.epochs``."""
+    """ASHA over reports: a trial reports every ``report_every`` epochs, for ``max_t`` epochs (0: the
+    task's ``train.epochs``); ``grace_period`` reports before ASHA may stop it."""
 
     max_t: int = 0
     grace_period: int = 2
     reduction_factor: float = 2.0
     report_every: int = 1
 
+    def rungs(self, epochs: int) -> int:
+        """ASHA's ``max_t`` in reports for a task of ``epochs``, checked before Ray starts."""
+        budget, key = (self.max_t, "scheduler.max_t") if self.max_t else (epochs, "train.epochs")
+        if self.report_every < 1 or self.reduction_factor <= 1:
+            raise ConfigError("sweep: keys 'scheduler.report_every' (>= 1) and 'scheduler.reduction_factor' (> 1): "
+                              f"got {self.report_every} and {self.reduction_factor}")
+        reports = budget // self.report_every
+        if not 1 <= self.grace_period <= reports:
+            raise ConfigError(
+                f"sweep: key 'scheduler.grace_period' ({self.grace_period} reports) must lie in [1, {reports}]: "
+                f"'{key}' {budget} epochs / 'scheduler.report_every' {self.report_every} = {reports} reports; "
+                f"lower 'scheduler.grace_period' or 'scheduler.report_every', or raise '{key}'")
+        return reports
+
 
 @dataclass
 class SweepConfig:
     task: str = ""
     name: str = ""
-    out: str = "runs/sweep"
+    out: str = field(default_factory=default_folder("sweep"))
     overrides: list[str] = field(default_factory=list)
     space: dict[str, Any] = field(default_factory=dict)
     num_samples: int = 1
-    metric: str = "auroc"
+    metric: str = ""            # "" = the task kind's first of METRICS (auroc, dice)
+    model: str = ""             # the model a trial is selected on; "" = diffusion+ehr with EHR, else diffusion
     select_split: str = "val"
     scheduler: ASHASpec = field(default_factory=ASHASpec)
     resources: dict[str, float] = field(default_factory=lambda: {"cpu": 1.0})
     max_concurrent_trials: int = 2
     seed: int = 0
+    ray: RayConnection = field(default_factory=RayConnection)
+    wandb: WandbConfig = field(default_factory=WandbConfig)   # W&B record of the sweep (trials, best)
 
     def validate(self) -> None:
         if not self.space:
@@ -83,8 +109,8 @@ class SweepConfig:
                 raise ConfigError(f"sweep: space.{key}.{kind} needs [low, high], got {values}")
             if key.startswith(FEATURE_KEYS) and kind not in ("grid", "choice"):
                 raise ConfigError(f"sweep: space.{key} changes the cached features; sweep it with grid or choice")
-        if self.metric not in METRICS:
-            raise ConfigError(f"sweep: metric '{self.metric}' is unknown; known: {', '.join(METRICS)}")
+        if self.select_split == "test":
+            raise ConfigError("sweep: key 'select_split' may not be the test split (it chooses the head)")
         if self.num_samples < 1 or self.max_concurrent_trials < 1:
             raise ConfigError("sweep: num_samples and max_concurrent_trials must be >= 1")
 
@@ -112,17 +138,58 @@ def param_overrides(params: dict) -> list[str]:
 
 
 def trial_task(task_name: str, overrides: Sequence[str], params: dict, select_split: str) -> TaskConfig:
-    """The trial's task: head only (no baselines), evaluated on the selection split."""
-    task = resolve_task(task_name, [*overrides, *param_overrides(params), f"train.eval_split={select_split}",
+    """The trial's task: any head the task supports, no baselines, evaluated on the selection split."""
+    return resolve_task(task_name, [*overrides, *param_overrides(params), f"train.eval_split={select_split}",
                                     "baselines.names=[]"])
-    if task.kind != "diagnosis" or task.head.finetune_blocks or task.fusion.kind == "experts" or task.ehr.enabled:
-        raise ConfigError(f"sweep: task '{task.name}' must be a frozen-backbone diagnosis head (no finetune_blocks, "
-                          f"experts fusion or EHR); use `downstream finetune` for those")
-    return task
+
+
+def per_epoch(task: TaskConfig) -> bool:
+    """One frozen-feature model: scored every ``report_every`` epochs, so ASHA can stop it early.
+    Heads trained in stages or on volumes (EHR fusion, plane experts, partial fine-tuning,
+    segmentation) run the task's own training and report once, at the end."""
+    return (task.kind == "diagnosis" and not task.head.finetune_blocks and not task.ehr.enabled
+            and not (task.fusion.kind == "experts" and len(task.planes) > 1))
+
+
+def selection_target(cfg: SweepConfig, task: TaskConfig) -> tuple[str, str]:
+    """(metric, model) a trial is selected on, checked against the task before Ray starts."""
+    metric = cfg.metric or METRICS[task.kind][0]
+    if metric not in METRICS[task.kind]:
+        raise ConfigError(f"sweep: key 'metric' '{metric}' does not score a {task.kind} task; "
+                          f"known: {', '.join(METRICS[task.kind])}")
+    models = ["diffusion", "ehr_only", "diffusion+ehr"] if task.ehr.enabled else ["diffusion"]
+    model = cfg.model or models[-1]
+    if model not in models:
+        raise ConfigError(f"sweep: key 'model' '{model}' is not trained by task '{task.name}'; known: {', '.join(models)}")
+    return metric, model
+
+
+def selection_scores(task: TaskConfig, frame: pd.DataFrame, planes: dict, train_rows: np.ndarray,
+                     select_rows: np.ndarray) -> dict[str, dict[str, float]]:
+    """Train the task's models as ``finetune`` does (no baselines) and score each on the selection
+    rows: ``{model: {metric: value}}`` (macro over labels, or mean over structures per case)."""
+    if task.kind == "segmentation":
+        results = run_segmentation(task, frame, planes[task.planes[0]], train_rows, select_rows)
+        return {name: {m: _case_mean(r["scores"][m]) for m in METRICS["segmentation"]} for name, r in results.items()}
+    results = run_diagnosis(task, frame, planes, train_rows, select_rows)
+    chosen = frame.iloc[select_rows][["patient", *task.labels]].reset_index(drop=True)
+    out = {}
+    for name, r in results.items():
+        scored = chosen.assign(**{f"p_{n}": r["probs"][:, k] for k, n in enumerate(task.labels)})
+        macro = diagnosis_metrics(scored, task.labels, "p_", n_boot=0)["macro"]
+        out[name] = {m: float(macro[m]) for m in METRICS["diagnosis"]}
+    return out
+
+
+def _case_mean(arr: np.ndarray) -> float:
+    arr = np.where(np.isfinite(arr), arr, np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a case without any structure: NaN, skipped
+        return float(np.nanmean(np.nanmean(arr, axis=1)))
 
 
 def sweep_trial(config: dict) -> None:
-    """Ray Tune trainable: train one head on cached features, report the selection metric per epoch."""
+    """Ray Tune trainable: train the trial's head on the cached inputs, report the selection metric."""
     from ray import tune
 
     task = trial_task(config["task"], config["overrides"], config["params"], config["select_split"])
@@ -130,6 +197,13 @@ def sweep_trial(config: dict) -> None:
     frame = load_studies(task)
     train_rows, select_rows = split_rows(frame, task)
     planes = prepare_planes(task, list(frame["key"]), manifest, FeatureCache(task.cache_dir))
+    metric, model_name = config["metric"], config["model"]
+    if not per_epoch(task):
+        scores = selection_scores(task, frame, planes, train_rows, select_rows)
+        value = scores[model_name][metric]
+        tune.report({"score": float(np.nan_to_num(value, nan=0.0)), metric: value, "model": model_name,
+                     "epoch": task.train.epochs, **{f"{n}/{metric}": s[metric] for n, s in scores.items()}})
+        return
     y = frame[task.labels].to_numpy(np.float32)
     batcher = feature_batcher({p: d.features for p, d in planes.items()}, y)
     seed_everything(task.train.seed)
@@ -144,8 +218,8 @@ def sweep_trial(config: dict) -> None:
         probs = torch.sigmoid(predict(model, batcher, select_rows)).numpy()
         scored = chosen.assign(**{f"p_{n}": probs[:, k] for k, n in enumerate(task.labels)})
         macro = diagnosis_metrics(scored, task.labels, "p_", n_boot=0)["macro"]
-        tune.report({"score": float(np.nan_to_num(macro[config["metric"]], nan=0.0)),
-                     config["metric"]: macro[config["metric"]], "loss": loss, "epoch": epoch})
+        tune.report({"score": float(np.nan_to_num(macro[metric], nan=0.0)), metric: macro[metric],
+                     "model": model_name, "loss": loss, "epoch": epoch})
 
     t = task.train
     fit(model, batcher, train_rows, masked_bce, epochs=epochs, lr=t.lr, weight_decay=t.weight_decay,
@@ -159,10 +233,24 @@ def feature_settings(cfg: SweepConfig) -> list[dict]:
     return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
 
 
+def check_combinations(cfg: SweepConfig, limit: int = 256) -> None:
+    """Every combination of the discrete (grid/choice) values makes a valid task, before Ray starts
+    (e.g. partial fine-tuning or EHR fusion with plane experts is refused, naming the values)."""
+    keys = [k for k, dist in cfg.space.items() if next(iter(dist)) in ("grid", "choice")]
+    combos = list(itertools.islice(itertools.product(*[next(iter(cfg.space[k].values())) for k in keys]), limit))
+    for combo in combos:
+        try:
+            trial_task(cfg.task, cfg.overrides, dict(zip(keys, combo)), cfg.select_split)
+        except ConfigError as exc:
+            raise ConfigError(f"sweep: space values {param_overrides(dict(zip(keys, combo)))}: {exc}") from None
+
+
 def prepare_sweep(cfg: SweepConfig) -> TaskConfig:
     """All checks and the feature cache, before any trial: returns the base task."""
+    check_combinations(cfg)
     for setting in feature_settings(cfg):
         task = trial_task(cfg.task, cfg.overrides, setting, cfg.select_split)
+        selection_target(cfg, task)
         manifest = check_task(task)
         frame = load_studies(task)
         split_rows(frame, task)
@@ -177,30 +265,37 @@ def run_sweep(cfg: SweepConfig, run_dir: str | Path | None = None) -> dict:
     from ray.tune.search import BasicVariantGenerator
 
     t0 = time.perf_counter()
+    task = resolve_task(cfg.task, cfg.overrides)
+    max_t = cfg.scheduler.rungs(task.train.epochs)
+    metric, model = selection_target(cfg, task)
+    out = Path(run_dir or Path(cfg.out) / (cfg.name or f"{task.name}-sweep")).resolve()
+    check_resume(saved_yaml(out / "config.yaml"), to_dict(cfg), out, "sweep", ignore=RESUME_IGNORE)
     base = prepare_sweep(cfg)
-    out = Path(run_dir or Path(cfg.out) / (cfg.name or f"{base.name}-sweep")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     overrides = absolute_paths(base, cfg.overrides)
     t_prepared = time.perf_counter()
     s = cfg.scheduler
-    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max(1, (s.max_t or base.train.epochs) // s.report_every),
-                              grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=s.grace_period,
+                              reduction_factor=s.reduction_factor)
     space = {"task": cfg.task, "overrides": overrides, "params": param_space(cfg), "select_split": cfg.select_split,
-             "metric": cfg.metric, "report_every": s.report_every}
+             "metric": metric, "model": model, "report_every": s.report_every}
     tune_config = tune.TuneConfig(metric="score", mode="max", scheduler=scheduler, num_samples=cfg.num_samples,
                                   reuse_actors=True,
                                   search_alg=BasicVariantGenerator(max_concurrent=cfg.max_concurrent_trials,
                                                                    random_state=cfg.seed))
-    grid = run_tuner(sweep_trial, space, out, tune_config, cfg.resources)
-    trials = sweep_table(trial_rows(grid), cfg.metric)
+    grid = run_tuner(sweep_trial, space, out, tune_config, cfg.resources, cfg.ray.address)
+    trials = sweep_table(trial_rows(grid), metric)
     trials.to_csv(out / "trials.csv", index=False, float_format="%.5f")
-    best = best_trial(trials, cfg, overrides)
+    best = best_trial(trials, cfg, overrides, metric, model)
     (out / "best.json").write_text(json.dumps(best, indent=1))
     summary = {"task": cfg.task, "run_dir": str(out), "best": best, "n_trials": int(len(trials)),
                "n_errors": int(trials["error"].notna().sum()),
                "timings": {"prepare_s": round(t_prepared - t0, 3), "total_s": round(time.perf_counter() - t0, 3)}}
-    (out / "metrics.json").write_text(json.dumps(summary, indent=1))
+    write_metrics(out, summary, default=None)
+    with start_tracking(cfg.wandb, out, out.name, to_dict(cfg), group=cfg.task, job_type="sweep") as tracker:
+        tracker.table("trials", trials)
+        tracker.summary({"best/value": best["value"], "n_trials": summary["n_trials"], "n_errors": summary["n_errors"]})
     return summary | {"trials": trials}
 
 
@@ -214,15 +309,15 @@ def sweep_table(rows: list[dict], metric: str) -> pd.DataFrame:
     return pd.DataFrame(records)
 
 
-def best_trial(trials: pd.DataFrame, cfg: SweepConfig, overrides: list[str]) -> dict:
+def best_trial(trials: pd.DataFrame, cfg: SweepConfig, overrides: list[str], metric: str, model: str) -> dict:
     """The trial with the best last-reported selection metric among those that did not fail."""
-    ok = trials[trials["error"].isna() & trials[f"val_{cfg.metric}"].notna()]
+    ok = trials[trials["error"].isna() & trials[f"val_{metric}"].notna()]
     if ok.empty:
         raise RuntimeError(f"sweep: every trial failed; see {trials['error'].dropna().head(3).tolist()}")
-    row = ok.loc[ok[f"val_{cfg.metric}"].idxmax()]
+    row = ok.loc[ok[f"val_{metric}"].idxmax()]
     params = {c.split(":", 1)[1]: json.loads(row[c]) for c in trials.columns if c.startswith("param:")}
-    return {"task": cfg.task, "trial": row["trial"], "params": params, "metric": f"{cfg.select_split} macro {cfg.metric}",
-            "value": float(row[f"val_{cfg.metric}"]), "epochs_reported": int(row["epochs"]),
+    return {"task": cfg.task, "trial": row["trial"], "params": params, "metric": f"{cfg.select_split} {metric} of {model}",
+            "value": float(row[f"val_{metric}"]), "epochs_reported": int(row["epochs"]),
             "overrides": [*overrides, *param_overrides(params)]}
 
 

@@ -14,7 +14,9 @@ from typing import Sequence
 from omegaconf import OmegaConf
 
 from shards.config import ConfigError, load_config
+from shards.runs import default_folder
 from shards.schema import JOINTS, LABELS, PLANES, STRUCTURES
+from shards.tracking import WandbConfig
 
 from .pooling import POOLINGS
 
@@ -159,7 +161,7 @@ class TaskConfig:
     backbones: dict[str, str] = field(default_factory=dict)
     shards: str = "data/shards"
     cache_dir: str = "cache/features"
-    out: str = "runs/finetune"
+    out: str = field(default_factory=default_folder("finetune"))
     run_name: str = ""
     device: str = "cpu"
     threads: int = 0
@@ -171,6 +173,7 @@ class TaskConfig:
     probe: ProbeSpec = field(default_factory=ProbeSpec)
     metrics: MetricsSpec = field(default_factory=MetricsSpec)
     baselines: BaselineSpec = field(default_factory=BaselineSpec)
+    wandb: WandbConfig = field(default_factory=WandbConfig)    # W&B tracking; off without wandb.project
 
     def validate(self) -> None:
         where = f"task '{self.name}'"
@@ -210,6 +213,9 @@ class TaskConfig:
                               f"got {self.baselines.cnn_channels}")
         if self.ehr.enabled and self.kind != "diagnosis":
             raise ConfigError(f"{where}: ehr fusion needs a diagnosis task")
+        if self.ehr.enabled and self.fusion.kind == "experts" and len(self.planes) > 1:
+            raise ConfigError(f"{where}: ehr fusion mixes one image model with the EHR head; plane experts "
+                              f"(fusion.kind=experts) are several: use concat, projected_sum or label_level")
         if not self.features.timesteps or not self.features.blocks or self.features.noise_draws < 1:
             raise ConfigError(f"{where}: features need timesteps, blocks and noise_draws >= 1")
         extra = sorted(set(self.features.per_plane) - set(self.planes))

@@ -159,7 +159,7 @@ def fit_selected(build: Callable[[], torch.nn.Module], get_batch: GetBatch, trai
         model = build()
         state: dict = {"loss": float("inf"), "epoch": 0, "weights": None, "since": 0}
 
-        def keep_best(epoch: int, _loss: float) -> bool:
+        def keep_best(epoch: int, _loss: float, model=model, state=state) -> bool:
             if not len(select_rows):
                 return False
             val = mean_loss(model, get_batch, select_rows, loss_fn, device=device)

@@ -4,34 +4,34 @@ its trials back as plain rows (errors included, never raised)."""
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parents[1]
 TUNE_DIR = "tune"
 
 
-def ensure_ray() -> None:
-    """Join the Ray of ``RAY_ADDRESS`` or the one already started; else start a local one."""
-    import ray
+@dataclass
+class RayConnection:
+    """``ray:`` of a sweep or study config: which Ray to join (see :func:`pretrain.launchers.ray.connect_ray`)."""
 
-    if ray.is_initialized():
-        return
-    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    ray.init(include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
+    address: Optional[str] = None     # None: $RAY_ADDRESS, else a private local Ray
 
 
-def run_tuner(trainable: Callable, param_space: dict, run_dir: Path, tune_config, resources: dict[str, float]):
-    """Fit a Tuner whose experiment lives in ``<run_dir>/tune``; an interrupted experiment there is
-    restored (finished trials kept, unfinished and errored ones run again) instead of restarted."""
+def run_tuner(trainable: Callable, param_space: dict, run_dir: Path, tune_config, resources: dict[str, float],
+              address: str | None = None):
+    """Fit a Tuner whose experiment lives in ``<run_dir>/tune`` on the Ray at ``address``; an
+    interrupted experiment there is restored (finished trials kept, unfinished and errored ones run
+    again) instead of restarted."""
     from ray import tune
 
-    ensure_ray()
+    from pretrain.launchers.ray import connect_ray
+
+    connect_ray(address, log_to_driver=False)
     trainable = tune.with_resources(trainable, {k: float(v) for k, v in resources.items()})
     path = run_dir.resolve() / TUNE_DIR
     if tune.Tuner.can_restore(str(path)):

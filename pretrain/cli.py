@@ -14,122 +14,70 @@ checkpoint to full weights (EMA when present) and writes a published backbone pe
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-from pathlib import Path
 
-from shards.config import ConfigError, load_config, save_config, to_dict
+from shards.config import Command, build_cli, load_config, run_cli
+from shards.reader import ShardError
 
-from .checkpoint import CheckpointError
-from .recon.cli import add_recon_parsers
-
-
-def _resolve_paths(cfg):
-    """Absolute local paths, so Ray workers (other working directories) see the same folders."""
-    cfg.run_root = str(Path(cfg.run_root).resolve())
-    if "://" not in cfg.data.source:
-        cfg.data.source = str(Path(cfg.data.source).resolve())
-    if "://" not in cfg.storage_path:
-        cfg.storage_path = str(Path(cfg.storage_path).resolve())
-    return cfg
+from .loop import NonFiniteLossError
+from .recon.cli import RECON_COMMANDS
 
 
 def cmd_run(args) -> int:
-    from shards.manifest import load_manifest
-
     from .config import PretrainConfig, run_dir
-    from .launchers import launch
+    from .run import is_rank0, train
 
-    cfg = _resolve_paths(load_config(PretrainConfig, args.config, args.overrides))
-    try:
-        load_manifest(cfg.data.source)
-    except Exception as exc:
-        raise ConfigError(f"key 'data.source': cannot read shards at {cfg.data.source}: {exc}") from exc
-    rank0 = int(os.environ.get("RANK", "0")) == 0 or cfg.launcher != "torchrun"
-    if rank0:
-        save_config(cfg, run_dir(cfg) / "config.yaml")
-    results = launch(cfg)
-    if rank0:
-        (run_dir(cfg) / "metrics.json").write_text(json.dumps(results, indent=1, sort_keys=True, default=str))
+    cfg = load_config(PretrainConfig, args.config, args.overrides)
+    results = train(cfg)
+    if is_rank0(cfg):
         for unit, m in results.items():
             print(f"{cfg.name}/{unit}: {m.get('steps')} steps, final loss {m.get('final_loss')}")
         print(f"run folder: {run_dir(cfg)}")
     return 0
 
 
-def _run_config(run: str, run_root: str):
-    from .config import PretrainConfig
-
-    folder = Path(run) if Path(run).is_dir() else Path(run_root) / run
-    path = folder / "config.yaml"
-    if not path.is_file():
-        raise ConfigError(f"no pretraining run at {folder} (config.yaml missing); "
-                          f"give a run name under {run_root} or a run folder")
-    return load_config(PretrainConfig, path)
-
-
-def publish_unit(cfg, unit: str, hub: str, overwrite: bool = False) -> str:
-    """Consolidate ``unit``'s newest checkpoint and publish it under ``<hub>/<objective name>``."""
-    from shards.manifest import load_manifest
-
-    from .checkpoint import apply_weights, consolidated_state_dict
-    from .launchers.local import FileSession
-    from .objectives import build_objective
-
-    session = FileSession(cfg, unit, 0, 1)
-    with session.latest_checkpoint() as ckpt:
-        if ckpt is None:
-            raise FileNotFoundError(f"run '{cfg.name}' has no checkpoint for '{unit}' under {session.root}")
-        weights, source, state = consolidated_state_dict(ckpt)
-    objective = build_objective(cfg, unit, load_manifest(cfg.data.source))
-    model = apply_weights(objective.build_model(), weights).eval()
-    history = state.get("history", [])
-    metrics = {"steps": state["step"], "final_loss": history[-1]["loss"] if history else None,
-               "weights": source, "run": cfg.name}
-    return objective.publish(model, f"{hub.rstrip('/')}/{objective.publish_name}", to_dict(cfg),
-                             metrics, overwrite=overwrite)
-
-
 def cmd_publish(args) -> int:
-    cfg = _run_config(args.run, args.run_root)
-    units = args.plane or cfg.planes
-    unknown = [u for u in units if u not in cfg.planes]
-    if unknown:
-        raise ConfigError(f"run '{cfg.name}' has no plane(s) {unknown}; it trained {cfg.planes}")
-    for unit in units:
-        print(f"published {cfg.name}/{unit} -> {publish_unit(cfg, unit, args.to, args.overwrite)}")
+    from .run import load_run_config, publish_run
+
+    cfg = load_run_config(args.run, args.run_root)
+    for unit, url in publish_run(cfg, args.to, args.plane, args.overwrite).items():
+        print(f"published {cfg.name}/{unit} -> {url}")
     return 0
 
 
+def _run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="configs/pretrain/<name>.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. launcher=local optim.total_steps=20")
+
+
+def _publish_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run name (under --run-root) or run folder")
+    p.add_argument("--to", required=True, help="hub: a folder, s3:// URL or hf://owner (one folder per plane)")
+    p.add_argument("--plane", action="append", help="publish only this plane (repeatable)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing published version")
+    p.add_argument("--run-root", default=None, help="folder of the runs (default <runs root>/pretrain: "
+                                                   "runs/pretrain or $MSKFM_RUNS/pretrain)")
+
+
+COMMANDS: dict[str, Command] = {
+    "run": Command(_run_args, cmd_run, "train the backbones of a config (resumes a run of the same name)"),
+    "publish": Command(_publish_args, cmd_publish, "publish the trained backbones of a run"),
+    **RECON_COMMANDS,
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pretrain", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="train the backbones of a config (resumes a run of the same name)")
-    r.add_argument("--config", required=True, help="configs/pretrain/<name>.yaml")
-    r.add_argument("overrides", nargs="*", help="key=value overrides, e.g. launcher=local optim.total_steps=20")
-    r.set_defaults(func=cmd_run)
-    pub = sub.add_parser("publish", help="publish the trained backbones of a run")
-    pub.add_argument("run", help="run name (under --run-root) or run folder")
-    pub.add_argument("--to", required=True, help="hub: a folder, s3:// URL or hf://owner (one folder per plane)")
-    pub.add_argument("--plane", action="append", help="publish only this plane (repeatable)")
-    pub.add_argument("--overwrite", action="store_true", help="replace an existing published version")
-    pub.add_argument("--run-root", default="runs/pretrain")
-    pub.set_defaults(func=cmd_publish)
-    add_recon_parsers(sub)
-    return p
+    return build_cli("pretrain", __doc__.splitlines()[0], COMMANDS)
 
 
 def main(argv: list[str] | None = None) -> int:
     import torch
 
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError) as exc:
-        print(f"pretrain {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    # deterministic failures: the same one line (exit 2) under every launcher
+    return run_cli(build_parser(), COMMANDS, argv,
+                   errors=(NonFiniteLossError, ShardError, FileNotFoundError, FileExistsError))
 
 
 if __name__ == "__main__":

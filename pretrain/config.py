@@ -3,6 +3,10 @@
 One run trains one backbone per plane of ``planes`` (each a separate DeepSpeed job with its own
 checkpoints, ``<storage_path>/<name>/<plane>/``). ``model`` and ``schedule`` are free-form
 keyword dicts handed to the objective, so a new objective needs no schema change.
+
+Data: the studies of ``joint``, or of several ``joints`` sampled with their mixing weights (balanced
+across anatomies, as in MosaicMRI), optionally capped at ``data.max_studies`` studies, a seeded
+subset nested across caps (the studies of a smaller cap are among those of a larger one).
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from shards.config import ConfigError
+from shards.runs import default_folder
 from shards.schema import JOINTS
+from shards.tracking import WandbConfig
 
 LAUNCHERS = ("local", "torchrun", "ray")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -37,6 +43,8 @@ class DataConfig:
     num_workers: int = 1              # DataLoader worker processes per training worker
     prefetch: int = 2                 # batches prefetched per DataLoader worker
     shuffle_buffer: int = 16
+    max_studies: int = 0              # cap: the first N of a seeded permutation of the split's studies; 0 = all
+    subset_seed: int = 0              # seed of that permutation: for one seed, smaller caps are nested in larger
 
 
 @dataclass
@@ -54,6 +62,7 @@ class PretrainConfig:
     name: str = "tiny"
     objective: str = "diffusion"
     joint: str = "knee"
+    joints: dict[str, float] = field(default_factory=dict)  # several anatomies: {joint: mixing weight}; {} = joint
     planes: list[str] = field(default_factory=lambda: ["sag", "cor", "ax"])
     shape: list[int] = field(default_factory=lambda: [8, 32, 32])  # (slices, rows, cols) per plane
     intensity: str = "percentile"     # percentile: dataset-wide window; volume: per-volume clip + z-score
@@ -70,9 +79,10 @@ class PretrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     launcher: str = "ray"
-    storage_path: str = "runs/pretrain"  # checkpoints: local folder or s3:// URL
-    run_root: str = "runs/pretrain"      # config.yaml, metrics.json(l), logs
+    storage_path: str = field(default_factory=default_folder("pretrain"))  # checkpoints: folder or s3:// URL
+    run_root: str = field(default_factory=default_folder("pretrain"))      # config.yaml, metrics.json(l), logs
     seed: int = 0
+    wandb: WandbConfig = field(default_factory=WandbConfig)  # W&B tracking by rank 0; off without a project
 
     def validate(self) -> None:
         if self.launcher not in LAUNCHERS:
@@ -83,6 +93,15 @@ class PretrainConfig:
             raise ConfigError(f"key 'zero_stage': {self.zero_stage} must be 0, 1 or 2")
         if self.objective == "diffusion" and self.joint not in JOINTS:
             raise ConfigError(f"key 'joint': '{self.joint}' is not one of {JOINTS}")
+        for joint, weight in self.joints.items():
+            if joint not in JOINTS or not weight > 0:
+                raise ConfigError(f"key 'joints.{joint}': joints must be among {JOINTS} with weights > 0")
+        if self.objective != "diffusion" and (self.joints or self.data.max_studies):
+            raise ConfigError(f"keys 'joints' and 'data.max_studies' apply to the diffusion objective; objective "
+                              f"'{self.objective}' trains on its whole source (recon studies write subsets: "
+                              "`pretrain recon-study`)")
+        if self.data.max_studies < 0:
+            raise ConfigError(f"key 'data.max_studies': {self.data.max_studies} must be >= 0 (0 = all studies)")
         if not self.planes or len(set(self.planes)) != len(self.planes):
             raise ConfigError(f"key 'planes': {self.planes} must be a non-empty list without repeats")
         if self.intensity not in ("percentile", "volume"):
@@ -102,6 +121,11 @@ class PretrainConfig:
             raise ConfigError(f"key 'ema_decay': {self.ema_decay} must be in [0, 1)")
         if self.ray.num_workers < 1:
             raise ConfigError("key 'ray.num_workers': must be >= 1")
+
+
+def mixture(cfg: PretrainConfig) -> dict[str, float]:
+    """The anatomies a run trains on, with their mixing weights (``joints``, else ``{joint: 1}``)."""
+    return dict(cfg.joints) or {cfg.joint: 1.0}
 
 
 def run_dir(cfg: PretrainConfig, plane: str | None = None) -> Path:

@@ -4,7 +4,7 @@
 ZeRO stage 0/1/2, bf16 where supported, gradient accumulation and clipping, warm-up + cosine LR
 (DeepSpeed ``WarmupCosineLR``), an fp32 EMA of the weights (diffusers ``EMAModel``, rank 0).
 Data: the plane's volumes from the shards, resampled with a seeded shuffle per (rank, DataLoader
-worker). The session (see :mod:`pretrain.launchers`) supplies rank, world size, the checkpoint to
+worker); several anatomies are mixed with their weights (:class:`shards.reader.MixedReader`). The session (see :mod:`pretrain.launchers`) supplies rank, world size, the checkpoint to
 resume from and where checkpoints go. DeepSpeed is imported here, inside the worker, after
 ``DS_ACCELERATOR`` is set.
 """
@@ -21,8 +21,10 @@ from pathlib import Path
 
 import torch
 
+from shards.config import to_dict
 from shards.manifest import load_manifest
-from shards.reader import ShardReader
+from shards.reader import MixedReader, ShardError, ShardReader
+from shards.tracking import Tracker, start_tracking
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import PretrainConfig, run_dir
@@ -95,14 +97,31 @@ def build_ema(cfg: PretrainConfig, model: torch.nn.Module, rank: int):
 def build_loader(cfg: PretrainConfig, objective, rank: int, world: int, epoch: int):
     """Endless seeded batches of this rank's share; ``epoch`` (the start step) reseeds on resume."""
     kwargs = {"source": cfg.data.source, **objective.reader_kwargs()}
-    reader = ShardReader(kwargs.pop("source"), cfg.data.split, rank=rank, world_size=world,
-                         shuffle=True, seed=cfg.seed, shuffle_buffer=cfg.data.shuffle_buffer,
-                         resample=True, transform=objective.prepare, **kwargs)
-    reader.set_epoch(epoch)
+    source = kwargs.pop("source")
+
+    def reader(**extra) -> ShardReader:
+        return ShardReader(source, cfg.data.split, rank=rank, world_size=world, shuffle=True, seed=cfg.seed,
+                           shuffle_buffer=cfg.data.shuffle_buffer, resample=True, transform=objective.prepare,
+                           **{**kwargs, **extra})
+
+    mix = getattr(objective, "mixture", None) or {}
+    if len(mix) > 1:  # one stream per anatomy, drawn with the mixing weights
+        keys = kwargs.get("keys")
+        data = MixedReader([reader(joints=[j], keys=keys) for j in mix], list(mix.values()), seed=cfg.seed)
+    else:
+        data = reader()
+    data.set_epoch(epoch)
     extra = ({"prefetch_factor": cfg.data.prefetch, "persistent_workers": False}
              if cfg.data.num_workers > 0 else {})
-    return torch.utils.data.DataLoader(reader, batch_size=cfg.batch_size, num_workers=cfg.data.num_workers,
+    return torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, num_workers=cfg.data.num_workers,
                                        collate_fn=objective.collate, **extra)
+
+
+def _next_batch(batches):
+    try:
+        return next(batches)
+    except ShardError as exc:  # from a DataLoader worker, the message carries its traceback
+        raise ShardError(str(exc).strip().splitlines()[-1].split("ShardError: ", 1)[-1]) from None
 
 
 def _to_engine(batch: dict, device, dtype) -> dict:
@@ -111,11 +130,13 @@ def _to_engine(batch: dict, device, dtype) -> dict:
 
 
 class MetricsLog:
-    """Rank-0 log: ``metrics.jsonl`` (one line per logged step or event) and printed lines."""
+    """Rank-0 log: ``metrics.jsonl`` (one line per logged step or event), printed lines, and the
+    W&B run when ``wandb.project`` is set."""
 
-    def __init__(self, folder: Path, enabled: bool):
+    def __init__(self, folder: Path, enabled: bool, tracker: Tracker | None = None):
         self.enabled = enabled
         self.path = folder / "metrics.jsonl"
+        self.tracker = tracker or Tracker()
         if enabled:
             folder.mkdir(parents=True, exist_ok=True)
 
@@ -124,6 +145,8 @@ class MetricsLog:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
+        if "loss" in record:
+            self.tracker.log(record, step=record["step"])
         if show:
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in record.items()), flush=True)
@@ -161,14 +184,21 @@ def _write_pid(folder: Path, rank: int) -> None:
 
 def train_unit(cfg: PretrainConfig, unit: str, session) -> dict:
     """Train ``unit`` to ``cfg.optim.total_steps`` (resuming if the session has a checkpoint)."""
-    rank, world = session.rank, session.world_size
+    rank = session.rank
     folder = run_dir(cfg, unit)
     _write_pid(folder, rank)
     torch.manual_seed(cfg.seed)
     objective = build_objective(cfg, unit, load_manifest(cfg.data.source))
     engine, lr_sched = build_engine(cfg, objective.build_model())
     ema = build_ema(cfg, engine.module, rank)
-    log = MetricsLog(folder, rank == 0)
+    tracker = (start_tracking(cfg.wandb, folder, f"{cfg.name}-{unit}", to_dict(cfg), group=cfg.name, job_type="pretrain")
+               if rank == 0 else Tracker())
+    with tracker:
+        return _train(cfg, unit, session, objective, engine, lr_sched, ema, MetricsLog(folder, rank == 0, tracker))
+
+
+def _train(cfg: PretrainConfig, unit: str, session, objective, engine, lr_sched, ema, log: MetricsLog) -> dict:
+    rank, world = session.rank, session.world_size
     step, history = 0, []
     with session.latest_checkpoint() as ckpt:
         if ckpt is not None:
@@ -186,7 +216,7 @@ def train_unit(cfg: PretrainConfig, unit: str, session) -> dict:
     while step < total:
         for _ in range(cfg.optim.grad_accum):
             t0 = time.perf_counter()
-            batch = next(batches)
+            batch = _next_batch(batches)
             window.data_s += time.perf_counter() - t0
             loss = objective.loss(engine, _to_engine(batch, engine.device, dtype), gen)
             if not torch.isfinite(loss):
@@ -212,6 +242,7 @@ def train_unit(cfg: PretrainConfig, unit: str, session) -> dict:
     final = {"steps": step, "final_loss": history[-1]["loss"] if history else math.nan,
              "unit": unit, "world_size": world}
     log.write({"event": "done", **final})
+    log.tracker.summary(final)
     return final
 
 

@@ -15,8 +15,7 @@ def _counts(d: dict | None) -> str:
 def _data_summary(manifest: dict) -> list[str]:
     stats = manifest.get("stats", {})
     lines = [f"- Shard manifest `{manifest.get('name', '?')}`: schema v{manifest.get('schema_version', '?')}, kind "
-             f"`{manifest.get('kind', '?')}`, created {manifest.get('created', '?')}"
-             + (f", source `{manifest['_base']}`" if manifest.get("_base") else ""),
+             f"`{manifest.get('kind', '?')}`, created {manifest.get('created', '?')}",
              f"- Source: {manifest.get('source') or manifest.get('sources') or 'n/a'}",
              f"- Studies: {stats.get('n_samples', 'n/a')}"]
     for split, s in sorted(manifest.get("splits", {}).items()):

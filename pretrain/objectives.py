@@ -20,6 +20,9 @@ and ignore it). The interface, all that the loop and ``pretrain publish`` call:
 - ``publish(model, out_url, train_config, metrics, overwrite) -> str``: write the trained
   ``model`` (full, EMA weights loaded) to ``out_url``; returns where it went.
 - ``publish_name`` (attribute): default folder name under the hub, e.g. ``knee-sag``.
+- optional ``mixture`` (attribute, ``{joint: weight}``): with several joints the loop draws from one
+  reader per joint with these weights; optional ``data_summary() -> dict``: what the model saw, added
+  to the published metrics.
 """
 
 from __future__ import annotations
@@ -32,6 +35,29 @@ from shards.config import ConfigError, lookup
 from .recon.objective import ReconObjective
 
 
+def study_subset(cfg, plane: str, joints: dict[str, float]) -> list[str] | None:
+    """``data.max_studies`` train studies of ``joints`` with ``plane``: the first N of a permutation
+    (seed ``data.subset_seed``) of their sorted keys, so smaller caps are nested in larger ones.
+    None when uncapped. Every joint must keep a study (its sampling stream would be empty)."""
+    import numpy as np
+
+    from shards.reader import study_index
+
+    n = cfg.data.max_studies
+    if not n:
+        return None
+    index = {k: j for k, j in study_index(cfg.data.source, cfg.data.split, plane).items() if j in joints}
+    keys = sorted(index)
+    if n > len(keys):
+        raise ConfigError(f"key 'data.max_studies': {n} exceeds the {len(keys)} {cfg.data.split}-split {plane} "
+                          f"studies of joints {list(joints)} in {cfg.data.source}")
+    chosen = [keys[i] for i in np.random.default_rng(cfg.data.subset_seed).permutation(len(keys))[:n]]
+    if empty := [j for j in joints if j not in {index[k] for k in chosen}]:
+        raise ConfigError(f"key 'data.max_studies': the {n} studies drawn hold no {plane} study of {empty}; "
+                          "raise the cap or drop those joints")
+    return chosen
+
+
 class DiffusionObjective:
     """DDPM noise (or velocity) regression on one plane's volumes with a 3D diffusion U-Net.
 
@@ -41,20 +67,30 @@ class DiffusionObjective:
     """
 
     def __init__(self, cfg, unit: str, manifest: dict):
+        from pretrain.config import mixture
         from pretrain.preprocess import spec_from_manifest
         from pretrain.schedule import build_scheduler
 
         self.cfg, self.plane = cfg, unit
         try:
             self.spec = spec_from_manifest(manifest, unit, list(cfg.shape), intensity=cfg.intensity)
+        except ValueError as exc:
+            raise ConfigError(f"plane '{unit}' of {cfg.data.source}: {exc}") from exc
+        try:
             self.scheduler = build_scheduler(dict(cfg.schedule))
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"plane '{unit}' of {cfg.data.source}: {exc}") from exc
-        self.publish_name = f"{cfg.joint}-{unit}"
+            raise ConfigError(f"key 'schedule': {exc}") from exc
+        self.mixture = mixture(cfg)
+        self.keys = study_subset(cfg, unit, self.mixture)
+        self.publish_name = f"{'+'.join(self.mixture)}-{unit}"
         self._manifest = manifest
 
     def reader_kwargs(self) -> dict:
-        return {"fields": (self.plane,), "joints": [self.cfg.joint]}
+        return {"fields": (self.plane,), "joints": list(self.mixture), "keys": self.keys}
+
+    def data_summary(self) -> dict:
+        """What the backbone saw, for its published metrics and model card."""
+        return {"joints": list(self.mixture), **({"n_studies": len(self.keys)} if self.keys is not None else {})}
 
     def prepare(self, sample: dict) -> dict:
         from pretrain.preprocess import preprocess_volume

@@ -6,7 +6,7 @@ A hub is a local folder (default), an ``s3://`` (or other fsspec) URL, or ``hf:/
     config.json                          backbone config (architecture, plane, preprocessing, schedule)
     diffusion_pytorch_model.safetensors  weights (diffusers save_pretrained)
     scheduler/scheduler_config.json      the diffusers noise scheduler
-    training_config.yaml                 the resolved training config
+    training_config.yaml                 the resolved training config (local paths and user names removed)
     metrics.json                         final training metrics
     README.md                            model card
 
@@ -25,12 +25,21 @@ from omegaconf import OmegaConf
 from .hub import fetch_folder, put_folder
 from .model_card import render_model_card
 from .models import BACKBONES
+from .redact import public
 
 SCHEDULER_DIR = "scheduler"
 
 
+def public_inputs(train_config: dict, manifest: dict, metrics: dict) -> tuple[dict, dict, dict]:
+    """Training config, manifest summary and metrics as a published folder may show them: no local
+    paths (the manifest's own location is dropped), no user names (:mod:`pretrain.redact`)."""
+    manifest = {k: v for k, v in (manifest or {}).items() if not k.startswith("_")}
+    return public(train_config or {}), public(manifest), public(metrics or {})
+
+
 def stage_backbone(model, scheduler, folder: Path, train_config: dict, manifest: dict, metrics: dict) -> None:
     """Write every file of a published backbone into the local ``folder``."""
+    train_config, manifest, metrics = public_inputs(train_config, manifest, metrics)
     model.save_pretrained(folder, safe_serialization=True)
     scheduler.save_pretrained(folder / SCHEDULER_DIR)
     (folder / "training_config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(train_config or {})))

@@ -105,11 +105,11 @@ def plain_in_subprocess(args) -> dict:
 
 
 def plain_config(args):
-    from pretrain.cli import _resolve_paths
     from pretrain.config import PretrainConfig
+    from pretrain.run import resolve_paths
     from shards.config import load_config
 
-    return _resolve_paths(load_config(PretrainConfig, args.config, [f"data.source={args.shards}", *CPU_OVERRIDES]))
+    return resolve_paths(load_config(PretrainConfig, args.config, [f"data.source={args.shards}", *CPU_OVERRIDES]))
 
 
 def cpu_bench(args) -> list[tuple[str, dict]]:

@@ -27,15 +27,16 @@ def ensure_backbone(shards: str, hub: Path) -> str:
     made if missing (setup, not timed; one thread: two threads thrash on a shared 2-core machine)."""
     import torch
 
-    from downstream.studies.backbones import StudyBackboneSpec, pretrain_study_backbone
+    from downstream.studies.config import StudyBackboneSpec
+    from downstream.studies.pretrained import train_backbone
 
     path = hub / "knee-sag"
     if not (path / "config.json").is_file():
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
-        pretrain_study_backbone(shards, ["knee"], "sag", 0, str(path),
-                                StudyBackboneSpec(channels=[8, 16], shape=[8, 32, 32], steps=20,
-                                                  num_train_timesteps=1000))
+        train_backbone(shards, ["knee"], "sag", 0, str(path), run_root=hub / "pretrain",
+                       spec=StudyBackboneSpec(channels=[8, 16], shape=[8, 32, 32], steps=20,
+                                                 num_train_timesteps=1000))
         torch.set_num_threads(threads)
     return str(path)
 

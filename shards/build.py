@@ -17,6 +17,8 @@ from .synth import SynthConfig, generate_study, iter_study_refs
 from .writer import ShardWriter
 
 log = logging.getLogger(__name__)
+# keys that may change when a build is resumed (everything else must match the folder's shards)
+RESUME_IGNORE = ("config.workers", "config.out")
 
 
 @dataclass
@@ -49,16 +51,35 @@ def build_shards(cfg: BuildConfig, progress: bool = True) -> dict:
     """Write (or finish writing) the shards described by ``cfg``; returns the study manifest."""
     out = Path(cfg.out)
     info = {"name": cfg.name, "source": "synth", "config": to_dict(cfg)}
-    kw = dict(max_bytes=cfg.shard_max_bytes, max_count=cfg.shard_max_count, info=info)
+    kw = dict(max_bytes=cfg.shard_max_bytes, max_count=cfg.shard_max_count, info=info,
+              resume_ignore=RESUME_IGNORE)
+    t0 = time.time()
     studies = ShardWriter(out, kind="study", **kw)
-    recon = ShardWriter(out / "recon", kind="recon", **kw) if cfg.synth.kspace.enabled else None
+    recon = None
+    try:
+        recon = ShardWriter(out / "recon", kind="recon", **kw) if cfg.synth.kspace.enabled else None
+        todo = _write_all(cfg, studies, recon, progress)
+    except BaseException as exc:  # finished shards stay for the rerun; locks are dropped
+        for writer in (studies, recon):
+            if writer is not None:
+                writer.__exit__(type(exc), exc, exc.__traceback__)
+        raise
+    if recon is not None:
+        recon.close()
+    manifest = studies.close()
+    manifest["build_seconds"] = round(time.time() - t0, 2)
+    manifest["generated"] = todo
+    return manifest
+
+
+def _write_all(cfg: BuildConfig, studies: ShardWriter, recon: ShardWriter | None, progress: bool) -> int:
+    """Generate and write every study (and its recon slices) not yet in a finished shard."""
     recon_done = {k.rsplit("-", 1)[0] for k in recon.done_keys} if recon else set()
     refs = list(iter_study_refs(cfg.synth))
     todo = [(cfg.synth, plan, v, key) for plan, v, key in refs
             if not studies.done(key) or (recon is not None and key not in recon_done)]
     if studies.resumed_samples:
-        log.info("resuming %s: %d studies already in finished shards", out, studies.resumed_samples)
-    t0 = time.time()
+        log.info("resuming %s: %d studies already in finished shards", cfg.out, studies.resumed_samples)
     with _pool(cfg.workers) as pool:
         results = pool.imap(_generate, todo, chunksize=2) if pool else map(_generate, todo)
         for plan, sample, recon_slices in tqdm(results, total=len(todo), disable=not progress,
@@ -69,12 +90,7 @@ def build_shards(cfg: BuildConfig, progress: bool = True) -> dict:
             for r in recon_slices if recon is not None else ():
                 r["meta"]["split"] = split
                 recon.write(r, split)
-    if recon is not None:
-        recon.close()
-    manifest = studies.close()
-    manifest["build_seconds"] = round(time.time() - t0, 2)
-    manifest["generated"] = len(todo)
-    return manifest
+    return len(todo)
 
 
 class _pool:

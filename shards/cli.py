@@ -9,10 +9,10 @@ import sys
 import time
 from pathlib import Path
 
-from .config import ConfigError, load_config
+from .config import Command, ConfigError, build_cli, load_config, run_cli
+from .ingest.cli import INGEST
 from .manifest import load_manifest, verify_shards
 from .runs import run_dir, write_run
-from .schema import SchemaError
 
 DEFAULT_CONFIG = "configs/shards/demo.yaml"
 
@@ -71,6 +71,22 @@ def cmd_verify(args) -> int:
     return 1 if problems else 0
 
 
+def cmd_scan_phi(args) -> int:
+    """Exit 0 when no identifying value of the export is in the shards (or what travels with them), else 1."""
+    from .phi_scan import format_scan, scan_phi
+
+    if not args.source and not args.table:
+        raise ConfigError("scan-phi: give --source <export dir> (and/or --table) to gather identifying values from")
+    if args.source and not Path(args.source).is_dir():
+        raise FileNotFoundError(f"scan-phi: --source {args.source} is not a folder")
+    result = scan_phi(args.shards, args.source, args.table, args.include,
+                      ("free_text",) if args.allow_free_text else ())
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    print(format_scan(result))
+    return 1 if result["n_hits"] else 0
+
+
 def cmd_info(args) -> int:
     from .summary import format_summary
 
@@ -82,47 +98,60 @@ def cmd_info(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="shards", description=__doc__)
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("build", help="build shards from a config (resumable)")
+def _build_args(p) -> None:
     p.add_argument("--config", help=f"YAML under configs/shards (default {DEFAULT_CONFIG})")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. synth.n_patients=20")
-    p.set_defaults(func=cmd_build)
 
-    p = sub.add_parser("synth", help="write a few synthetic studies as NIfTI/npy files + previews")
+
+def _synth_args(p) -> None:
     p.add_argument("--config")
     p.add_argument("--out", required=True)
     p.add_argument("--n", type=int, default=4)
     p.add_argument("--format", choices=("nifti", "npy"), default="nifti")
     p.add_argument("overrides", nargs="*")
-    p.set_defaults(func=cmd_synth)
 
-    from .ingest.cli import add_ingest_parsers
 
-    add_ingest_parsers(sub)
-
-    p = sub.add_parser("verify", help="check every shard's size and sha256 against the manifest")
+def _verify_args(p) -> None:
     p.add_argument("shards", help="shard folder, manifest.json or s3:// URL")
-    p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("info", help="print a dataset summary from the manifest")
+
+def _scan_phi_args(p) -> None:
+    p.add_argument("shards", help="shard folder or URL: every file in it is scanned")
+    p.add_argument("--source", help="the export the shards came from (DICOM, fastMRI, NIfTI, tables)")
+    p.add_argument("--table", action="append", default=[], help="a label/EHR table outside the export")
+    p.add_argument("--include", action="append", default=[],
+                   help="another file or folder that travels with the shards (model card, report)")
+    p.add_argument("--allow-free-text", action="store_true",
+                   help="shards ingested with deid.keep_free_text=true: whole free-text values are not hits")
+    p.add_argument("--json", help="also write the result (no values, only where and what kind) here")
+
+
+def _info_args(p) -> None:
     p.add_argument("shards")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_info)
-    return parser
+
+
+COMMANDS: dict[str, Command] = {
+    "build": Command(_build_args, cmd_build, "build shards from a config (resumable)"),
+    "synth": Command(_synth_args, cmd_synth, "write a few synthetic studies as NIfTI/npy files + previews"),
+    "ingest": INGEST,
+    "verify": Command(_verify_args, cmd_verify, "check every shard's size and sha256 against the manifest"),
+    "scan-phi": Command(_scan_phi_args, cmd_scan_phi, "look for the source export's identifying values in the shards"),
+    "info": Command(_info_args, cmd_info, "print a dataset summary from the manifest"),
+}
+
+
+def _global_args(parser) -> None:
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return build_cli("shards", __doc__, COMMANDS, _global_args)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return args.func(args)
-    except (ConfigError, SchemaError, FileNotFoundError) as exc:
-        print(f"shards {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    return run_cli(build_parser(), COMMANDS, argv, errors=(FileNotFoundError,))
 
 
 if __name__ == "__main__":

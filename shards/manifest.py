@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
-from typing import Any, Iterable
+from typing import Iterable, TypedDict
 
 import fsspec
 
@@ -14,13 +14,45 @@ from .schema import KNOWN_SCHEMA_VERSIONS, SchemaError
 MANIFEST_NAME = "manifest.json"
 
 
+class ShardEntry(TypedDict):
+    """One shard of a manifest (``shard_entries`` adds its absolute ``path``)."""
+
+    url: str                 # relative to the manifest's folder
+    split: str
+    n_samples: int
+    bytes: int
+    sha256: str
+    keys: list[str]          # sample keys, in order
+    patients: list[str]      # de-identified patient ids
+    stats: dict
+
+
+class SplitSummary(TypedDict):
+    n_samples: int
+    n_shards: int
+    patients: list[str]
+
+
+class Manifest(TypedDict, total=False):
+    """``manifest.json``: what the writer records and every reader relies on."""
+
+    schema_version: int      # refused unless in KNOWN_SCHEMA_VERSIONS
+    kind: str                # "study" or "recon"
+    created: str
+    name: str                # plus the builder's info keys (source, ingest config, ...)
+    splits: dict[str, SplitSummary]
+    shards: list[ShardEntry]
+    stats: dict              # shards.stats.summarize: counts per joint/site/..., per plane shape/spacing/intensity
+    _base: str               # set on load: the folder or URL the manifest came from
+
+
 def manifest_url(source: str) -> str:
     """Accept a manifest path/URL or the folder that holds it."""
     source = str(source)
     return source if source.endswith(".json") else posixpath.join(source.rstrip("/"), MANIFEST_NAME)
 
 
-def load_manifest(source: str) -> dict[str, Any]:
+def load_manifest(source: str) -> Manifest:
     """Read and check a manifest; refuses a schema version this code does not know."""
     url = manifest_url(source)
     try:
@@ -40,7 +72,7 @@ def load_manifest(source: str) -> dict[str, Any]:
     return manifest
 
 
-def shard_entries(manifest: dict, split: str | None = None) -> list[dict]:
+def shard_entries(manifest: Manifest, split: str | None = None) -> list[ShardEntry]:
     """Shard records (with absolute ``path``) for one split, or all splits when ``split`` is None."""
     entries = [s for s in manifest["shards"] if split is None or s["split"] == split]
     if split is not None and not entries:

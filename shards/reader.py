@@ -15,11 +15,11 @@ from __future__ import annotations
 import logging
 import os
 import random
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import fsspec
 import torch
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
 
 from .manifest import load_manifest, sha256_of, shard_entries
 from .schema import PLANES, decode_member, field_of
@@ -51,11 +51,14 @@ class ShardReader(torch.utils.data.IterableDataset):
         fields: fields to decode, e.g. ``("sag", "labels")``; None = all. ``__key__`` is always set.
         require: fields a sample must have to be yielded (default: the requested planes).
         joints: keep only studies of these joints.
+        keys: keep only these sample keys (a subset; shards without any of them are not read).
         rank, world_size: node split; default from torch.distributed or RANK/WORLD_SIZE.
         shuffle, seed, shuffle_buffer: deterministic seeded shuffle of shards and samples;
             call :meth:`set_epoch` to reshuffle per epoch.
         resample, epoch_length: infinite seeded resampling, cut to ``epoch_length`` per slot.
-        verify: check each shard's sha256 against the manifest before reading it.
+        verify: check each shard's sha256 against the manifest before reading it. Without it, each
+            shard's sample count is still checked against the manifest once it has been read
+            (a shard cut at a member boundary ends like a complete tar archive).
         on_error: "raise" or "skip" (log, count lost samples in ``self.skipped``, messages in
             ``self.errors``, and go on). Counts live in the iterating process (not DataLoader workers).
         transform: a function applied to each decoded sample.
@@ -63,6 +66,7 @@ class ShardReader(torch.utils.data.IterableDataset):
 
     def __init__(self, source: str, split: str | None = "train", fields: Sequence[str] | None = None,
                  *, require: Sequence[str] | None = None, joints: Sequence[str] | None = None,
+                 keys: Iterable[str] | None = None,
                  rank: int | None = None, world_size: int | None = None, split_by: str = "auto",
                  shuffle: bool = False, seed: int = 0, shuffle_buffer: int = 64,
                  resample: bool = False, epoch_length: int | None = None, verify: bool = False,
@@ -74,6 +78,11 @@ class ShardReader(torch.utils.data.IterableDataset):
             raise ValueError(f"split_by must be auto, shard or sample, got '{split_by}'")
         self.manifest = load_manifest(source)
         self.entries = shard_entries(self.manifest, split)
+        self.keys = frozenset(keys) if keys is not None else None
+        if self.keys is not None:
+            self.entries = [e for e in self.entries if self.keys.intersection(e.get("keys", ()))]
+            if not self.entries:
+                raise ValueError(f"none of the {len(self.keys)} requested keys is in split '{split}' of {source}")
         self.split, self.fields = split, tuple(fields) if fields is not None else None
         self.require = tuple(require) if require is not None else tuple(
             f for f in (self.fields or ()) if f in PLANES)
@@ -130,8 +139,23 @@ class ShardReader(torch.utils.data.IterableDataset):
             n += 1
 
     def _resampled(self, rng: random.Random) -> Iterator[dict]:
+        barren: set[str] = set()  # shards read to the end without one wanted sample
         while True:
-            yield from self._samples([rng.choice(self.entries)], 1, 0)
+            entry, found = rng.choice(self.entries), False
+            for sample in self._samples([entry], 1, 0):
+                found = True
+                yield sample
+            if found:
+                barren.clear()
+            else:
+                barren.add(entry["path"])
+            if len(barren) == len(self.entries):
+                raise ShardError(f"no sample of split '{self.split}' in {self.manifest['_base']} has "
+                                 f"{self._wanted_text()}: every shard of the split was read")
+
+    def _wanted_text(self) -> str:
+        joints = f"joint {' or '.join(sorted(self.joints))} with " if self.joints else ""
+        return f"{joints}field(s) {', '.join(self.require) or '(any)'}"
 
     def _samples(self, shards: list[dict], stride: int, offset: int) -> Iterator[dict]:
         for entry in shards:
@@ -165,9 +189,14 @@ class ShardReader(torch.utils.data.IterableDataset):
                                   entry.get("n_samples", 1))
             return
         last = {"member": None}
+        keys: dict[str, None] = {}  # every sample key in the archive (in order), wanted fields or not
+
+        def select(fname: str) -> bool:
+            keys[fname.split(".", 1)[0]] = None
+            return self._wanted(fname)
 
         def members(stream):
-            for m in tar_file_iterator(stream, select_files=self._wanted):
+            for m in tar_file_iterator(stream, select_files=select):
                 last["member"] = m["fname"]
                 yield {**m, "__url__": path}
 
@@ -177,6 +206,8 @@ class ShardReader(torch.utils.data.IterableDataset):
                 counted = _CountingReader(stream)
                 for group in group_by_keys(members(counted)):
                     seen += 1
+                    if self.keys is not None and group["__key__"] not in self.keys:
+                        continue
                     sample = {"__key__": group["__key__"]}
                     try:
                         for suffix, data in group.items():
@@ -193,10 +224,18 @@ class ShardReader(torch.utils.data.IterableDataset):
         except Exception as exc:  # the rest of this shard is unreadable
             lost = max(1, entry.get("n_samples", 0) - seen)
             yield from self._fail(path, last["member"], exc, lost)
+            return
+        expected = entry.get("n_samples")
+        if expected is not None and len(keys) < expected:  # cut at a member boundary
+            after = f"after sample '{next(reversed(keys))}'" if keys else "at the start"
+            yield from self._fail(path, None, EOFError(
+                f"the archive ends {after} with {len(keys)} of the {expected} samples the manifest lists "
+                "(file cut short?)"), expected - len(keys), where="sample count")
 
-    def _fail(self, path: str, member: str | None, exc: Exception, lost: int = 1) -> Iterator[dict]:
-        where = (f"sample '{member.split('.', 1)[0]}' (member {member})" if member
-                 else "before the first sample")
+    def _fail(self, path: str, member: str | None, exc: Exception, lost: int = 1,
+              where: str | None = None) -> Iterator[dict]:
+        where = where or (f"sample '{member.split('.', 1)[0]}' (member {member})" if member
+                          else "before the first sample")
         msg = f"corrupt shard {path}: {where}: {type(exc).__name__}: {exc}"
         if self.on_error == "raise":
             raise ShardError(msg) from exc
@@ -233,3 +272,54 @@ def iter_samples(source: str, split: str | None = "train", fields: Sequence[str]
     kwargs.setdefault("rank", 0)
     kwargs.setdefault("world_size", 1)
     return iter(ShardReader(source, split, fields, **kwargs))
+
+
+class MixedReader(torch.utils.data.IterableDataset):
+    """Balanced sampling across sources (MosaicMRI-style anatomy mixing): each sample comes from
+    ``readers[i]`` with probability ``weights[i] / sum(weights)``, drawn from a stream seeded per
+    (seed, epoch, rank and DataLoader worker). Stops when the chosen reader runs out."""
+
+    def __init__(self, readers: Sequence[ShardReader], weights: Sequence[float], seed: int = 0):
+        super().__init__()
+        if len(readers) != len(weights) or not readers or min(weights) <= 0:
+            raise ValueError(f"MixedReader needs one positive weight per reader, got {list(weights)}")
+        self.readers, self.weights, self.seed, self.epoch = list(readers), list(weights), seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        for r in self.readers:
+            r.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[Any]:
+        slot, _ = self.readers[0]._slot()
+        rng = random.Random(f"mix-{self.seed}-{self.epoch}-{slot}")
+        streams = [iter(r) for r in self.readers]
+        while True:
+            try:
+                yield next(rng.choices(streams, weights=self.weights)[0])
+            except StopIteration:
+                return
+
+
+def study_index(source: str, split: str | None = "train", plane: str | None = None) -> dict[str, str]:
+    """``{sample key: joint}`` of a split's studies (those with ``plane`` when given), from the tar
+    member names and ``meta.json`` only: no volume is decoded."""
+    out: dict[str, str] = {}
+    present: dict[str, set] = {}
+
+    def wanted(fname: str) -> bool:  # records every member, reads only meta.json
+        key, suffix = base_plus_ext(fname)
+        present.setdefault(key, set()).add(field_of(suffix or ""))
+        return suffix == "meta.json"
+
+    for entry in shard_entries(load_manifest(source), split):
+        present.clear()
+        with fsspec.open(entry["path"], "rb") as stream:
+            for m in tar_file_iterator(stream, select_files=wanted):
+                key, _ = base_plus_ext(m["fname"])
+                out[key] = decode_member("meta.json", m["data"]).get("joint", "unknown")
+        if plane is not None:
+            for key, fields in present.items():
+                if plane not in fields:
+                    out.pop(key, None)
+    return out

@@ -90,8 +90,8 @@ def summarize(stats: dict) -> dict:
             | {"mean": round(ps["mean_sum"] / n, 5), "std": round(ps["std_sum"] / n, 5)},
             "common_shape": [int(x) for x in Counter(ps["shapes"]).most_common(1)[0][0].split("x")],
         }
-    for joint, labels in stats["labels"].items():
-        for name, c in labels.items():
+    for labels in stats["labels"].values():
+        for c in labels.values():
             known = c["pos"] + c["neg"]
             c["prevalence"] = round(c["pos"] / known, 4) if known else None
     return out

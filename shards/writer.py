@@ -5,6 +5,12 @@ Each split gets its own sequence of shards ``<split>-NNNNNN.tar``. A shard is wr
 is then appended to ``_progress.jsonl``. A rerun after a crash deletes stray ``.tmp`` files, reads
 the journal, skips every key already in a finished shard and carries on numbering. ``close()``
 writes ``manifest.json`` atomically from the journal.
+
+A writer holds an exclusive lock on its folder (:mod:`shards.lock`) from construction to
+``close()``, so a second build or ingest into the folder is refused naming the first. What the
+folder holds is described by ``info`` (kind, name, source, config), saved in ``_info.json`` with the
+first finished shard: a rerun whose ``info`` differs (other than in ``resume_ignore``) is refused,
+naming the changed keys (see :mod:`shards.resume`).
 """
 
 from __future__ import annotations
@@ -18,11 +24,30 @@ from typing import Any
 
 import webdataset as wds
 
+from . import lock
 from . import stats as stats_mod
 from .manifest import MANIFEST_NAME
+from .resume import check_resume
 from .schema import SCHEMA_VERSION, SchemaError, encode_sample
 
 JOURNAL_NAME = "_progress.jsonl"
+INFO_NAME = "_info.json"
+MANIFEST_OWN_KEYS = ("schema_version", "created", "splits", "shards", "stats")
+
+
+def saved_info(out_dir: str | Path) -> dict | None:
+    """What a shard folder was written with: ``_info.json``, else a finished manifest's info."""
+    out_dir = Path(out_dir)
+    for name in (INFO_NAME, MANIFEST_NAME):
+        if (out_dir / name).is_file():
+            saved = json.loads((out_dir / name).read_text())
+            return {k: v for k, v in saved.items() if k not in MANIFEST_OWN_KEYS}
+    return None
+
+
+def check_resumable(out_dir: str | Path, kind: str, info: dict, ignore=()) -> None:
+    """Refuse to add to a shard folder written with another kind, source or configuration."""
+    check_resume(saved_info(out_dir), {"kind": kind, **info}, out_dir, "shard set", ignore=ignore)
 
 
 class _HashingFile:
@@ -72,15 +97,20 @@ class ShardWriter:
 
     ``max_bytes`` and ``max_count`` bound each shard (whichever comes first). Use as a context
     manager or call :meth:`close` to write the manifest. ``info`` (name, config, source...) is stored
-    in the manifest as is.
+    in the manifest as is; ``resume_ignore`` names its keys that may change between runs.
     """
 
     def __init__(self, out_dir: str | Path, *, kind: str = "study", max_bytes: int = 1_000_000_000,
-                 max_count: int = 100_000, info: dict | None = None):
+                 max_count: int = 100_000, info: dict | None = None, resume_ignore=()):
         if kind not in ("study", "recon"):
             raise ValueError(f"unknown shard kind '{kind}'; known: study, recon")
         self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        lock.acquire(self.out_dir)
+        try:
+            check_resumable(self.out_dir, kind, info or {}, resume_ignore)
+        except BaseException:
+            lock.release(self.out_dir)
+            raise
         self.kind, self.max_bytes, self.max_count = kind, int(max_bytes), int(max_count)
         self.info = info or {}
         self.journal_path = self.out_dir / JOURNAL_NAME
@@ -136,6 +166,10 @@ class ShardWriter:
 
     def _finish(self, split: str) -> None:
         record = self._open.pop(split).finish()
+        if not (self.out_dir / INFO_NAME).is_file():
+            tmp = self.out_dir / (INFO_NAME + ".tmp")
+            tmp.write_text(json.dumps({"kind": self.kind, **self.info}, indent=1))
+            os.replace(tmp, self.out_dir / INFO_NAME)
         with open(self.journal_path, "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
@@ -167,7 +201,14 @@ class ShardWriter:
         tmp = self.out_dir / (MANIFEST_NAME + ".tmp")
         tmp.write_text(json.dumps(manifest, indent=1))
         os.replace(tmp, self.out_dir / MANIFEST_NAME)
+        self.release()
         return manifest
+
+    def release(self) -> None:
+        """Drop this writer's lock on the folder (``close()`` and an exception do it too)."""
+        if not getattr(self, "_released", False):
+            self._released = True
+            lock.release(self.out_dir)
 
     def __enter__(self) -> "ShardWriter":
         return self
@@ -180,3 +221,4 @@ class ShardWriter:
                 shard.tar.close()
                 shard.tmp.unlink(missing_ok=True)
             self._open.clear()
+            self.release()

@@ -97,3 +97,25 @@ def study_shards(tmp_path_factory) -> Path:
         "synth.planes=[sag]", "synth.kspace.enabled=false",
         "splits.train=0.5", "splits.val=0.2", "splits.test=0.3", "shard_max_count=32"]))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_hub(tiny_shards, tmp_path_factory) -> Path:
+    """Tiny published backbones (channels 4, 8) for the three knee planes, published with pretrain's API."""
+    import torch
+
+    from pretrain.models.diffusion import DiffusionBackbone
+    from pretrain.preprocess import spec_from_manifest
+    from pretrain.publish import publish_backbone
+    from shards.manifest import load_manifest
+
+    hub = tmp_path_factory.mktemp("hub")
+    manifest = load_manifest(str(tiny_shards))
+    for i, plane in enumerate(("sag", "cor", "ax")):
+        torch.manual_seed(1000 + i)  # not the random_backbone baseline's seed
+        model = DiffusionBackbone(channels=(4, 8), attention_levels=(False, False), num_res_blocks=1,
+                                  num_head_channels=8, norm_num_groups=4, plane=plane,
+                                  preprocessing=spec_from_manifest(manifest, plane).to_dict(),
+                                  schedule={"num_train_timesteps": 100})
+        publish_backbone(model, model.make_scheduler(), str(hub / f"knee-{plane}"), {}, manifest, {"steps": 0})
+    return hub

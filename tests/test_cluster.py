@@ -95,6 +95,92 @@ def test_unreachable_addresses_fail_fast(capsys, tmp_path):
     assert not list(tmp_path.rglob("*.json"))  # nothing recorded, nothing started
 
 
+def test_job_package_leaves_data_and_outputs_behind(tmp_path):
+    """What `cluster submit` uploads: code and configs, never data/, runs/, cache/, hub/, .venv/."""
+    import zipfile
+
+    from ray._private.runtime_env.packaging import create_package
+
+    from cluster.jobs import EXCLUDES
+
+    tree = tmp_path / "checkout"
+    for name in ["pkg/mod.py", "pkg/data/keep.py", "configs/a.yaml", "data/shards/x.tar", "runs/r/m.json",
+                 "cache/f.npy", "hub/knee-sag/w.safetensors", ".venv/bin/python", "wandb/run.log"]:
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        (tree / name).write_text("x")
+    zipped = tmp_path / "pkg.zip"
+    create_package(str(tree), zipped, include_gitignore=False, excludes=EXCLUDES)
+    names = {n for n in zipfile.ZipFile(zipped).namelist() if not n.endswith("/")}
+    assert names == {"pkg/mod.py", "pkg/data/keep.py", "configs/a.yaml"}
+
+    zipped = tmp_path / "checkout.zip"  # create_package leaves an existing file alone
+    create_package(str(ROOT), zipped, include_gitignore=True, excludes=EXCLUDES)
+    size = zipped.stat().st_size
+    assert size < 2 * 2**20, f"job package of this checkout is {size / 2**20:.1f} MiB"
+    roots = {n.split("/", 1)[0] for n in zipfile.ZipFile(zipped).namelist()}
+    assert not roots & {"data", "runs", "cache", "hub", ".venv", ".git", "docs"} and "configs" in roots
+
+
+def test_multi_node_path_check_names_the_key(tmp_path):
+    from cluster.config import ClusterError
+    from cluster.jobs import placed_command
+
+    shared = tmp_path / "nfs"
+    work = shared / "me"
+    (work / "configs").mkdir(parents=True)
+    config = work / "configs" / "p.yaml"
+    config.write_text("name: p\ndata: {source: data/shards/demo}\nstorage_path: /home/me/ckpt\n")
+    run = ["pretrain", "run", "--config", "configs/p.yaml"]
+
+    def refused(command, cwd=work, shared_dirs=(str(shared),)) -> str:
+        with pytest.raises(ClusterError) as err:
+            placed_command(command, cwd, ROOT, local=False, shared_dirs=shared_dirs)
+        return str(err.value)
+
+    assert "key 'storage_path' (--config p.yaml) = '/home/me/ckpt'" in refused(run)
+    assert "s3://" in refused(run) and "shared_dirs" in refused(run)
+    ok = [*run, "storage_path=s3://bucket/ckpt"]
+    assert "key 'data.source'" in refused([*ok, "data.source=/scratch/shards"])
+    assert placed_command(ok, work, ROOT, local=False, shared_dirs=[str(shared)]) \
+        == f"cd {work} && python -m pretrain run --config configs/p.yaml storage_path=s3://bucket/ckpt"
+    # Outside shared storage even relative paths (and the run folders under runs/) stay behind.
+    assert "option --config = 'configs/p.yaml'" in refused(ok, shared_dirs=())
+    assert "key 'data.source'" in refused(["pretrain", "run", "data.source=data/shards/demo"], shared_dirs=())
+    assert "the submitting folder" in refused(["pretrain", "publish", "p", "--to", "s3://b/hub"], shared_dirs=())
+    # A task name: its YAML's paths (shards, backbones) are checked too.
+    assert "key 'backbones.sag' (--task knee-dx.yaml)" in refused(["downstream", "finetune", "--task", "knee-dx"], shared_dirs=())
+    assert "option --to = '/home/me/hub'" in refused(["pretrain", "publish", "p", "--to", "/home/me/hub"])
+    # All nodes on this machine: nothing to refuse, the command runs where it was submitted.
+    assert placed_command(run, work, ROOT, local=True).startswith(f"cd {work} && python -m pretrain")
+
+
+def test_nodes_on_this_machine():
+    from cluster.paths import local_addresses, on_this_machine
+
+    assert on_this_machine(["127.0.0.1", "127.0.0.1"])
+    assert on_this_machine(sorted(local_addresses() - {"localhost"})[:1])
+    assert not on_this_machine(["127.0.0.1", "10.254.3.7"], mine={"127.0.0.1", "10.0.0.5"})
+
+
+def test_joining_a_missing_head_fails_in_seconds(monkeypatch):
+    import socket
+
+    from pretrain.launchers.ray import join
+    from shards.config import ConfigError
+
+    monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match=f"key 'ray.address': no Ray head answers at 127.0.0.1:{port}"):
+        join(f"127.0.0.1:{port}", {})
+    with pytest.raises(ConfigError, match="'auto' would join whichever Ray"):
+        join("auto", {})
+    assert time.monotonic() - t0 < 10
+
+
 def _launcher_yaml(tmp_path: Path, edit) -> Path:
     raw = yaml.safe_load((ROOT / "configs/cluster/aws.yaml").read_text())
     edit(raw)
@@ -131,44 +217,100 @@ def test_cloud_configs_pass_rays_launcher_schema(name):
 # ---------------------------------------------------------------- a real loopback head
 
 
-@pytest.mark.integration
-def test_up_submit_down_on_loopback(tmp_path, tiny_shards):
-    import psutil
-
-    state = tmp_path / "state"
+@pytest.fixture(scope="module")
+def loopback_head(tmp_path_factory):
+    """The module's one loopback head, started and stopped with the real CLI; teardown checks
+    that `down` left nothing running."""
+    state = tmp_path_factory.mktemp("cluster") / "state"
     opts = [f"state_dir={state}", "num_cpus=1"]
     up = cli("up", *opts)
     assert up.returncode == 0, up.stderr
-    assert "loopback only" in up.stdout
     nodes = recorded_nodes(state)
     try:
-        pids = live_pids(nodes)
-        assert len(nodes) == 1 and pids
-        exposed = [c.laddr for p in pids if psutil.pid_exists(p)
-                   for c in psutil.Process(p).net_connections("inet")
-                   if c.status == psutil.CONN_LISTEN and not _loopback(c.laddr.ip)]
-        assert not exposed, f"listening beyond loopback: {exposed}"
-
-        ok = cli("submit", *opts, "--", "shards", "info", str(tiny_shards))
-        assert ok.returncode == 0, ok.stdout + ok.stderr
-        assert "knee" in ok.stdout and "(exit 0)" in ok.stdout
-
-        bad = cli("submit", *opts, "--", "python", "-c", "import sys; print('bye'); sys.exit(3)")
-        assert bad.returncode == 3, bad.stdout + bad.stderr
-        assert "bye" in bad.stdout
-
-        status = cli("status", *opts)
-        assert status.returncode == 0 and "1 node(s)" in status.stdout and "CPU=1" in status.stdout
-        jobs = cli("jobs", *opts)
-        assert "2 job(s)" in jobs.stdout and "exit=3" in jobs.stdout
-
-        again = cli("up", *opts)  # a second head under the same name is refused, nothing started
-        assert again.returncode == 2 and "already has a running head" in again.stderr
+        yield opts, nodes, up.stdout
     finally:
         down = cli("down", *opts)
     assert down.returncode == 0, down.stderr
     assert not live_pids(nodes) and not processes_naming(nodes[0].temp_dir)
     assert not Path(nodes[0].temp_dir).exists() and not recorded_nodes(state)
+
+
+@pytest.mark.integration
+def test_up_submit_down_on_loopback(loopback_head, tiny_shards):
+    import psutil
+
+    opts, nodes, up = loopback_head
+    assert "loopback only" in up
+    pids = live_pids(nodes)
+    assert len(nodes) == 1 and pids
+    exposed = [c.laddr for p in pids if psutil.pid_exists(p)
+               for c in psutil.Process(p).net_connections("inet")
+               if c.status == psutil.CONN_LISTEN and not _loopback(c.laddr.ip)]
+    assert not exposed, f"listening beyond loopback: {exposed}"
+
+    ok = cli("submit", *opts, "--", "shards", "info", str(tiny_shards))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "knee" in ok.stdout and "(exit 0)" in ok.stdout
+
+    bad = cli("submit", *opts, "--", "python", "-c", "import sys; print('bye'); sys.exit(3)")
+    assert bad.returncode == 3, bad.stdout + bad.stderr
+    assert "bye" in bad.stdout
+
+    status = cli("status", *opts)
+    assert status.returncode == 0 and "1 node(s)" in status.stdout and "CPU=1" in status.stdout
+    jobs = cli("jobs", *opts)
+    assert "exit=3" in jobs.stdout, jobs.stdout
+    assert f"outputs: relative paths resolve in {ROOT}" in jobs.stdout, jobs.stdout
+
+    again = cli("up", *opts)  # a second head under the same name is refused, nothing started
+    assert again.returncode == 2 and "already has a running head" in again.stderr
+
+
+@pytest.mark.integration
+def test_submitted_commands_run_in_the_submitting_folder(loopback_head, tiny_shards, tmp_path):
+    """The README's flow from another folder: a relative config with relative data, submitted;
+    the run published locally; a finetune submitted; every result under this folder."""
+    opts, _, _ = loopback_head
+    work = tmp_path / "work"
+    (work / "configs/pretrain").mkdir(parents=True)
+    (work / "configs/pretrain/tiny.yaml").write_text((ROOT / "configs/pretrain/tiny.yaml").read_text())
+    source = yaml.safe_load((ROOT / "configs/pretrain/tiny.yaml").read_text())["data"]["source"]
+    assert not Path(source).is_absolute()
+    (work / source).parent.mkdir(parents=True)
+    (work / source).symlink_to(tiny_shards, target_is_directory=True)
+
+    def submit(*command: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "cluster", "submit", *opts, "--working-dir", str(ROOT),
+                               "--", *command], cwd=work, capture_output=True, text=True, timeout=400)
+
+    run = submit("pretrain", "run", "--config", "configs/pretrain/tiny.yaml", "optim.total_steps=2",
+                 "checkpoint_every=2", "ray.num_workers=1", "ray.cpus_per_worker=0.5")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert f"outputs: relative paths resolve in {work}; run folders under {work}/runs/" in run.stdout
+    resolved = yaml.safe_load((work / "runs/pretrain/tiny/config.yaml").read_text())
+    assert resolved["run_root"] == str(work / "runs/pretrain")
+    assert (work / "runs/pretrain/tiny/sag/checkpoint_00000002").is_dir()
+
+    publish = subprocess.run([sys.executable, "-m", "pretrain", "publish", "tiny", "--to", "hub"], cwd=work,
+                             capture_output=True, text=True, timeout=300)
+    assert publish.returncode == 0, publish.stderr[-2000:]
+    assert (work / "hub/knee-sag/config.json").is_file()
+
+    tune = submit("downstream", "finetune", "--task", "knee-dx", "planes=[sag]", f"shards={source}",
+                  "baselines.names=[]", "train.epochs=2", "metrics.bootstrap=10", "name=submitted")
+    assert tune.returncode == 0, tune.stdout[-3000:] + tune.stderr[-3000:]
+    runs = list((work / "runs/finetune").glob("submitted*/metrics.json"))
+    assert len(runs) == 1, sorted(p.name for p in work.rglob("*"))[:50]
+    assert (work / "cache").is_dir() and not list((ROOT / "runs/finetune").glob("submitted*"))
+
+    # A command on this machine joins the head by the address `cluster up` printed (no hang).
+    head = recorded_nodes(Path(opts[0].split("=", 1)[1]))[0]
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": head.auth_token_path}
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+    joined = subprocess.run([sys.executable, "-c", "from pretrain.launchers.ray import join; "
+                             f"join('{head.address}', {{}}); import ray; print('CPUs', ray.cluster_resources()['CPU'])"],
+                            cwd=work, env=env, capture_output=True, text=True, timeout=90)
+    assert joined.returncode == 0 and "CPUs 1.0" in joined.stdout, joined.stderr[-2000:]
 
 
 def _loopback(ip: str) -> bool:

@@ -32,25 +32,6 @@ FAST = ["train.epochs=3", "baselines.epochs=1", "baselines.cnn_channels=[4,4,8,8
         "features.timesteps=[10]", "features.blocks=[mid,up.1]"]
 
 
-@pytest.fixture(scope="session")
-def tiny_hub(tiny_shards, tmp_path_factory) -> Path:
-    """Tiny published backbones (channels 4, 8) for the three planes, published with pretrain's API."""
-    from pretrain.models.diffusion import DiffusionBackbone
-    from pretrain.preprocess import spec_from_manifest
-    from pretrain.publish import publish_backbone
-
-    hub = tmp_path_factory.mktemp("hub")
-    manifest = load_manifest(str(tiny_shards))
-    for i, plane in enumerate(PLANES):
-        torch.manual_seed(1000 + i)  # not the random_backbone baseline's seed
-        model = DiffusionBackbone(channels=(4, 8), attention_levels=(False, False), num_res_blocks=1,
-                                  num_head_channels=8, norm_num_groups=4, plane=plane,
-                                  preprocessing=spec_from_manifest(manifest, plane).to_dict(),
-                                  schedule={"num_train_timesteps": 100})
-        publish_backbone(model, model.make_scheduler(), str(hub / f"knee-{plane}"), {}, manifest, {"steps": 0})
-    return hub
-
-
 @pytest.fixture(autouse=True, scope="module")
 def one_torch_thread():
     """The CI machine is shared: one intra-op thread avoids oversubscription (it is 4-20x faster)."""
@@ -340,6 +321,8 @@ def test_finetune_ankle_dx_end_to_end(tiny_shards, tiny_hub, tmp_path, capsys):
     sums = weights.groupby(["patient", "label"])["weight"].sum()
     assert np.allclose(sums, 1.0, atol=1e-5) and set(weights["plane"]) == set(PLANES)
 
+    _predict_reproduces(run, tiny_shards, tiny_hub, tmp_path / "pred", single_study_patients=True)  # experts
+
     second = run_finetune("ankle-dx", args, run_dir=tmp_path / "run2")
     assert all(c["hits"] == c["lookups"] for c in second["cache"].values())
     first_probs, second_probs = pred, pd.read_csv(tmp_path / "run2" / "predictions.csv")
@@ -365,3 +348,19 @@ def test_finetune_ehr_and_backbone_blocks(tiny_shards, tiny_hub, tmp_path):
     assert np.allclose(w.groupby("label")["weight"].sum(), 1.0)
     tuned = run_finetune("knee-dx", args + ["head.finetune_blocks=[mid]", "train.epochs=2"], run_dir=tmp_path / "ft")
     assert tuned["history"]["diffusion"][-1] < tuned["history"]["diffusion"][0]
+    _predict_reproduces(tmp_path / "ft", tiny_shards, tiny_hub, tmp_path / "pred")  # tuned backbone copies
+
+
+def _predict_reproduces(run: Path, shards: Path, hub: Path, out: Path, single_study_patients: bool = False) -> None:
+    """The run's task model, applied by ``predict``, gives the run's own test-split probabilities
+    (plane experts gate per patient in finetune, per study in predict: compared where equal)."""
+    from downstream.predict import load_predict_config, run_predict
+
+    pred = run_predict(str(run), [str(shards)], out, load_predict_config(None, [f"backbone_dir={hub}", "split=test"]))
+    ref = pd.read_csv(run / "study_predictions.csv")
+    if single_study_patients:
+        ref = ref[ref.groupby("patient")["key"].transform("count") == 1]
+    merged = ref.merge(pred["predictions"], on="key")
+    assert len(merged) == len(ref) > 0
+    for col in [c for c in ref.columns if c.startswith("diffusion/")]:
+        assert np.abs(merged[col] - merged["prob/" + col.split("/", 1)[1]]).max() < 1e-6, col

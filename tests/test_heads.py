@@ -23,7 +23,7 @@ from downstream.pooling import Pooler
 from downstream.finetune import run_finetune
 from downstream.tasks import load_task
 from downstream.train import fit, fit_selected, masked_bce, mean_loss, pos_weights, predict
-from tests.test_downstream import task_args, tiny_hub  # noqa: F401  (tiny_hub: session fixture)
+from tests.test_downstream import task_args
 
 
 @pytest.fixture(autouse=True, scope="module")

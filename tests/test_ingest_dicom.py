@@ -352,8 +352,11 @@ def test_resume_skips_done_studies(export, ingested, monkeypatch):
     monkeypatch.setattr(dicom_mod, "decode", no_decoding)
     before = load_manifest(ingested["out"])
     run2 = ingested["run"] / "again"
+    run = ingested["run"]  # the same settings as the first ingest (other ones are refused)
     code = ingest_main(["dicom", str(export["root"]), "--out", str(ingested["out"]), f"run_dir={run2}",
-                        "deid.dates=shift", "shard_max_count=2"])
+                        "--config", str(Path(__file__).parents[1] / "configs/shards/ingest-dicom.yaml"),
+                        "deid.dates=shift", "shard_max_count=2", f"labels.path={run / 'labels.csv'}",
+                        f"ehr.path={run / 'ehr.csv'}"])
     report = json.loads((run2 / "ingest_report.json").read_text())
     assert code == 0 and report["counts"]["studies_resumed"] == 3 and report["counts"]["studies_ingested"] == 0
     after = load_manifest(ingested["out"])

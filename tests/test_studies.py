@@ -33,11 +33,12 @@ def write_task(folder: Path, name: str, joint: str, labels: list[str], shards: P
 @pytest.fixture(scope="module")
 def study_env(study_shards, tmp_path_factory):
     """Task YAMLs (knee, ankle) on a tiny published knee backbone (a few DDPM steps)."""
-    from downstream.studies.backbones import StudyBackboneSpec, pretrain_study_backbone
+    from downstream.studies.config import StudyBackboneSpec
+    from downstream.studies.pretrained import train_backbone
 
     root = tmp_path_factory.mktemp("study_env")
-    pretrain_study_backbone(str(study_shards), ["knee"], "sag", 0, str(root / "hub" / "knee-sag"),
-                            StudyBackboneSpec(steps=3))
+    train_backbone(str(study_shards), ["knee"], "sag", 0, str(root / "hub" / "knee-sag"), StudyBackboneSpec(steps=3),
+                   root / "pretrain")
     knee = write_task(root, "knee-t", "knee", ["acl", "effusion", "medial_meniscus"], study_shards, root / "hub")
     ankle = write_task(root, "ankle-t", "ankle", ["atfl", "osteochondral"], study_shards, root / "hub")
     return {"root": root, "knee": knee, "ankle": ankle}

@@ -67,7 +67,7 @@ class LabelLevelFusion(nn.Module):
 
     def forward(self, inputs: dict) -> torch.Tensor:
         logits = torch.stack([self.experts[p](inputs) for p in self.planes], dim=1)  # (B, P, L)
-        return (logits * self.fusion_weights().T[None]).sum(dim=1)
+        return (logits * self.fusion_weights()[None]).sum(dim=1)
 
 
 class GatingNetwork(nn.Module):

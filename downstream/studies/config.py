@@ -10,18 +10,38 @@ from typing import Any, Sequence
 from omegaconf import OmegaConf
 
 from shards.config import ConfigError, load_config, to_dict
+from shards.runs import default_folder
+from shards.tracking import WandbConfig
 
-from .backbones import StudyBackboneSpec
+from ..tuning import RayConnection
+
 
 KINDS = ("label-efficiency", "transfer", "robustness", "multi-anatomy")
 SWEEPS_DIR = Path(__file__).resolve().parents[2] / "configs" / "sweeps"
 
 
 @dataclass
+class StudyBackboneSpec:
+    """How ``--make-backbones`` pretrains the grid's missing backbones: a small 3D diffusion U-Net run
+    by the pretraining engine (:func:`pretrain.run.train`), the given joints mixed with equal weights,
+    ``size`` studies capped by ``data.max_studies`` (nested subsets, seed ``seed``)."""
+
+    channels: list[int] = field(default_factory=lambda: [4, 8])
+    shape: list[int] = field(default_factory=list)    # [] = the shards' common shape of the plane
+    num_train_timesteps: int = 100
+    steps: int = 30
+    batch_size: int = 4
+    lr: float = 2e-3
+    seed: int = 0
+    launcher: str = "local"                          # pretraining launcher: local | ray | torchrun
+    overrides: list[str] = field(default_factory=list)   # any further pretraining key=value
+
+
+@dataclass
 class StudyConfig:
     kind: str = "label-efficiency"
     name: str = ""
-    out: str = "runs/study"
+    out: str = field(default_factory=default_folder("study"))
     task: str = "knee-dx"                       # the task (label-efficiency, robustness, multi-anatomy)
     targets: list[str] = field(default_factory=list)          # transfer: target tasks
     overrides: list[str] = field(default_factory=list)        # task overrides for every trial
@@ -37,6 +57,8 @@ class StudyConfig:
     make_backbones: StudyBackboneSpec = field(default_factory=StudyBackboneSpec)
     resources: dict[str, float] = field(default_factory=lambda: {"cpu": 1.0})
     max_concurrent_trials: int = 2
+    ray: RayConnection = field(default_factory=RayConnection)
+    wandb: WandbConfig = field(default_factory=WandbConfig)   # W&B record of the study (trials table)
     quick: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:

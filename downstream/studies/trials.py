@@ -8,12 +8,10 @@ published backbone folder and the feature cache), never as objects.
 from __future__ import annotations
 
 import json
-import logging
 import re
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import pandas as pd
 
 from shards.config import ConfigError
@@ -22,13 +20,9 @@ from ..data import check_task, load_studies, split_rows
 from ..features import FeatureCache
 from ..finetune import resolve_task, run_finetune
 from ..inputs import prepare_planes
+from ..outputs import flat_metrics
 from ..tasks import TaskConfig
 from ..tuning import run_tuner, trial_rows
-
-log = logging.getLogger(__name__)
-
-REPORTED = ("auroc", "ap")
-
 
 def absolute_paths(task: TaskConfig, overrides: Sequence[str]) -> list[str]:
     """``overrides`` plus the task's shard, cache and backbone paths made absolute, so trials that run
@@ -103,28 +97,14 @@ def study_trial(config: dict) -> None:
     tune.report(flat_metrics(result))
 
 
-def flat_metrics(result: dict) -> dict:
-    """``{model/metric, model/metric_lo, model/metric_hi}`` of the macro diagnosis metrics (or mean
-    Dice for segmentation), plus the training and evaluation sizes."""
-    out = {"n_train": result["n_train"], "n_eval": result["n_eval"]}
-    for model, m in result["metrics"].items():
-        if "macro" in m:
-            for k in REPORTED:
-                lo, hi = m["macro"].get("ci", {}).get(k, [np.nan, np.nan])
-                out |= {f"{model}/{k}": m["macro"][k], f"{model}/{k}_lo": lo, f"{model}/{k}_hi": hi}
-        else:
-            d = m["mean"]["dice"]
-            out |= {f"{model}/dice": d["mean"], f"{model}/dice_lo": d["ci"][0], f"{model}/dice_hi": d["ci"][1]}
-    return out
-
-
-def run_trials(specs: list[dict], run_dir: Path, resources: dict[str, float], max_concurrent: int) -> pd.DataFrame:
+def run_trials(specs: list[dict], run_dir: Path, resources: dict[str, float], max_concurrent: int,
+               address: str | None = None) -> pd.DataFrame:
     """Run (or resume) the grid; returns the long table of trial x model results, errors included."""
     from ray import tune
 
     space = {"spec": tune.grid_search(specs), "trials_dir": str((run_dir / "trials").resolve())}
     tune_config = tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=True)
-    grid = run_tuner(study_trial, space, run_dir, tune_config, resources)
+    grid = run_tuner(study_trial, space, run_dir, tune_config, resources, address)
     return trials_frame(trial_rows(grid))
 
 

@@ -48,7 +48,7 @@ class FileSession:
 
     def latest(self) -> str | None:
         """Newest complete checkpoint; an interrupted save (no loop_state.json) is passed over loudly."""
-        for step, path in reversed(self._checkpoints()):
+        for _, path in reversed(self._checkpoints()):
             if self.fs.exists(posixpath.join(path, LOOP_STATE)):
                 return path
             log.warning("ignoring incomplete checkpoint %s (no %s: its save was interrupted)", path, LOOP_STATE)

@@ -117,7 +117,10 @@ class VarNetBackbone(_FeatureMixin, ModelMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, num_cascades: int = 12, sens_chans: int = 8, sens_pools: int = 4, chans: int = 18,
-                 pools: int = 4, mask_center: bool = True, task: str = "reconstruction"):
+                 pools: int = 4, mask_center: bool = True, task: str = "reconstruction",
+                 transform: dict | None = None):
+        """``transform``: the ``ReconTransformConfig`` fields the backbone was trained with (coil
+        handling, normalisation, masks), carried in ``config.json`` so evaluation applies the same."""
         super().__init__()
         self.net = VarNet(num_cascades=num_cascades, sens_chans=sens_chans, sens_pools=sens_pools,
                           chans=chans, pools=pools, mask_center=mask_center)
@@ -140,7 +143,8 @@ class UNetReconBackbone(_FeatureMixin, ModelMixin, ConfigMixin):
     """Image-domain baseline: fastMRI's U-Net on the normalised zero-filled RSS image."""
 
     @register_to_config
-    def __init__(self, chans: int = 32, pools: int = 4, drop_prob: float = 0.0, task: str = "reconstruction"):
+    def __init__(self, chans: int = 32, pools: int = 4, drop_prob: float = 0.0, task: str = "reconstruction",
+                 transform: dict | None = None):
         super().__init__()
         self.unet = Unet(in_chans=1, out_chans=1, chans=chans, num_pool_layers=pools, drop_prob=drop_prob)
 

@@ -1,7 +1,7 @@
 """``pretrain eval-recon <backbone> --data <recon shards> --masks ... --accelerations 4,8 [--set key=value ...]``.
 
-:func:`add_recon_parsers` adds ``eval-recon`` and ``recon-study`` to the ``pretrain`` CLI;
-``python -m pretrain.recon eval-recon ...`` runs the same things on their own.
+:data:`RECON_COMMANDS` are the ``eval-recon`` and ``recon-study`` entries of the ``pretrain`` CLI's
+command table; ``python -m pretrain.recon eval-recon ...`` runs the same things on their own.
 
     pretrain recon-study --config configs/sweeps/recon-transfer.yaml [key=value ...]
 """
@@ -9,19 +9,17 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from shards.config import ConfigError, load_config
+from shards.config import Command, ConfigError, build_cli, load_config, run_cli
 
 
 def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def add_eval_recon_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("eval-recon", help="fastMRI metrics of a reconstruction backbone")
+def add_eval_recon_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("backbone", help="published reconstruction backbone folder or URL")
-    p.add_argument("--config", default=None, help="YAML with EvalReconConfig keys (configs/pretrain/eval-recon.yaml)")
+    p.add_argument("--config", default=None, help="YAML with keys of EvalReconConfig (pretrain/recon/evaluate.py)")
     p.add_argument("--data", default=None, help="recon shards folder or URL (key 'source')")
     p.add_argument("--masks", default=None, help="comma-separated mask kinds, e.g. equispaced1d,random1d")
     p.add_argument("--accelerations", default=None, help="comma-separated accelerations, e.g. 4,8")
@@ -29,8 +27,6 @@ def add_eval_recon_parser(subparsers) -> argparse.ArgumentParser:
                    help="another published backbone to score in the same table (repeatable)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any EvalReconConfig key, e.g. --set max_slices=20 (repeatable)")
-    p.set_defaults(func=run_eval_recon_cli)
-    return p
 
 
 def run_eval_recon_cli(args) -> int:
@@ -57,12 +53,9 @@ def run_eval_recon_cli(args) -> int:
     return 0
 
 
-def add_recon_study_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("recon-study", help="cross-anatomy transfer / data-size reconstruction study")
+def add_recon_study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="configs/sweeps/recon-transfer.yaml or recon-data-size.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides of ReconStudyConfig")
-    p.set_defaults(func=run_recon_study_cli)
-    return p
 
 
 def run_recon_study_cli(args) -> int:
@@ -77,19 +70,13 @@ def run_recon_study_cli(args) -> int:
     return 0
 
 
-def add_recon_parsers(subparsers) -> None:
-    """The reconstruction subcommands of the ``pretrain`` CLI: ``eval-recon`` and ``recon-study``."""
-    add_eval_recon_parser(subparsers)
-    add_recon_study_parser(subparsers)
+RECON_COMMANDS: dict[str, Command] = {
+    "eval-recon": Command(add_eval_recon_arguments, run_eval_recon_cli, "fastMRI metrics of a reconstruction backbone"),
+    "recon-study": Command(add_recon_study_arguments, run_recon_study_cli,
+                           "cross-anatomy transfer / data-size reconstruction study"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pretrain.recon")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_recon_parsers(sub)
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    parser = build_cli("python -m pretrain.recon", __doc__.splitlines()[0], RECON_COMMANDS)
+    return run_cli(parser, RECON_COMMANDS, argv, errors=(ValueError, FileNotFoundError))

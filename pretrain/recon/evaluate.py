@@ -19,8 +19,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from shards.config import ConfigError, save_config
+from shards.config import ConfigError, load_config, save_config
 from shards.reader import iter_samples
+from shards.runs import default_folder, write_metrics
+from shards.schema import RECON_FIELDS
 
 from .masks import MASK_KINDS
 from .metrics import VolumeAccumulator, center_crop, summarise
@@ -47,7 +49,7 @@ class EvalReconConfig:
     seed: int = 0
     device: str = "cpu"                # "cuda" to reconstruct on a GPU
     name: str = "eval"
-    run_root: str = "runs/eval-recon"
+    run_root: str = field(default_factory=default_folder("eval-recon"))
 
     def validate(self) -> None:
         if not self.backbone:
@@ -63,17 +65,33 @@ class EvalReconConfig:
         return float(self.center_fractions.get(key, DEFAULT_CENTER.get(int(acc), 0.32 / acc)))
 
 
-def trained_recon_settings(url: str) -> dict:
-    """``model.recon`` coil/normalisation settings from a published backbone's training config."""
+COIL_SETTINGS = ("virtual_coils", "coil_compression", "normalisation", "prewhiten")
+
+
+def trained_transform(url: str) -> ReconTransformConfig | None:
+    """The typed transform settings a published backbone was trained with: ``transform`` in its
+    ``config.json``; for folders published before it was stored there, ``model.recon`` of
+    ``training_config.yaml``; None when neither is present."""
     from omegaconf import OmegaConf
 
     from ..hub import fetch_folder
 
-    path = fetch_folder(url) / "training_config.yaml"
-    if not path.is_file():
-        return {}
-    recon = (OmegaConf.to_container(OmegaConf.load(path)).get("model") or {}).get("recon") or {}
-    return {k: recon[k] for k in ("virtual_coils", "coil_compression", "normalisation", "prewhiten") if recon.get(k) is not None}
+    folder = fetch_folder(url)
+    stored = json.loads((folder / "config.json").read_text()).get("transform")
+    if stored is None and (folder / "training_config.yaml").is_file():
+        stored = (OmegaConf.to_container(OmegaConf.load(folder / "training_config.yaml")).get("model") or {}).get("recon")
+    if stored is None:
+        return None
+    try:
+        return load_config(ReconTransformConfig, None, base=dict(stored))
+    except ConfigError as exc:
+        raise ConfigError(f"{url}: stored transform settings: {exc}") from exc
+
+
+def trained_recon_settings(url: str) -> dict:
+    """The coil/normalisation settings (:data:`COIL_SETTINGS`) a published backbone was trained with."""
+    cfg = trained_transform(url)
+    return {} if cfg is None else {k: getattr(cfg, k) for k in COIL_SETTINGS if getattr(cfg, k) is not None}
 
 
 def resolve_coil_settings(cfg: EvalReconConfig) -> EvalReconConfig:
@@ -92,7 +110,7 @@ def resolve_coil_settings(cfg: EvalReconConfig) -> EvalReconConfig:
 
 def _slices(cfg: EvalReconConfig) -> list[dict]:
     out = []
-    for sample in iter_samples(cfg.source, cfg.split, ("meta", "kspace", "target", "mask"), require=("kspace",)):
+    for sample in iter_samples(cfg.source, cfg.split, RECON_FIELDS, require=("kspace",)):
         out.append(sample)
         if cfg.max_slices and len(out) >= cfg.max_slices:
             break
@@ -199,6 +217,6 @@ def evaluate_recon(cfg: EvalReconConfig) -> dict:
             tables.append(format_table(summary, kind, float(acc)))
     result = {"summary": summary, "volumes": volumes, "throughput_slices_per_s": throughput,
               "slices": len(slices), "device": cfg.device}
-    (out_dir / "metrics.json").write_text(json.dumps(result, indent=1, default=float))
+    write_metrics(out_dir, result)
     (out_dir / "table.md").write_text("\n\n".join(tables) + "\n")
     return result | {"tables": tables, "run_dir": str(out_dir)}

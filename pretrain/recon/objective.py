@@ -14,10 +14,13 @@ range set to each target's maximum (as in fastMRI's VarNet training).
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import torch
 from fastmri.losses import SSIMLoss
 
 from shards.config import ConfigError, lookup
+from shards.schema import RECON_FIELDS
 
 from .transforms import ReconTransform, ReconTransformConfig, collate_recon
 
@@ -59,7 +62,7 @@ class ReconObjective:
         self.publish_name = f"recon-{self.backbone}"
 
     def reader_kwargs(self) -> dict:
-        return {"fields": ("meta", "kspace", "target", "mask"), "require": ("kspace",)}
+        return {"fields": RECON_FIELDS, "require": ("kspace",)}
 
     def prepare(self, sample: dict) -> dict:
         return self.transform(sample)
@@ -74,7 +77,7 @@ class ReconObjective:
 
         cls = lookup(RECON_BACKBONES, self.backbone, "reconstruction backbone")
         try:
-            return cls(**self.model_kwargs)
+            return cls(**self.model_kwargs, transform=asdict(self.transform.cfg))
         except TypeError as exc:
             raise ConfigError(f"key 'model': {exc}") from exc
 

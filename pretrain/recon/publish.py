@@ -3,6 +3,8 @@ hubs: local folder, ``s3://``, ``hf://``), minus the noise scheduler they do not
 
     config.json, diffusion_pytorch_model.safetensors   (diffusers save_pretrained)
     training_config.yaml, metrics.json, README.md       (model card for a reconstruction network)
+
+Like the diffusion backbones, nothing published names a local path or a user (:mod:`pretrain.redact`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from ..hub import fetch_folder, put_folder
+from ..publish import public_inputs
 from ..models.recon import RECON_BACKBONES
 
 
@@ -53,6 +56,7 @@ def publish_recon_backbone(model, out_url: str, train_config: dict, manifest: di
                            overwrite: bool = False, storage_options: dict | None = None) -> str:
     """Write a published reconstruction backbone folder at ``out_url``; returns the URL."""
     out_url = str(out_url)
+    train_config, manifest, metrics = public_inputs(train_config, manifest, metrics)
     with tempfile.TemporaryDirectory(prefix="mskfm-publish-") as tmp:
         staged = Path(tmp) / "backbone"
         model.save_pretrained(staged, safe_serialization=True)

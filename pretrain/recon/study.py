@@ -16,17 +16,16 @@ PSNR, NMSE) and ``heatmap.png`` (the metric, conditions x test anatomies).
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from omegaconf import OmegaConf
-
-from shards.config import ConfigError, save_config, to_dict
+from shards.config import ConfigError, load_config, save_config, to_dict
 from shards.reader import iter_samples
+from shards.resume import check_resume, saved_yaml
+from shards.runs import default_folder, write_metrics
 from shards.writer import ShardWriter
 
 STUDY_KINDS = ("transfer", "data-size")
@@ -50,7 +49,7 @@ class ReconStudyConfig:
     max_eval_slices: int | None = None
     metric: str = "ssim"
     seed: int = 0
-    run_root: str = "runs/recon-study"
+    run_root: str = field(default_factory=default_folder("recon-study"))
 
     def validate(self) -> None:
         if self.kind not in STUDY_KINDS:
@@ -110,19 +109,17 @@ def write_subset(source: str, out: Path, chosen: set[str], anatomies: list[str])
 
 
 def run_condition(cfg: ReconStudyConfig, study_dir: Path, name: str, anatomies: list[str], chosen: set[str]) -> dict:
-    from pretrain.cli import main as pretrain
-
+    from ..config import PretrainConfig
+    from ..run import publish_run, train
     from .evaluate import EvalReconConfig, evaluate_recon
 
     data = study_dir / "data" / name
     count = write_subset(cfg.source, data, chosen, anatomies)
     common = [f"name={name}", f"data.source={data}", f"run_root={study_dir}/runs", f"storage_path={study_dir}/ckpt"]
-    if pretrain(["run", "--config", cfg.base_config, *cfg.overrides, *common]) != 0:
-        raise RuntimeError(f"condition {name}: training failed")
+    run_cfg = load_config(PretrainConfig, cfg.base_config, [*cfg.overrides, *common])
+    train(run_cfg)
     hub = study_dir / "hub" / name
-    if pretrain(["publish", name, "--run-root", f"{study_dir}/runs", "--to", str(hub), "--overwrite"]) != 0:
-        raise RuntimeError(f"condition {name}: publishing failed")
-    published = next(p for p in hub.iterdir() if (p / "config.json").is_file())
+    published = next(iter(publish_run(run_cfg, str(hub), overwrite=True).values()))
     ev = EvalReconConfig(backbone=str(published), source=cfg.source, split=cfg.eval_split, masks=list(cfg.masks),
                          accelerations=list(cfg.accelerations), max_slices=cfg.max_eval_slices, name=name,
                          run_root=str(study_dir / "eval"), figure_slices=0)
@@ -160,15 +157,7 @@ def save_heatmap(results: list[dict], anatomies: list[str], metric: str, path: P
 
 def check_resumable(cfg: ReconStudyConfig, study_dir: Path) -> None:
     """A study folder resumes by condition name, so its data and training settings must not change."""
-    saved = study_dir / "config.yaml"
-    if not saved.is_file():
-        return
-    before, now = OmegaConf.to_container(OmegaConf.load(saved)), to_dict(cfg)
-    changed = [k for k in RESUME_KEYS if before.get(k) != now.get(k)]
-    if changed:
-        raise ConfigError(f"{study_dir} holds a study with other {', '.join(changed)} "
-                          f"({'; '.join(f'{k}: {before.get(k)} -> {now.get(k)}' for k in changed)}); "
-                          "give it a new 'name' or remove the folder")
+    check_resume(saved_yaml(study_dir / "config.yaml"), to_dict(cfg), study_dir, "study", keys=RESUME_KEYS)
 
 
 def run_study(cfg: ReconStudyConfig) -> dict:
@@ -180,7 +169,7 @@ def run_study(cfg: ReconStudyConfig) -> dict:
     # every condition's subset is drawn (and checked) before the first training run starts
     subsets = [(name, anats, choose_slices(keys, anats, n, cfg.seed)) for name, anats, n in conditions(cfg)]
     results = [run_condition(cfg, study_dir, name, anats, chosen) for name, anats, chosen in subsets]
-    (study_dir / "metrics.json").write_text(json.dumps({"kind": cfg.kind, "results": results}, indent=1))
+    write_metrics(study_dir, {"kind": cfg.kind, "results": results}, default=None)
     title = f"{cfg.kind}: {cfg.metric.upper()} ({', '.join(cfg.masks)} x{'/'.join(f'{a:g}' for a in cfg.accelerations)})"
     save_heatmap(results, list(cfg.anatomies), cfg.metric, study_dir / "heatmap.png", title)
     return {"results": results, "run_dir": str(study_dir)}

@@ -27,8 +27,8 @@ class ReconInputError(ValueError):
 def describe(sample: dict) -> str:
     meta = sample.get("meta", {}) or {}
     where = f"sample '{sample.get('__key__', '?')}'"
-    if meta.get("source") or meta.get("file"):
-        where += f" (file {meta.get('file') or meta.get('source')}"
+    if meta.get("file"):  # shards written before ingests stopped recording file names
+        where += f" (file {meta['file']}"
         where += f", slice {meta['slice']})" if "slice" in meta else ")"
     elif "slice" in meta:
         where += f" (study {meta.get('study', '?')}, slice {meta['slice']})"

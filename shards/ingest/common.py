@@ -14,14 +14,18 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
+from .. import lock
 from ..config import to_dict
 from ..runs import run_dir, write_run
 from ..schema import SchemaError, validate_study
 from ..splits import assign_split
-from ..writer import ShardWriter
+from ..writer import ShardWriter, check_resumable
 from .config import IngestConfig
 from .report import IngestReport
 from .tables import TableJoin, labels_for
+
+# ingest keys that may change when an ingest is resumed (everything else must match the shards)
+RESUME_IGNORE = ("ingest_config.strict",)
 
 
 @dataclass
@@ -35,6 +39,11 @@ class FoundStudy:
     # Decodes the chosen stacks: returns {plane: volume}, {plane: plane meta}, {plane.seg: map}
     load: Callable[[IngestReport], tuple[dict, dict, dict]]
     ehr: dict = field(default_factory=dict)  # from the headers (retained patient characteristics)
+    # Local only, never written to a shard: the source files (relative to the input folder) and,
+    # filled by ``load``, per plane where its volume came from and its geometry (``predict`` writes
+    # label maps back in it and keeps a private map from study key to source).
+    sources: list[str] = field(default_factory=list)
+    origin: dict = field(default_factory=dict)
 
 
 def run_dir_of(cfg: IngestConfig, command: str) -> Path:
@@ -49,7 +58,7 @@ def open_tables(cfg: IngestConfig, to_key: Callable[[str, str], str]) -> dict[st
     tables = {}
     for kind, tcfg in (("labels", cfg.labels), ("ehr", cfg.ehr)):
         if tcfg.path:
-            tables[kind] = TableJoin(tcfg, kind, to_key)
+            tables[kind] = TableJoin(tcfg, kind, to_key, cfg.deid.keep_free_text)
     return tables
 
 
@@ -76,7 +85,7 @@ def write_studies(studies: list[FoundStudy], cfg: IngestConfig, report: IngestRe
     if not studies:
         return None
     writer = ShardWriter(cfg.out, kind="study", max_bytes=cfg.shard_max_mb * 1_000_000,
-                         max_count=cfg.shard_max_count, info=info)
+                         max_count=cfg.shard_max_count, info=info, resume_ignore=RESUME_IGNORE)
     try:
         for study in tqdm(studies, desc="studies", unit="study", disable=len(studies) < 5):
             _write_one(study, cfg, report, tables, writer)
@@ -85,8 +94,7 @@ def write_studies(studies: list[FoundStudy], cfg: IngestConfig, report: IngestRe
         raise
     if report.ingested or writer.finished:
         return writer.close()
-    if not any(Path(cfg.out).iterdir()):
-        Path(cfg.out).rmdir()  # nothing usable: leave no empty shard folder behind
+    writer.release()
     return None
 
 
@@ -119,16 +127,43 @@ def run_pipeline(cfg: IngestConfig, command: str, pseudo, find_studies, to_key) 
     ``find_studies(cfg, pseudo, report)`` is the source-specific part (DICOM, NIfTI); ``to_key``
     maps a table's raw key to a study's join key. Returns the exit code (see :func:`finish`).
     """
-    report = IngestReport(command=command.removeprefix("ingest-"), source=str(cfg.source))
-    if not Path(cfg.source).is_dir():
-        report.skip(str(cfg.source), "no_source", "input folder does not exist")
-        return finish(cfg, command, report, {})
-    studies = find_studies(cfg, pseudo, report)
-    tables = open_tables(cfg, to_key)
-    write_studies(studies, cfg, report, tables, manifest_info(cfg, command))
-    if report.files_seen == 0:
-        report.skip(".", "empty", "no files under the input folder")
-    return finish(cfg, command, report, tables)
+    info = manifest_info(cfg, command) | {"deid_key_check": pseudo.digest("key-check", "mskfm")[:16]}
+    lock.acquire(cfg.out)  # held for the whole ingest: a second one into the folder is refused
+    try:
+        check_resumable(cfg.out, "study", info, RESUME_IGNORE)  # e.g. another salt or split fractions
+        report = IngestReport(command=command.removeprefix("ingest-"), source=str(cfg.source))
+        if not Path(cfg.source).is_dir():
+            report.skip(str(cfg.source), "no_source", "input folder does not exist")
+            return finish(cfg, command, report, {})
+        tables: dict[str, TableJoin] = {}
+        try:
+            studies = find_studies(cfg, pseudo, report)
+            tables = open_tables(cfg, to_key)
+            write_studies(studies, cfg, report, tables, info)
+        except BaseException as exc:  # never lose the report of what was done before the failure
+            report.skip(".", "aborted", f"ingest stopped: {type(exc).__name__}: {exc}")
+            finish(cfg, command, report, tables)
+            raise
+        if report.files_seen == 0:
+            report.skip(".", "empty", "no files under the input folder")
+        if (Path(cfg.out) / "manifest.json").is_file():
+            report.phi_scan = scan_output(cfg.out, cfg.source, [cfg.labels.path, cfg.ehr.path],
+                                          cfg.deid.keep_free_text)
+        return finish(cfg, command, report, tables)
+    finally:
+        lock.release(cfg.out)
+        if not any(Path(cfg.out).iterdir()):
+            Path(cfg.out).rmdir()  # nothing usable: leave no empty shard folder behind
+
+
+def scan_output(out: str | Path, source: str | Path, tables: list[str], free_text: bool) -> dict:
+    """`shards scan-phi` over the finished shard folder (manifest and journal included)."""
+    from ..phi_scan import scan_phi
+
+    try:
+        return scan_phi(out, source, [t for t in tables if t], skip_kinds=("free_text",) if free_text else ())
+    except Exception as exc:  # the report is written either way; an unscanned ingest exits 1
+        return {"error": f"{type(exc).__name__}: {exc}", "n_hits": 0}
 
 
 def finish(cfg: IngestConfig, command: str, report: IngestReport,

@@ -7,8 +7,10 @@ sequences, before anything else reads it. The options in use (PS3.15 E.3) are:
   offset (``dates=shift``) or cut to the year (``dates=year``, default) or removed (``dates=remove``).
 - *Retain Patient Characteristics* (``retain_patient_characteristics``): age (capped at 90), sex,
   size and weight stay; everything else about the patient goes.
-- *Clean Descriptors*: study/series/protocol descriptions are kept only after screening
-  (:func:`screen_text`) because contrast and joint are read from them.
+- *Clean Descriptors*: study/series/protocol descriptions are screened (:func:`screen_text`)
+  because contrast and joint are read from them. Shards get only values mapped onto a closed
+  vocabulary (contrast, plane, body part, vendor family); screened free text (descriptions,
+  manufacturer, body part text, EHR text columns) reaches them only with ``keep_free_text=true``.
 
 Identifiers the platform needs for joins (PatientID, AccessionNumber, StudyID) and every instance
 UID are replaced by keyed hashes (HMAC-SHA256 with the user's salt), stable within a dataset, so the
@@ -79,7 +81,8 @@ PatientName PatientBirthDate ReferringPhysicianName ContentCreatorName PatientSe
 FillerOrderNumberImagingServiceRequest PlacerOrderNumberImagingServiceRequest
 """.split())
 PATIENT_CHARACTERISTICS = frozenset("PatientAge PatientSex PatientSize PatientWeight".split())
-DESCRIPTORS = frozenset("StudyDescription SeriesDescription ProtocolName".split())
+# Free text that later stages read (contrast, joint, vendor, body part): screened, not removed
+DESCRIPTORS = frozenset("StudyDescription SeriesDescription ProtocolName BodyPartExamined Manufacturer".split())
 # Identifiers kept as keyed hashes so label/EHR tables keyed by them can still be joined.
 HASHED_IDS = {"PatientID": "patient", "AccessionNumber": "accession", "StudyID": "studyid"}
 # UIDs that identify a class or syntax, not a patient or instance: kept as they are.
@@ -101,7 +104,9 @@ class DeidConfig:
     dates: str = "year"                  # year | shift | remove
     max_shift_days: int = 365
     retain_patient_characteristics: bool = True
-    keep_descriptions: bool = True       # screened descriptions into meta (clean descriptors)
+    # Screened free text (descriptions, manufacturer, body part text, EHR text columns) into shards.
+    # Off: only closed-vocabulary values. Screening cannot find every name in free text.
+    keep_free_text: bool = False
 
     def validate(self) -> None:
         if self.dates not in ("year", "shift", "remove"):
@@ -165,14 +170,30 @@ def phi_tokens(ds: Dataset) -> set[str]:
     return tokens
 
 
-_DATE_LIKE = re.compile(r"\b\d{4}[-./]?\d{2}[-./]?\d{2}\b|\b\d{1,2}[-./]\d{1,2}[-./]\d{2,4}\b")
+_MONTHS = (r"(?:JAN(?:UARY)?|FEB(?:RUARY)?|MAR(?:CH)?|APR(?:IL)?|MAY|JUNE?|JULY?|AUG(?:UST)?|"
+           r"SEP(?:T(?:EMBER)?)?|OCT(?:OBER)?|NOV(?:EMBER)?|DEC(?:EMBER)?)")
+DATE_PATTERNS = (
+    r"\b\d{4}[-./]?\d{2}[-./]?\d{2}\b",                        # 19450307, 1945-03-07, 1945/03/07
+    r"\b\d{1,2}[-./]\d{1,2}[-./]\d{2,4}\b",                     # 07/03/1945, 3.7.45, 03-07-45
+    rf"\b\d{{1,2}}(?:ST|ND|RD|TH)?[\s.-]*{_MONTHS}\.?[\s.,-]*\d{{2,4}}\b",   # 7 Mar 1945, 7-MAR-45
+    rf"\b{_MONTHS}\.?\s*\d{{1,2}}(?:ST|ND|RD|TH)?,?\s*\d{{2,4}}\b",         # March 7, 1945
+)
+_DATE_LIKE = re.compile("|".join(DATE_PATTERNS), re.IGNORECASE)
+# Phone numbers: 7+ digits in groups (555-867-5309, (0161) 496 0000, +44 20 7946 0018)
+PHONE = re.compile(r"(?<![\w])\+?\(?\d[\d\s().-]{5,}\d(?![\w])")
+# A word after a title is a name even when no header field holds it ("Dr. Smith")
+HONORIFIC_NAME = re.compile(r"\b(?:DR|DOCTOR|PROF|PROFESSOR|MRS|MS|MISS|NURSE|SISTER)\b\.?\s*([A-Z][A-Z'-]+)",
+                            re.IGNORECASE)
 _LONG_NUMBER = re.compile(r"\d{5,}")
 _SAFE_CHARS = re.compile(r"[^A-Za-z0-9 _+\-*/().,:]")
 
 
 def screen_text(text: str, tokens: set[str]) -> str:
-    """Free text with identifying values, dates and long numbers removed."""
-    out = _SAFE_CHARS.sub(" ", str(text or ""))
+    """Free text with identifying values, titled names, dates, phone and long numbers removed."""
+    out = HONORIFIC_NAME.sub(" ", str(text or ""))
+    out = _DATE_LIKE.sub(" ", out)
+    out = PHONE.sub(lambda m: " " if sum(c.isdigit() for c in m.group(0)) >= 7 else m.group(0), out)
+    out = _SAFE_CHARS.sub(" ", out)
     for token in sorted(tokens, key=len, reverse=True):
         # short tokens only as whole words ("AX" in a name must not eat "AX T2" mid-word elsewhere)
         pattern = re.escape(token) if len(token) >= 3 else rf"(?<![A-Za-z0-9]){re.escape(token)}(?![A-Za-z0-9])"

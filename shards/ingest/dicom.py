@@ -8,6 +8,7 @@ finished shard.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -18,8 +19,9 @@ from .config import DicomIngestConfig
 from .deid import Pseudonymizer, load_salt, study_date
 from .dicom_scan import scan_file, walk
 from .dicom_stacks import DecodeError, Stack, build_stacks, decode
+from .geometry import dicom_affine
 from .report import IngestReport
-from .series import choose, joint_from_text, vendor_name
+from .series import body_part_name, choose, joint_from_text, vendor_name
 
 COMMAND = "ingest-dicom"
 
@@ -36,11 +38,16 @@ def key_function(pseudo: Pseudonymizer):
 
 
 def _field_strength(header) -> float | None:
+    """Tesla; also read when an export writes a unit into the value ("1.5T", "15000 G")."""
     value = header.get("MagneticFieldStrength")
     if value in (None, ""):
         return None
-    tesla = float(value) / (10000.0 if float(value) > 20 else 1.0)  # some exports write gauss
-    return round(tesla, 1)
+    match = re.fullmatch(r"\s*(\d*\.?\d+)\s*(t|tesla|g|gauss)?\s*", str(value), re.IGNORECASE)
+    if match is None:
+        raise ValueError(f"MagneticFieldStrength {str(value)[:16]!r} is not a field strength")
+    number, unit = float(match.group(1)), (match.group(2) or "").lower()
+    gauss = unit.startswith("g") or (not unit and number > 20)  # some exports write gauss
+    return round(number / 10000.0 if gauss else number, 1)
 
 
 def _most_common(values):
@@ -65,7 +72,10 @@ def _header_ehr(header) -> dict:
 
 
 def _loader(stacks: list[Stack], cfg: DicomIngestConfig):
-    """Decode the best stack per plane, falling back to the next one when decoding fails."""
+    """Decode the best stack per plane, falling back to the next one when decoding fails; the
+    returned ``origin`` dict gets each decoded plane's source folder and NIfTI affine."""
+    origin: dict = {}
+
     def load(report: IngestReport):
         ranked, rejected = choose([s.candidate() for s in stacks], cfg.choice)
         by_ident = {s.candidate().ident: s for s in stacks}
@@ -81,10 +91,12 @@ def _loader(stacks: list[Stack], cfg: DicomIngestConfig):
                     report.skip(exc.rel, "decode_error", f"pixel data cannot be decoded: {exc.reason}")
                     continue
                 volumes[plane] = as_float32(volume)
-                planes[plane] = stack.plane_meta(cfg.deid.keep_descriptions, cfg.choice.oblique_threshold_deg)
+                planes[plane] = stack.plane_meta(cfg.deid.keep_free_text, cfg.choice.oblique_threshold_deg)
+                origin[plane] = {"source": stack.where, "affine": dicom_affine(
+                    stack.frames[0].orientation, stack.frames[0].position, stack.spacing).tolist()}
                 break
         return volumes, planes, {}
-    return load
+    return load, origin
 
 
 def _study(study_uid: str, stacks: list[Stack], cfg: DicomIngestConfig, pseudo: Pseudonymizer,
@@ -105,12 +117,15 @@ def _study(study_uid: str, stacks: list[Stack], cfg: DicomIngestConfig, pseudo: 
     meta = {"site": stacks[0].frames[0].site, "source": "dicom",
             "vendor": _most_common(vendor_name(s.header.get("Manufacturer", "")) for s in stacks),
             "field_strength": _most_common(_field_strength(s.header) for s in stacks),
-            "body_part": str(header.get("BodyPartExamined", "") or "").lower() or None,
+            "body_part": body_part_name(header.get("BodyPartExamined", "")),
             "study_date": study_date(header, cfg.deid.dates)}
+    if cfg.deid.keep_free_text:  # screened by deidentify(); the user opted in
+        meta["manufacturer"] = str(header.get("Manufacturer", "") or "") or None
+        meta["body_part_text"] = str(header.get("BodyPartExamined", "") or "").lower() or None
     join_keys = {"study": key, "patient": patient, "accession": pseudo.key("a", accession) if accession else ""}
-    return FoundStudy(key, patient, joint, meta, join_keys,
-                      len({f.rel for s in stacks for f in s.frames}), _loader(stacks, cfg),
-                      _header_ehr(header))
+    load, origin = _loader(stacks, cfg)
+    return FoundStudy(key, patient, joint, meta, join_keys, len({f.rel for s in stacks for f in s.frames}),
+                      load, _header_ehr(header), sorted({s.where for s in stacks}), origin)
 
 
 def find_studies(cfg: DicomIngestConfig, pseudo: Pseudonymizer, report: IngestReport) -> list[FoundStudy]:
@@ -122,7 +137,12 @@ def find_studies(cfg: DicomIngestConfig, pseudo: Pseudonymizer, report: IngestRe
         frames += scan_file(path, path.relative_to(source).as_posix(), cfg.deid, pseudo, cfg.site, report)
     studies = []
     for study_uid, stacks in sorted(build_stacks(frames, cfg.slice_gap_tolerance, report).items()):
-        found = _study(study_uid, stacks, cfg, pseudo, report)
+        try:
+            found = _study(study_uid, stacks, cfg, pseudo, report)
+        except (ValueError, TypeError, AttributeError) as exc:  # one malformed value: skip the study
+            report.skip(stacks[0].where, "bad_header", f"study not ingested: a header value cannot be "
+                        f"read: {exc}", study=pseudo.key("s", study_uid))
+            continue
         if found is not None:
             studies.append(found)
     found = {s.key for s in studies}

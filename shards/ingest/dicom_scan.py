@@ -78,12 +78,36 @@ def read_dicom(path: Path, **kwargs) -> Dataset:
                 raise
             ds = pydicom.dcmread(path, force=True, **kwargs)
             if len(ds) == 0:
-                raise InvalidDicomError(f"{path}: no data elements")
+                raise InvalidDicomError(f"{path}: no data elements") from None
     if "TransferSyntaxUID" not in ds.file_meta:  # bare dataset: encoding was detected on read
         implicit, little = ds.original_encoding
         ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
                                           ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
     return ds
+
+
+# Secondary Capture Image Storage and its multi-frame variants (PS3.4 B.5): pixels captured from a
+# screen or a film, often with names and dates burned in
+SECONDARY_CAPTURE = frozenset(f"1.2.840.10008.5.1.4.1.1.7{s}" for s in ("", ".1", ".2", ".3", ".4"))
+_CAPTURE_WORDS = ("SCREEN SHOT", "SCREENSHOT", "SCREEN CAPTURE", "CAPTURE", "SNAPSHOT")
+
+
+def capture_problem(ds: Dataset, sop_class: str) -> tuple[str, str] | None:
+    """(code, reason) for images whose pixels may show text (burned-in annotation, secondary or
+    screen captures), else None. Checked before de-identification: these are refused, not cleaned."""
+    if str(ds.get("BurnedInAnnotation", "") or "").strip().upper() == "YES":
+        return "burned_in", "BurnedInAnnotation is YES: pixels may show identifying text"
+    sc = next((c for c in (sop_class, str(ds.get("SOPClassUID", ""))) if c in SECONDARY_CAPTURE), None)
+    if sc:
+        return "secondary_capture", f"secondary capture ({UID(sc).name}): pixels may show identifying text"
+    image_type = [str(v).strip().upper() for v in (ds.get("ImageType") or [])]
+    joined = "\\".join(image_type)
+    if len(image_type) > 1 and image_type[1] == "SECONDARY":
+        return "secondary_capture", f"ImageType {joined}: a secondary (derived, captured) image"
+    if any(w in v for v in image_type for w in _CAPTURE_WORDS) or "ConversionType" in ds:
+        what = f"ConversionType {ds.ConversionType}" if "ConversionType" in ds else f"ImageType {joined}"
+        return "screen_capture", f"{what}: a screen or film capture, pixels may show identifying text"
+    return None
 
 
 def decoder_problem(ts: UID) -> str | None:
@@ -202,6 +226,10 @@ def scan_file(path: Path, rel: str, cfg: DeidConfig, pseudo: Pseudonymizer, site
         else:
             what = sop_class.name if sop_class else "no SOP class (truncated header?)"
             report.skip(rel, "not_image", f"no pixel data: {what}")
+        return []
+    refused = capture_problem(ds, str(sop_class))
+    if refused:
+        report.skip(rel, *refused)
         return []
     try:
         problem = _truncated(path, ds)

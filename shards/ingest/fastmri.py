@@ -7,6 +7,12 @@ cols)), optionally ``reconstruction_rss`` (slices, r, c) and ``mask`` (cols,) fo
 k-space grid equal to the header's encoded matrix, target equal to the header's recon matrix; an
 error names the file and the slice.
 
+De-identified like DICOM (:mod:`.deid`): study and patient keys are keyed hashes (HMAC with the
+dataset's salt) of the file name and ``patient_id``; no file name, path, header text or attribute
+other than the acquisition (mapped onto a closed vocabulary) and ``max`` reaches a shard or the
+manifest. At the end ``shards scan-phi`` runs over the shard folder; its result goes to
+``runs/ingest/<name>/ingest_report.json`` and any hit makes the exit code 1.
+
     shards ingest fastmri <dir> --out <shards> [anatomy=knee] [splits.val=0.2 ...]
 
 Registered as the ``fastmri`` kind of :data:`shards.ingest.cli.INGESTERS`.
@@ -14,7 +20,6 @@ Registered as the ``fastmri`` kind of :data:`shards.ingest.cli.INGESTERS`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import xml.etree.ElementTree as ET
@@ -25,12 +30,16 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from ..config import ConfigError, save_config
+from ..config import ConfigError, save_config, to_dict
 from ..manifest import load_manifest
+from ..runs import runs_root, write_metrics
 from ..splits import assign_split
 from ..writer import ShardWriter
+from .deid import DeidConfig, Pseudonymizer, load_salt
 
 ISMRMRD_NS = {"ismrmrd": "http://www.ismrm.org/ISMRMRD"}
+# fastMRI acquisition names (knee CORPD_FBK, brain AXT1POST...): the closed contrast vocabulary
+CONTRASTS = ("PD", "PDFS", "T1", "T1PRE", "T1POST", "T2", "T2FS", "FLAIR", "STIR", "DWI", "GRE")
 
 
 class FastMRIError(ValueError):
@@ -51,11 +60,12 @@ def header_sizes(xml: bytes | str, path: str) -> dict:
 
 
 def acquisition_meta(acquisition: str) -> tuple[str, str]:
-    """(contrast, orientation) from a fastMRI acquisition name, e.g. CORPD_FBK -> (PD, cor)."""
-    acq = acquisition.upper()
+    """(contrast, orientation) from a fastMRI acquisition name, e.g. CORPD_FBK -> (PD, cor);
+    a contrast outside :data:`CONTRASTS` is ``unknown`` (the attribute may hold any text)."""
+    acq = (acquisition.decode("ascii", "replace") if isinstance(acquisition, bytes) else str(acquisition)).upper()
     orientation = next((o.lower() for o in ("AX", "COR", "SAG") if acq.startswith(o)), "unknown")
     body = re.sub(r"^(AX|COR|SAG)", "", acq).split("_")[0]
-    return (body or "unknown"), orientation
+    return (body if body in CONTRASTS else "unknown"), orientation
 
 
 def _anatomy_of(path: Path, given: str | None) -> str:
@@ -65,9 +75,17 @@ def _anatomy_of(path: Path, given: str | None) -> str:
     return m.group(1) if m else "knee"
 
 
-def _slice_key(path: Path, index: int) -> str:
-    digest = hashlib.sha256(path.stem.encode()).hexdigest()[:12]
-    return f"fm-{digest}-{index:03d}"
+def _ids(f: h5py.File, path: Path, pseudo: Pseudonymizer) -> tuple[str, str]:
+    """(study key, patient key): keyed hashes of the file name and of ``patient_id`` (else the file)."""
+    study = pseudo.key("s", pseudo.ident("fastmri-file", path.stem))
+    patient = f.attrs.get("patient_id")
+    patient = patient.decode("utf-8", "replace") if isinstance(patient, bytes) else str(patient or "")
+    return study, (pseudo.key("p", pseudo.ident("patient", patient)) if patient.strip() else
+                   study.replace("s-", "p-", 1))
+
+
+def _slice_key(study: str, index: int) -> str:
+    return f"{study}-{index:03d}"
 
 
 def read_file(path: Path) -> tuple[h5py.File, dict]:
@@ -101,14 +119,14 @@ def read_file(path: Path) -> tuple[h5py.File, dict]:
         raise
 
 
-def slice_sample(f: h5py.File, path: Path, index: int, info: dict, anatomy: str) -> dict:
-    """One decoded recon sample for slice ``index``, checked."""
+def slice_sample(f: h5py.File, path: Path, index: int, info: dict, anatomy: str, ids: tuple[str, str]) -> dict:
+    """One decoded recon sample for slice ``index``, checked; ``ids`` = (study key, patient key)."""
     k = np.asarray(f["kspace"][index], np.complex64)
     if k.ndim == 2:
         k = k[None]
     if not np.isfinite(k).all():
         raise FastMRIError(f"{path}: slice {index}: kspace contains NaN or infinite values")
-    sample = {"__key__": _slice_key(path, index), "kspace": k}
+    sample = {"__key__": _slice_key(ids[0], index), "kspace": k}
     if "reconstruction_rss" in f:
         target = np.asarray(f["reconstruction_rss"][index], np.float32)
         if not np.isfinite(target).all():
@@ -117,34 +135,38 @@ def slice_sample(f: h5py.File, path: Path, index: int, info: dict, anatomy: str)
     if "mask" in f:
         sample["mask"] = np.broadcast_to(np.asarray(f["mask"]) > 0, k.shape[-2:]).astype(np.uint8)
     attrs = dict(f.attrs)
-    acquisition = str(attrs.get("acquisition", "unknown"))
-    contrast, orientation = acquisition_meta(acquisition)
-    patient = str(attrs.get("patient_id", path.stem))
+    contrast, orientation = acquisition_meta(attrs.get("acquisition", "unknown"))
+    acquisition = f"{orientation.upper()}{contrast}" if "unknown" not in (contrast, orientation) else "unknown"
     sample["meta"] = {"anatomy": anatomy, "contrast": contrast, "orientation": orientation,
-                      "coils": int(k.shape[0]), "acquisition": acquisition, "study": path.stem,
-                      "patient": patient, "slice": index, "source": "fastmri", "file": path.name,
+                      "coils": int(k.shape[0]), "acquisition": acquisition, "study": ids[0],
+                      "patient": ids[1], "slice": index, "source": "fastmri",
                       "max": float(attrs["max"]) if "max" in attrs else None,
                       "encoded": list(info["grid"]), "recon": list(info.get("recon", info["grid"]))}
     return sample
 
 
 def ingest_fastmri(src: str | Path, out: str | Path, anatomy: str | None = None,
-                   fractions: dict[str, float] | None = None, seed: int = 0, max_count: int = 256) -> dict:
-    """Write every slice of every ``*.h5`` under ``src`` to recon shards in ``out``; returns the manifest."""
+                   fractions: dict[str, float] | None = None, seed: int = 0, max_count: int = 256,
+                   deid: DeidConfig | None = None, info: dict | None = None) -> dict:
+    """Write every slice of every ``*.h5`` under ``src`` to recon shards in ``out``; returns the manifest.
+
+    Keys are salted (``deid``'s salt, ``$MSKFM_DEID_SALT`` by default); ``info`` goes to the manifest
+    as is (no paths)."""
+    pseudo = Pseudonymizer(load_salt(deid or DeidConfig()))
     files = sorted(Path(src).rglob("*.h5"))
     if not files:
         raise FastMRIError(f"no fastMRI .h5 files under {src}")
     fractions = fractions or {"train": 0.8, "val": 0.2}
-    info = {"source": "fastmri", "input": str(Path(src).resolve())}
-    with ShardWriter(out, kind="recon", max_count=max_count, info=info) as writer:
+    with ShardWriter(out, kind="recon", max_count=max_count, info={"source": "fastmri", **(info or {})}) as writer:
         for path in tqdm(files, desc="fastmri", unit="file"):
             f, finfo = read_file(path)
             with f:
+                ids = _ids(f, path, pseudo)
                 for index in range(finfo["slices"]):
-                    if writer.done(_slice_key(path, index)):
+                    if writer.done(_slice_key(ids[0], index)):
                         continue
-                    sample = slice_sample(f, path, index, finfo, _anatomy_of(path, anatomy))
-                    split = assign_split(sample["meta"]["patient"], fractions, seed)
+                    sample = slice_sample(f, path, index, finfo, _anatomy_of(path, anatomy), ids)
+                    split = assign_split(ids[1], fractions, seed)
                     writer.write(sample | {"meta": sample["meta"] | {"split": split}}, split)
     return load_manifest(out)
 
@@ -160,19 +182,38 @@ class FastMRIIngestConfig:
     splits: dict[str, float] = field(default_factory=lambda: {"train": 0.8, "val": 0.2})
     split_seed: int = 0
     shard_max_count: int = 256
+    deid: DeidConfig = field(default_factory=DeidConfig)  # the salt (dates/free text: nothing kept)
 
     def validate(self) -> None:
         if not self.source or not self.out:
             raise ConfigError("shards ingest fastmri: give the input folder and --out")
+        self.deid.validate()
+
+
+def _manifest_info(cfg: FastMRIIngestConfig) -> dict:
+    """The ingest config as the manifest records it: no paths, no salt file."""
+    conf = to_dict(cfg)
+    for key in ("source", "out", "name"):
+        conf.pop(key, None)
+    conf["deid"].pop("salt_file", None)
+    return {"name": cfg.name or Path(cfg.out).name, "ingest_config": conf}
 
 
 def run_fastmri(cfg: FastMRIIngestConfig) -> int:
-    """Ingest, write ``runs/ingest/<name>/{config.yaml, metrics.json}``, print the split counts."""
+    """Ingest, scan the shards for the source's identifying values, write
+    ``runs/ingest/<name>/{config.yaml, metrics.json, ingest_report.json}``; 1 on any PHI hit."""
+    from ..phi_scan import format_scan
+    from .common import scan_output
+
     manifest = ingest_fastmri(cfg.source, cfg.out, cfg.anatomy or None, dict(cfg.splits), cfg.split_seed,
-                              cfg.shard_max_count)
+                              cfg.shard_max_count, cfg.deid, _manifest_info(cfg))
     counts = {s: v["n_samples"] for s, v in manifest["splits"].items()}
-    run_dir = Path("runs") / "ingest" / (cfg.name or Path(cfg.out).name)
+    scan = scan_output(cfg.out, cfg.source, [], free_text=False)
+    run_dir = runs_root() / "ingest" / (cfg.name or Path(cfg.out).name)
     save_config(cfg, run_dir / "config.yaml")
-    (run_dir / "metrics.json").write_text(json.dumps({"slices": counts, "stats": manifest["stats"]}, indent=1))
+    write_metrics(run_dir, {"slices": counts, "stats": manifest["stats"], "phi_hits": scan["n_hits"]}, default=None)
+    (run_dir / "ingest_report.json").write_text(json.dumps({"command": "fastmri", "slices": counts,
+                                                            "phi_scan": scan}, indent=1))
     print(f"fastmri -> {cfg.out}: {counts} slices")
-    return 0
+    print(f"scan-phi: could not run ({scan['error']})" if "error" in scan else format_scan(scan))
+    return 1 if scan["n_hits"] or "error" in scan else 0

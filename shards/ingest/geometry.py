@@ -98,3 +98,16 @@ def slice_spacing(sorted_dist: np.ndarray, fallback: float | None,
         warnings.append(f"slice spacing from positions {spacing:.3f} mm differs from the header's "
                         f"{fallback:.3f} mm; positions win")
     return round(spacing, 5), warnings
+
+
+def dicom_affine(orientation, position, spacing) -> np.ndarray:
+    """NIfTI (RAS) affine of a stack stored as (cols, rows, slices): ``orientation`` the 6 direction
+    cosines (ImageOrientationPatient), ``position`` the first slice's ImagePositionPatient (LPS),
+    ``spacing`` [slice, row, col] mm with slices in ascending order along the normal."""
+    iop = np.asarray(orientation, dtype=np.float64)
+    lps = np.eye(4)
+    lps[:3, 0] = iop[:3] * spacing[2]
+    lps[:3, 1] = iop[3:] * spacing[1]
+    lps[:3, 2] = slice_normal(orientation) * spacing[0]
+    lps[:3, 3] = np.asarray(position, dtype=np.float64)
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps

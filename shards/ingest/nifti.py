@@ -74,6 +74,12 @@ def to_slices(data: np.ndarray, axis: int) -> np.ndarray:
     return vol[::-1] if axis == 1 else vol
 
 
+def from_slices(vol: np.ndarray, axis: int) -> np.ndarray:
+    """Inverse of :func:`to_slices`: (slices, rows, cols) back to the canonical (RAS) array."""
+    vol = vol[::-1] if axis == 1 else vol
+    return np.moveaxis(vol[:, ::-1, ::-1].transpose(0, 2, 1), 0, axis)
+
+
 def _spacing(zooms, axis: int) -> list[float]:
     a, b = [i for i in range(3) if i != axis]
     return [round(float(zooms[axis]), 5), round(float(zooms[b]), 5), round(float(zooms[a]), 5)]
@@ -173,6 +179,8 @@ def _load_image(vol: Volume, cfg: NiftiIngestConfig, report: IngestReport) -> np
 
 
 def _loader(vols: list[Volume], joint: str, cfg: NiftiIngestConfig):
+    origin: dict = {}
+
     def load(report: IngestReport):
         cands = [Candidate(v.plane, v.contrast, v.shape[v.axis], v.obliquity,
                            min(z for i, z in enumerate(v.zooms) if i != v.axis), 0, v.rel,
@@ -193,12 +201,13 @@ def _loader(vols: list[Volume], joint: str, cfg: NiftiIngestConfig):
                                  "contrast": vol.contrast, "obliquity_deg": vol.obliquity,
                                  "oblique": vol.obliquity > cfg.choice.oblique_threshold_deg,
                                  "normal": vol.normal}
+                origin[plane] = {"source": vol.rel, "axis": vol.axis}
                 seg = _load_seg(vol, joint, Path(cfg.source), report) if vol.seg else None
                 if seg is not None:
                     segs[f"{plane}.seg"] = np.ascontiguousarray(seg)
                 break
         return volumes, planes, segs
-    return load
+    return load, origin
 
 
 def _read_mapping(cfg: NiftiIngestConfig) -> dict[str, dict]:
@@ -239,9 +248,10 @@ def find_studies(cfg: NiftiIngestConfig, pseudo: Pseudonymizer, report: IngestRe
                         "or a 'joint' column in the mapping", study=key)
             continue
         patient = pseudo.key("p", pseudo.digest("patient", group[0].patient))
+        load, origin = _loader(group, joint, cfg)
         studies.append(FoundStudy(key, patient, joint, {"source": "nifti", "site": cfg.site or "unknown"},
-                                  {"study": key, "patient": patient}, len(group),
-                                  _loader(group, joint, cfg)))
+                                  {"study": key, "patient": patient}, len(group), load,
+                                  sources=sorted(v.rel for v in group), origin=origin))
     return studies
 
 

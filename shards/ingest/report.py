@@ -26,6 +26,7 @@ class IngestReport:
     skipped: list[dict] = field(default_factory=list)
     warnings: list[dict] = field(default_factory=list)
     tables: dict = field(default_factory=dict)
+    phi_scan: dict = field(default_factory=dict)  # shards.phi_scan result over the shard folder
 
     def skip(self, where: str, code: str, reason: str, study: str | None = None) -> None:
         """Record a file (or study, when ``where`` is a study key) that did not make it in."""
@@ -49,19 +50,22 @@ class IngestReport:
         return {"files_seen": self.files_seen, "studies_found": self.studies_found,
                 "studies_ingested": len(self.ingested), "studies_resumed": len(self.resumed),
                 "skipped": len(self.skipped), "warnings": len(self.warnings),
-                "table_problems": table_problems,
+                "table_problems": table_problems, "phi_hits": self.phi_scan.get("n_hits", 0),
                 "skipped_by_code": dict(sorted(Counter(s["code"] for s in self.skipped).items()))}
 
     def failed(self, strict: bool) -> bool:
-        """Non-zero exit: nothing usable came out, or strict and anything was skipped."""
+        """Non-zero exit: nothing usable came out, identifying values reached the shard folder, or
+        strict and anything was skipped."""
         counts = self.counts()
-        return self.n_usable == 0 or (strict and bool(counts["skipped"] or counts["table_problems"]))
+        return (self.n_usable == 0 or counts["phi_hits"] > 0 or "error" in self.phi_scan
+                or (strict and bool(counts["skipped"] or counts["table_problems"])))
 
     def to_dict(self) -> dict:
         return {"command": self.command, "source": self.source,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "counts": self.counts(), "ingested": self.ingested, "resumed": self.resumed,
-                "skipped": self.skipped, "warnings": self.warnings, "tables": self.tables}
+                "skipped": self.skipped, "warnings": self.warnings, "tables": self.tables,
+                "phi_scan": self.phi_scan}
 
     def write(self, run_dir: str | Path) -> Path:
         path = Path(run_dir) / REPORT_NAME
@@ -78,4 +82,10 @@ class IngestReport:
                  f"{c['warnings']} warnings, {c['table_problems']} table problems "
                  f"({c['files_seen']} files seen)"]
         lines += [f"  skipped {code}: {n}" for code, n in c["skipped_by_code"].items()]
+        if "error" in self.phi_scan:
+            lines.append(f"scan-phi: could not run ({self.phi_scan['error']}): run `shards scan-phi` on the shards")
+        elif self.phi_scan:
+            from ..phi_scan import format_scan
+
+            lines.append(format_scan(self.phi_scan))
         return "\n".join(lines)

@@ -2,8 +2,9 @@
 that picks one stack per plane per study.
 
 Contrast vocabulary (as in the synthetic generator): ``T1``, ``T2``, ``PD``, ``STIR``, ``GRE``
-with ``_FS`` appended when fat is suppressed, or ``unknown``. Vendors are upper-case short names
-(``SIEMENS``, ``GE``, ``PHILIPS``...), as in the synthetic data. Descriptions win when they name a weighting (technologists name
+with ``_FS`` appended when fat is suppressed, or ``unknown``. Vendors are upper-case family names
+(``SIEMENS``, ``GE``, ``PHILIPS``..., ``OTHER``), as in the synthetic data; body parts are DICOM
+defined terms. These closed vocabularies are what reaches a shard by default. Descriptions win when they name a weighting (technologists name
 series reliably); otherwise TR/TE/TI decide.
 """
 
@@ -58,12 +59,26 @@ def contrast_from_parameters(tr: float | None, te: float | None, ti: float | Non
     return "unknown"
 
 
+# DICOM BodyPartExamined defined terms (PS3.16 Annex L) of the limbs; anything else is free text
+BODY_PARTS = ("KNEE", "ANKLE", "SHOULDER", "FOOT", "HIP", "ELBOW", "WRIST", "HAND", "LEG", "ARM",
+              "THIGH", "FOREARM", "UPPER ARM", "LOWER LEG", "LOWER LIMB", "UPPER LIMB", "EXTREMITY",
+              "FINGER", "TOE", "HEEL", "PELVIS", "SPINE")
+
+
 def vendor_name(manufacturer: str) -> str:
+    """The vendor family (closed vocabulary of :data:`VENDORS`), ``OTHER`` or ``unknown``."""
     text = f"{str(manufacturer or '').lower()} "
     for name, needle in VENDORS:
         if needle in text:
             return name
-    return re.sub(r"[^a-z0-9]+", "-", text.strip())[:24].upper() or "unknown"
+    return "OTHER" if text.strip() else "unknown"
+
+
+def body_part_name(text: str) -> str | None:
+    """The first :data:`BODY_PARTS` term named in a BodyPartExamined value (lower case), else None."""
+    up = " ".join(re.sub(r"[^A-Z]+", " ", str(text or "").upper()).split())
+    hits = [(m.start(), term) for term in BODY_PARTS for m in re.finditer(rf"\b{term}\b", up)]
+    return min(hits)[1].lower() if hits else None
 
 
 def joint_from_text(*texts: str) -> str | None:

@@ -22,7 +22,11 @@ from .deid import MAX_AGE_YEARS, screen_text
 
 ALL_LABELS = sorted({name for names in LABELS.values() for name in names})
 EHR_RANGES = {"age": (0.0, 120.0), "height_cm": (30.0, 250.0), "weight_kg": (1.0, 400.0)}
-EHR_TEXT = ("patient_type", "injury_event")
+# Closed vocabularies of the EHR text columns (those of the synthetic generator); other values are
+# free text and stay out of shards unless deid.keep_free_text (then screened)
+EHR_VOCAB = {"patient_type": ("outpatient", "emergency", "inpatient"),
+             "injury_event": ("none", "sport", "twisting", "fall", "traffic", "overuse")}
+EHR_TEXT = tuple(EHR_VOCAB)
 SEXES = {"f": "F", "female": "F", "w": "F", "m": "M", "male": "M"}
 IGNORED_COLUMNS = ("joint",)
 
@@ -59,8 +63,8 @@ def _label_value(value) -> tuple[int | None, bool]:
     return None, False
 
 
-def _ehr_value(column: str, value):
-    """(clean value or None, ok)."""
+def _ehr_value(column: str, value, free_text: bool = False):
+    """(clean value or None, ok); ok is "free_text" for text outside the column's vocabulary."""
     if _blank(value):
         return None, True
     if column in EHR_RANGES:
@@ -75,14 +79,17 @@ def _ehr_value(column: str, value):
     if column == "sex":
         sex = SEXES.get(str(value).strip().lower())
         return sex, sex is not None
-    return screen_text(str(value), set()).lower() or None, True
+    text = " ".join(str(value).strip().lower().split())
+    if text in EHR_VOCAB.get(column, ()):
+        return text, True
+    return (screen_text(text, set()) or None) if free_text else None, "free_text"
 
 
 class TableJoin:
     """One loaded table; :meth:`lookup` gives a study its row, :meth:`finish` reports the rest."""
 
-    def __init__(self, cfg: TableConfig, kind: str, to_key: Callable[[str, str], str]):
-        self.cfg, self.kind = cfg, kind
+    def __init__(self, cfg: TableConfig, kind: str, to_key: Callable[[str, str], str], free_text: bool = False):
+        self.cfg, self.kind, self.free_text = cfg, kind, free_text
         self.problems: list[dict] = []
         self.rows: dict[str, tuple[int, dict]] = {}
         self.used: set[str] = set()
@@ -133,8 +140,13 @@ class TableJoin:
                 continue
             values = {}
             for col in self.columns:
-                value, ok = clean(row[col]) if clean else _ehr_value(col, row[col])
-                if not ok:
+                value, ok = clean(row[col]) if clean else _ehr_value(col, row[col], self.free_text)
+                if ok == "free_text":  # the value itself is never written to the report
+                    self._problem("free_text", f"'{col}' value outside its vocabulary "
+                                  f"{list(EHR_VOCAB[col])}; " + ("screened free text kept" if self.free_text else
+                                  "treated as unknown (deid.keep_free_text=true keeps it screened)"),
+                                  row=i, column=col)
+                elif not ok:
                     self._problem("out_of_range", f"value '{row[col]}' of '{col}' out of range; "
                                   "treated as unknown", row=i, column=col)
                 values[col] = value
