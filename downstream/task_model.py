@@ -43,6 +43,7 @@ from shards.schema import STRUCTURES
 
 from .heads.fusion import GatingNetwork, build_feature_model
 from .heads.linear import PlaneHead
+from .heads.probe import LogisticProbe
 from .heads.segmentation import SegDecoder
 from .heads.tuned import TunedBackbone
 from .model_card import render_task_card
@@ -89,6 +90,8 @@ def head_kind(task: TaskConfig) -> str:
         return "segmentation"
     if task.head.finetune_blocks:
         return "tuned"
+    if task.head.kind == "logistic":
+        return "probe"
     return "experts" if task.fusion.kind == "experts" and len(task.planes) > 1 else "features"
 
 
@@ -104,6 +107,8 @@ def build_head(task: TaskConfig, channels: dict[str, list[int]], grid: list[int]
                                 task.head.dropout) for p in task.planes}
         return torch.nn.ModuleDict({"gate": GatingNetwork(len(task.planes), n_labels, task.fusion.hidden),
                                     "experts": torch.nn.ModuleDict(experts)})
+    if kind == "probe":
+        return LogisticProbe({p: channels[p] for p in task.planes}, n_labels)
     image = build_feature_model(task.fusion.kind, {p: channels[p] for p in task.planes}, n_labels, task.head,
                                 task.features.pooling, task.fusion)
     if kind == "tuned":
