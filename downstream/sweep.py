@@ -140,7 +140,7 @@ def param_overrides(params: dict) -> list[str]:
 def trial_task(task_name: str, overrides: Sequence[str], params: dict, select_split: str) -> TaskConfig:
     """The trial's task: any head the task supports, no baselines, evaluated on the selection split."""
     return resolve_task(task_name, [*overrides, *param_overrides(params), f"train.eval_split={select_split}",
-                                    "baselines.names=[]"])
+                                    "baselines.names=[]", "probe.enabled=false"])
 
 
 def per_epoch(task: TaskConfig) -> bool:
@@ -171,7 +171,9 @@ def selection_scores(task: TaskConfig, frame: pd.DataFrame, planes: dict, train_
     if task.kind == "segmentation":
         results = run_segmentation(task, frame, planes[task.planes[0]], train_rows, select_rows)
         return {name: {m: _case_mean(r["scores"][m]) for m in METRICS["segmentation"]} for name, r in results.items()}
-    results = run_diagnosis(task, frame, planes, train_rows, select_rows)
+    # the sweep itself selects on these rows: no inner selection (last epoch, train.weight_decay), as per epoch
+    results = run_diagnosis(task, frame, planes, {"train": train_rows, "select": np.array([], dtype=np.int64),
+                                                  "eval": select_rows})
     chosen = frame.iloc[select_rows][["patient", *task.labels]].reset_index(drop=True)
     out = {}
     for name, r in results.items():
