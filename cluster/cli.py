@@ -37,7 +37,9 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--address", help="the head's dashboard URL (default: the local head "
                                              "started by `cluster up`, or $RAY_API_SERVER_ADDRESS)")
         if name == "submit":
-            p.add_argument("--working-dir", default=".", help="folder shipped to the cluster")
+            p.add_argument("--working-dir", default=str(jobs.CHECKOUT),
+                           help="code shipped to the cluster (default: this checkout); the command itself "
+                                "runs in the current folder")
             p.add_argument("--no-wait", action="store_true", help="return once submitted")
     return parser
 

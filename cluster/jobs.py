@@ -33,6 +33,7 @@ PLATFORM_COMMANDS = ("shards", "pretrain", "downstream", "cluster")
 EXCLUDES = ["/.venv", ".git", "/data", "/runs", "/cache", "/hub", "/wandb", "/docs", "__pycache__", "*.egg-info",
             ".pytest_cache", "/build", "*.tmp"]
 CARRIED_ENV = ("MSKFM_RUNS",)
+CHECKOUT = Path(__file__).resolve().parents[1]  # the packages and configs/ a job runs
 
 
 def _url(address: str) -> str:
@@ -97,7 +98,7 @@ def outputs_note(cwd: Path) -> str:
     return f"outputs: relative paths resolve in {cwd}; run folders under {where}/"
 
 
-def submit(address: str, command: list[str], working_dir: str | Path = ".", wait: bool = True,
+def submit(address: str, command: list[str], working_dir: str | Path = CHECKOUT, wait: bool = True,
            out=None, shared_dirs: Sequence[str] = ()) -> int:
     """Submit ``command`` to run in this folder; with ``wait``, stream its logs and return its
     exit code (else 0)."""

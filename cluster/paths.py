@@ -22,9 +22,10 @@ from .config import ClusterError
 # Options whose value is a YAML file the command reads (the task option also takes a task name).
 CONFIG_OPTIONS = ("--config", "--space")
 TASK_OPTION = "--task"
-# A config value is taken for a path when its last key part is (or ends with one of the first four
-# of) these, when it names a backbone, when it contains a '/', or (arguments) when it exists here.
-PATH_KEY_ENDINGS = ("path", "dir", "root", "source", "out", "shards", "cache", "hub", "to", "data")
+# A config value is taken for a path when its last key part ends with one of PATH_SUFFIXES or is one
+# of PATH_KEYS, when it names a backbone, when it contains a '/', or (arguments) when it exists here.
+PATH_SUFFIXES = ("path", "dir", "root", "source")
+PATH_KEYS = ("out", "shards", "cache", "hub", "to", "data")
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.\-]*=")
 
 
@@ -88,7 +89,8 @@ def command_paths(command: Sequence[str], cwd: Path,
     while i < len(args):
         arg = args[i]
         option, _, inline = arg.partition("=") if arg.startswith("--") else (arg, "", "")
-        if option.startswith("--") and (inline or i + 1 < len(args) and not args[i + 1].startswith("-")):
+        takes_next = i + 1 < len(args) and not args[i + 1].startswith("-") and not OVERRIDE.match(args[i + 1])
+        if option.startswith("--") and (inline or takes_next):  # a flag before key=value takes no value
             value = inline or args[i + 1]
             i += 1 if inline else 2
             yield from _option_paths(option, value, cwd, working_dir, yamls)
@@ -149,7 +151,7 @@ def _is_path(key: str, value: str, cwd: Path | None = None) -> bool:
     if not value or "://" in value or any(c.isspace() for c in value) or value.startswith(("{", "[")):
         return False
     last = re.split(r"[.\[]", key)[-1] if key else ""
-    if key and (last in PATH_KEY_ENDINGS or last.endswith(PATH_KEY_ENDINGS[:4]) or key.startswith("backbones")):
+    if key and (last in PATH_KEYS or last.endswith(PATH_SUFFIXES) or key.startswith("backbones")):
         return True
     if value.startswith(("/", "./", "../", "~")) or "/" in value:
         return True

@@ -21,6 +21,7 @@ import json
 import time
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -33,7 +34,7 @@ from shards.resume import check_resume, saved_yaml
 from shards.runs import default_folder, write_metrics
 from shards.tracking import WandbConfig, start_tracking
 
-from .data import check_task, load_studies, split_rows
+from .data import check_task, load_studies, select_rows, split_rows
 from .diagnosis import feature_batcher, run_diagnosis
 from .features import FeatureCache
 from .finetune import resolve_task
@@ -43,7 +44,7 @@ from .metrics import diagnosis_metrics
 from .segment import run_segmentation
 from .studies.trials import absolute_paths
 from .tasks import TaskConfig
-from .train import fit, masked_bce, predict, seed_everything
+from .train import fit, masked_bce, pos_weights, predict, seed_everything
 from .tuning import RayConnection, run_tuner, trial_rows
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -138,16 +139,19 @@ def param_overrides(params: dict) -> list[str]:
 
 
 def trial_task(task_name: str, overrides: Sequence[str], params: dict, select_split: str) -> TaskConfig:
-    """The trial's task: any head the task supports, no baselines, evaluated on the selection split."""
+    """The trial's task: any head the task supports, no baselines or reference probe, evaluated on the
+    selection split."""
     return resolve_task(task_name, [*overrides, *param_overrides(params), f"train.eval_split={select_split}",
                                     "baselines.names=[]", "probe.enabled=false"])
 
 
 def per_epoch(task: TaskConfig) -> bool:
-    """One frozen-feature model: scored every ``report_every`` epochs, so ASHA can stop it early.
-    Heads trained in stages or on volumes (EHR fusion, plane experts, partial fine-tuning,
-    segmentation) run the task's own training and report once, at the end."""
+    """One frozen-feature model with one weight decay: scored every ``report_every`` epochs, so ASHA
+    can stop it early. Heads trained in stages, on volumes or over a weight-decay grid (EHR fusion,
+    plane experts, partial fine-tuning, segmentation, the probe) run the task's own training and
+    report once, at the end."""
     return (task.kind == "diagnosis" and not task.head.finetune_blocks and not task.ehr.enabled
+            and task.head.kind != "logistic" and len(task.train.weight_decay_grid) == 1
             and not (task.fusion.kind == "experts" and len(task.planes) > 1))
 
 
@@ -165,16 +169,16 @@ def selection_target(cfg: SweepConfig, task: TaskConfig) -> tuple[str, str]:
 
 
 def selection_scores(task: TaskConfig, frame: pd.DataFrame, planes: dict, train_rows: np.ndarray,
-                     select_rows: np.ndarray) -> dict[str, dict[str, float]]:
-    """Train the task's models as ``finetune`` does (no baselines) and score each on the selection
-    rows: ``{model: {metric: value}}`` (macro over labels, or mean over structures per case)."""
+                     sweep_rows: np.ndarray) -> dict[str, dict[str, float]]:
+    """Train the task's models as ``finetune`` does (no baselines; epochs and weight decay chosen on
+    ``train.select_split``) and score each on the sweep's selection rows (the trial's evaluation
+    split): ``{model: {metric: value}}`` (macro over labels, or mean over structures per case)."""
     if task.kind == "segmentation":
-        results = run_segmentation(task, frame, planes[task.planes[0]], train_rows, select_rows)
+        results = run_segmentation(task, frame, planes[task.planes[0]], train_rows, sweep_rows)
         return {name: {m: _case_mean(r["scores"][m]) for m in METRICS["segmentation"]} for name, r in results.items()}
-    # the sweep itself selects on these rows: no inner selection (last epoch, train.weight_decay), as per epoch
-    results = run_diagnosis(task, frame, planes, {"train": train_rows, "select": np.array([], dtype=np.int64),
-                                                  "eval": select_rows})
-    chosen = frame.iloc[select_rows][["patient", *task.labels]].reset_index(drop=True)
+    rows = {"train": train_rows, "select": select_rows(frame, task), "eval": sweep_rows}
+    results = run_diagnosis(task, frame, planes, rows)
+    chosen = frame.iloc[sweep_rows][["patient", *task.labels]].reset_index(drop=True)
     out = {}
     for name, r in results.items():
         scored = chosen.assign(**{f"p_{n}": r["probs"][:, k] for k, n in enumerate(task.labels)})
@@ -197,11 +201,11 @@ def sweep_trial(config: dict) -> None:
     task = trial_task(config["task"], config["overrides"], config["params"], config["select_split"])
     manifest = check_task(task)
     frame = load_studies(task)
-    train_rows, select_rows = split_rows(frame, task)
+    train_rows, sweep_rows = split_rows(frame, task)
     planes = prepare_planes(task, list(frame["key"]), manifest, FeatureCache(task.cache_dir))
     metric, model_name = config["metric"], config["model"]
     if not per_epoch(task):
-        scores = selection_scores(task, frame, planes, train_rows, select_rows)
+        scores = selection_scores(task, frame, planes, train_rows, sweep_rows)
         value = scores[model_name][metric]
         tune.report({"score": float(np.nan_to_num(value, nan=0.0)), metric: value, "model": model_name,
                      "epoch": task.train.epochs, **{f"{n}/{metric}": s[metric] for n, s in scores.items()}})
@@ -211,20 +215,21 @@ def sweep_trial(config: dict) -> None:
     seed_everything(task.train.seed)
     model = build_feature_model(task.fusion.kind, {p: d.channels() for p, d in planes.items()}, len(task.labels),
                                 task.head, task.features.pooling, task.fusion)
-    chosen = frame.iloc[select_rows][["patient", *task.labels]].reset_index(drop=True)
+    chosen = frame.iloc[sweep_rows][["patient", *task.labels]].reset_index(drop=True)
     every, epochs = config["report_every"], task.train.epochs
 
     def report(epoch: int, loss: float) -> None:
         if epoch % every and epoch != epochs:
             return
-        probs = torch.sigmoid(predict(model, batcher, select_rows)).numpy()
+        probs = torch.sigmoid(predict(model, batcher, sweep_rows)).numpy()
         scored = chosen.assign(**{f"p_{n}": probs[:, k] for k, n in enumerate(task.labels)})
         macro = diagnosis_metrics(scored, task.labels, "p_", n_boot=0)["macro"]
         tune.report({"score": float(np.nan_to_num(macro[metric], nan=0.0)), metric: macro[metric],
                      "model": model_name, "loss": loss, "epoch": epoch})
 
-    t = task.train
-    fit(model, batcher, train_rows, masked_bce, epochs=epochs, lr=t.lr, weight_decay=t.weight_decay,
+    t = task.train  # the loss and weight decay `finetune` trains this head with
+    loss = partial(masked_bce, pos_weight=pos_weights(y[train_rows]))
+    fit(model, batcher, train_rows, loss, epochs=epochs, lr=t.lr, weight_decay=t.weight_decay_grid[0],
         batch_size=t.batch_size, seed=t.seed, desc="sweep head", device=task.device, on_epoch=report)
 
 

@@ -150,6 +150,7 @@ def test_multi_node_path_check_names_the_key(tmp_path):
     # A task name: its YAML's paths (shards, backbones) are checked too.
     assert "key 'backbones.sag' (--task knee-dx.yaml)" in refused(["downstream", "finetune", "--task", "knee-dx"], shared_dirs=())
     assert "option --to = '/home/me/hub'" in refused(["pretrain", "publish", "p", "--to", "/home/me/hub"])
+    assert "key 'out' = '/home/me/x'" in refused(["downstream", "study", "robustness", "--quick", "out=/home/me/x"])
     # All nodes on this machine: nothing to refuse, the command runs where it was submitted.
     assert placed_command(run, work, ROOT, local=True).startswith(f"cd {work} && python -m pretrain")
 
@@ -280,7 +281,7 @@ def test_submitted_commands_run_in_the_submitting_folder(loopback_head, tiny_sha
     (work / source).symlink_to(tiny_shards, target_is_directory=True)
 
     def submit(*command: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "cluster", "submit", *opts, "--working-dir", str(ROOT),
+        return subprocess.run([sys.executable, "-m", "cluster", "submit", *opts,  # code: this checkout
                                "--", *command], cwd=work, capture_output=True, text=True, timeout=400)
 
     run = submit("pretrain", "run", "--config", "configs/pretrain/tiny.yaml", "optim.total_steps=2",

@@ -36,7 +36,8 @@ def sweep_env(study_shards, tmp_path_factory):
         "space": {"train.lr": {"loguniform": [1e-3, 3e-2]}, "features.pooling": {"choice": ["avg", "attention"]},
                   "features.timesteps": {"grid": [[10], [60]]}},
         "num_samples": 2, "scheduler": {"grace_period": 2, "reduction_factor": 2, "report_every": 2},
-        "max_concurrent_trials": 2, "overrides": [o for o in FAST if not o.startswith("features.pooling")]}))
+        "max_concurrent_trials": 2,
+        "overrides": [*[o for o in FAST if not o.startswith("features.pooling")], "train.weight_decay_grid=[0.001]"]}))
     return {"root": root, "task": task, "space": space}
 
 
@@ -87,16 +88,38 @@ def test_label_level_fusion_weighs_each_plane_per_label():
     """Two planes, three labels (the transposed weights once broadcast only when planes == labels)."""
     import torch
 
+    import numpy as np
+
     from downstream.heads.fusion import LabelLevelFusion
+    from downstream.train import fit_standardizers
 
     torch.manual_seed(0)
     model = LabelLevelFusion({"sag": [4], "cor": [4]}, 3)
     with torch.no_grad():
         model.mix.copy_(torch.randn(2, 3))
     inputs = {p: [torch.randn(5, 4, 2, 3, 3)] for p in ("sag", "cor")}
+    fit_standardizers(model, lambda idx: ({p: [a[0][idx]] for p, a in inputs.items()}, None), np.arange(5))
     w = model.fusion_weights()
     expected = w[0] * model.experts["sag"](inputs) + w[1] * model.experts["cor"](inputs)
     assert torch.allclose(model(inputs), expected)
+
+
+def test_every_shipped_sweeps_config_loads():
+    """configs/sweeps/ holds sweeps (a `space`), studies (named by kind) and recon studies: each loads
+    with its own schema (quick block included), so none drifts from the code."""
+    from downstream.studies.config import KINDS, load_study
+    from pretrain.recon.study import ReconStudyConfig
+    from shards.config import load_config
+
+    for path in sorted((ROOT / "configs/sweeps").glob("*.yaml")):
+        if "\nspace:" in path.read_text():
+            continue  # test_shipped_sweeps_fit_their_tasks
+        if path.stem in KINDS:
+            load_study(path.stem, path)
+            load_study(path.stem, path, quick=True)
+        else:
+            assert path.stem.startswith("recon-"), f"{path.name}: neither a sweep, a study nor a recon study"
+            load_config(ReconStudyConfig, path)
 
 
 def test_selection_target_fits_the_task():
@@ -111,6 +134,10 @@ def test_selection_target_fits_the_task():
         selection_target(load_sweep(None, "knee-seg", [*base, "metric=auroc"]), resolve_task("knee-seg"))
     with pytest.raises(ConfigError, match="key 'model' 'ehr_only' is not trained by task 'knee-dx'"):
         selection_target(load_sweep(None, "knee-dx", [*base, "model=ehr_only"]), resolve_task("knee-dx"))
+    from downstream.sweep import per_epoch
+
+    assert per_epoch(resolve_task("knee-dx", ["train.weight_decay_grid=[0.01]"]))
+    assert not per_epoch(resolve_task("knee-dx"))  # a weight-decay grid: the task's own selection, one report
     with pytest.raises(ConfigError, match="'select_split' may not be the test split"):
         load_sweep(None, "knee-dx", [*base, "select_split=test"])
 
