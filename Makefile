@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test lint test-fast test-integration bench clean
+.PHONY: install demo test lint test-fast test-integration bench bench-label-efficiency clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,6 +21,9 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH bash scripts/demo.sh
+
+bench-label-efficiency: $(STAMP)
+	PYTHON=$(CURDIR)/$(BIN)/python bash scripts/bench_label_efficiency.sh
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q -ra --durations=15

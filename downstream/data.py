@@ -116,8 +116,9 @@ def split_rows(frame: pd.DataFrame, task: TaskConfig) -> tuple[np.ndarray, np.nd
     t = task.train
     train = _in_domain(frame, task, t.train_split, t.train_domain, "train_domain")
     if t.train_fraction < 1:
+        cover = frame.loc[train, task.labels] if t.cover_labels and task.kind == "diagnosis" else None
         train = train[frame.loc[train, "patient"].isin(patient_subset(frame.loc[train, "patient"], t.train_fraction,
-                                                                      t.seed)).to_numpy()]
+                                                                      t.seed, cover)).to_numpy()]
     evaluate = _in_domain(frame, task, t.eval_split, t.eval_domain, "eval_domain")
     return np.array(train, dtype=np.int64), np.array(evaluate, dtype=np.int64)
 
@@ -140,11 +141,36 @@ def select_rows(frame: pd.DataFrame, task: TaskConfig) -> np.ndarray:
     return np.array(rows, dtype=np.int64)
 
 
-def patient_subset(patients: pd.Series, fraction: float, seed: int) -> list[str]:
-    """The first ``round(fraction * n)`` (at least 2) of a seeded permutation of the unique patients."""
+def patient_subset(patients: pd.Series, fraction: float, seed: int, cover: pd.DataFrame | None = None) -> list[str]:
+    """The first ``round(fraction * n)`` (at least 2) of a seeded permutation of the unique patients.
+
+    With ``cover`` (label columns, 1/0/NaN, on the rows of ``patients``) the permutation is reordered
+    so that it starts with patients who bring a positive for a label not yet covered (taken in
+    permutation order), and the subset grows to hold them: every subset has a positive for every
+    label that has one, and smaller subsets stay contained in larger ones.
+    """
     unique = np.array(sorted(patients.unique()))
-    order = np.random.default_rng(seed).permutation(unique)
-    return list(order[:min(len(unique), max(2, round(len(unique) * fraction)))])
+    order = list(np.random.default_rng(seed).permutation(unique))
+    n = max(2, round(len(unique) * fraction))
+    if cover is not None:
+        first = _covering(order, patients, cover)
+        order = first + [p for p in order if p not in set(first)]
+        n = max(n, len(first))
+    return order[:min(len(unique), n)]
+
+
+def _covering(order: list[str], patients: pd.Series, cover: pd.DataFrame) -> list[str]:
+    """Patients, in ``order``, each adding a positive for a label no earlier one had."""
+    positive = (cover == 1).groupby(patients.to_numpy()).any()
+    missing, first = set(positive.columns[positive.any()]), []
+    for p in order:
+        new = {c for c in missing if positive.at[p, c]}
+        if new:
+            first.append(p)
+            missing -= new
+        if not missing:
+            break
+    return first
 
 
 def domain_values(frame: pd.DataFrame, key: str) -> list[str]:

@@ -98,8 +98,9 @@ def run_finetune(task: TaskConfig | str | Path, overrides: Sequence[str] = (), *
                                              for name, thr in thresholds.items()},
                               "selection": {name: r.get("selection") for name, r in results.items()}})
     save_task_model(out, task, results["diffusion"], planes, manifest, metrics,
-                    {"n_train": int(len(train_rows)), "n_eval": int(len(eval_rows)),
-                     "train_split": task.train.train_split, "eval_split": task.train.eval_split})
+                    {"n_train": int(len(train_rows)), "n_select": int(len(chosen_rows)), "n_eval": int(len(eval_rows)),
+                     "train_split": task.train.train_split, "select_split": task.train.select_split,
+                     "eval_split": task.train.eval_split}, thresholds.get("diffusion"))
     timings = {"features_s": round(t_features - t0, 3), "total_s": round(time.perf_counter() - t0, 3)}
     summary = {"task": task.name, "kind": task.kind, "run_dir": str(out), "metrics": metrics,
                "n_train": int(len(train_rows)), "n_select": int(len(chosen_rows)), "n_eval": int(len(eval_rows)),

@@ -17,14 +17,19 @@ REPORTED = ("auroc", "ap")   # the macro diagnosis metrics that sweeps, studies 
 
 
 def flat_metrics(result: dict) -> dict:
-    """``{model/metric, model/metric_lo, model/metric_hi}`` of the macro diagnosis metrics (or mean
-    Dice for segmentation), plus the training and evaluation sizes."""
+    """``{model/metric, model/metric_lo, model/metric_hi}`` of the macro diagnosis metrics (and
+    ``model/auroc.<label>`` per label), or mean Dice for segmentation, plus the training and evaluation
+    sizes."""
     out = {"n_train": result["n_train"], "n_eval": result["n_eval"]}
     for model, m in result["metrics"].items():
         if "macro" in m:
             for k in REPORTED:
                 lo, hi = m["macro"].get("ci", {}).get(k, [np.nan, np.nan])
                 out |= {f"{model}/{k}": m["macro"][k], f"{model}/{k}_lo": lo, f"{model}/{k}_hi": hi}
+            for label, v in m.get("per_label", {}).items():
+                lo, hi = v.get("ci", {}).get("auroc", [np.nan, np.nan])
+                out |= {f"{model}/auroc.{label}": v["auroc"], f"{model}/auroc.{label}_lo": lo,
+                        f"{model}/auroc.{label}_hi": hi}
         else:
             d = m["mean"]["dice"]
             out |= {f"{model}/dice": d["mean"], f"{model}/dice_lo": d["ci"][0], f"{model}/dice_hi": d["ci"][1]}

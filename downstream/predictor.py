@@ -92,8 +92,9 @@ class Predictor:
     def features(self, batch: dict[str, torch.Tensor]) -> dict[str, list[torch.Tensor]]:
         out = {}
         for plane, x in batch.items():
-            maps = self.model.backbones[plane].features(x, list(self.feat.timesteps), list(self.feat.blocks),
-                                                        self.feat.noise_draws, self.feat.seed)
+            feat = self.feat.for_plane(plane)
+            maps = self.model.backbones[plane].features(x, list(feat.timesteps), list(feat.blocks), feat.noise_draws,
+                                                        feat.seed)
             out[plane] = [t.float() for _, t in sorted(maps.items())]
         return out
 

@@ -8,7 +8,8 @@ nothing is unpickled)::
     task_model.json     format version, vocabulary (labels or structures), planes, preprocessing per
                         plane, feature channels, decision thresholds and where they came from, each
                         backbone by URL + sha256 of its weights and config
-    heads.safetensors   the task's head (for ``head.finetune_blocks``: with its tuned backbone copies)
+    heads.safetensors   the task's head with its feature standardisation statistics (buffers); for
+                        ``head.finetune_blocks`` with its tuned backbone copies
     task_config.yaml    the resolved task config, local paths reduced to ``<local>/<name>``
     metrics.json        the run's metrics (task model and baselines) with intervals
     README.md           model card with a Hugging Face YAML header
@@ -43,6 +44,7 @@ from shards.schema import STRUCTURES
 
 from .heads.fusion import GatingNetwork, build_feature_model
 from .heads.linear import PlaneHead
+from .heads.probe import LogisticProbe
 from .heads.segmentation import SegDecoder
 from .heads.tuned import TunedBackbone
 from .model_card import render_task_card
@@ -96,6 +98,8 @@ def build_head(task: TaskConfig, channels: dict[str, list[int]], grid: list[int]
                backbones: dict[str, torch.nn.Module] | None = None) -> torch.nn.Module:
     """The same module ``run_finetune`` trains as the task's model, freshly initialised."""
     kind, n_labels = head_kind(task), len(task.labels)
+    if task.head.kind == "logistic":
+        return LogisticProbe({p: channels[p] for p in task.planes}, n_labels)
     if kind == "segmentation":
         plane = task.planes[0]
         return SegDecoder(plane, channels[plane], len(task.structures) + 1, grid, task.head.hidden)

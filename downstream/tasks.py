@@ -114,6 +114,7 @@ class TrainSpec:
     train_split: str = "train"
     eval_split: str = "test"
     train_fraction: float = 1.0
+    cover_labels: bool = False  # a fraction's subset starts with one positive patient per label (see data.py)
     domain_key: str = ""        # "", site, vendor or field_strength: train/evaluate on one domain
     train_domain: str = ""
     eval_domain: str = ""

@@ -7,6 +7,7 @@ echo "== 1/4 synthesize: a few example studies as NIfTI + previews (runs/demo/sy
 shards -q synth --config configs/shards/demo.yaml --out runs/demo/synth-preview --n 3
 
 echo "== 2/4 build shards (resumable; reruns skip finished shards)"
+python scripts/demo_stale.py --shards configs/shards/demo.yaml --out "$SHARDS" --pretrain configs/pretrain/demo-knee.yaml
 shards -q build --config configs/shards/demo.yaml out="$SHARDS"
 
 echo "== 3/4 verify shards against the manifest (sizes + sha256)"
@@ -27,4 +28,5 @@ for plane in sag cor ax; do
 done
 
 echo "== downstream: knee diagnosis (8 labels, 3 planes) on the demo backbones in hub/, with baselines"
-downstream finetune --task knee-dx
+downstream finetune --task knee-dx --run-dir runs/finetune/demo-knee-dx
+python scripts/demo_reading.py runs/finetune/demo-knee-dx --label effusion

@@ -29,7 +29,8 @@ def _covered(key: str, names: Sequence[str]) -> bool:
 
 
 def check_resume(before: dict | None, now: dict, where: str | Path, what: str = "run",
-                 keys: Sequence[str] | None = None, ignore: Sequence[str] = ()) -> None:
+                 keys: Sequence[str] | None = None, ignore: Sequence[str] = (),
+                 fix: str = "give it a new name or remove the folder") -> None:
     """Refuse to resume ``where`` when the saved configuration ``before`` differs from ``now``.
 
     ``keys`` limits the comparison to these top-level or dotted keys (None: all); ``ignore`` lists
@@ -47,8 +48,7 @@ def check_resume(before: dict | None, now: dict, where: str | Path, what: str = 
             return cfg
 
         detail = "; ".join(f"{k}: {value(before, k)!r} -> {value(now, k)!r}" for k in changed)
-        raise ConfigError(f"{where} holds a {what} with other {', '.join(changed)} ({detail}); "
-                          "give it a new name or remove the folder")
+        raise ConfigError(f"{where} holds a {what} with other {', '.join(changed)} ({detail}); {fix}")
 
 
 def saved_yaml(path: str | Path) -> dict | None:

@@ -28,6 +28,7 @@ SCHEMA_VERSION = 1
 KNOWN_SCHEMA_VERSIONS = (1,)
 
 PLANES = ("sag", "cor", "ax")
+PLANE_NAMES = {"sag": "sagittal", "cor": "coronal", "ax": "axial"}
 JOINTS = ("knee", "ankle", "shoulder")
 
 LABELS: dict[str, tuple[str, ...]] = {
@@ -50,6 +51,7 @@ STRUCTURES: dict[str, tuple[str, ...]] = {
                  "subscapularis", "biceps_tendon", "bursa", "fluid", "fat", "muscle"),
 }
 
+STUDY_FIELDS = ("meta", "labels", "ehr") + PLANES + tuple(f"{p}.seg" for p in PLANES)
 RECON_FIELDS = ("meta", "kspace", "target", "mask")   # what a reconstruction slice may hold
 JSON_FIELDS = ("meta", "labels", "ehr")
 

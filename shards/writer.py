@@ -47,7 +47,8 @@ def saved_info(out_dir: str | Path) -> dict | None:
 
 def check_resumable(out_dir: str | Path, kind: str, info: dict, ignore=()) -> None:
     """Refuse to add to a shard folder written with another kind, source or configuration."""
-    check_resume(saved_info(out_dir), {"kind": kind, **info}, out_dir, "shard set", ignore=ignore)
+    check_resume(saved_info(out_dir), {"kind": kind, **info}, out_dir, "shard set", ignore=ignore,
+                 fix="write to another folder or remove this one")
 
 
 class _HashingFile:

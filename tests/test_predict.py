@@ -29,7 +29,7 @@ from shards.manifest import load_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["train.epochs=3", "metrics.bootstrap=20", "features.timesteps=[10]", "features.blocks=[mid,up.1]",
-        "baselines.names=[]", "threads=1"]
+        "baselines.names=[]", "probe.enabled=false", "threads=1"]
 TRAIN_SITES = ["A", "B", "C"]
 
 
@@ -95,6 +95,9 @@ def test_task_model_files_and_card(dx_run, tmp_path):
     assert meta["vocabulary"]["labels"] == load_task("knee-dx").labels and meta["planes"] == ["sag"]
     assert meta["backbones"]["sag"]["url"] == "<local>/knee-sag" and len(meta["backbones"]["sag"]["sha256"]) == 64
     assert set(meta["thresholds"]) == set(meta["vocabulary"]["labels"]) and meta["threshold_source"]
+    heads = load_file(model / "heads.safetensors")  # standardisation statistics travel with the head
+    stats = [k for k in heads if k.endswith((".mean", ".std"))]
+    assert stats and all(bool(heads[k.rsplit(".", 1)[0] + ".fitted"]) for k in stats)
     card = (model / "README.md").read_text()
     header = card.split("---")[1]
     for key in ("license: apache-2.0", "pipeline_tag: image-classification", "base_model:", "tags:"):
@@ -125,6 +128,17 @@ def test_export_then_predict_reproduces_test_split(dx_run, hub, knee_shards, tmp
         thr = json.loads((out / "predict.json").read_text())["thresholds"][name]
         assert (merged[f"decision/{name}"] == (merged[f"prob/{name}"] >= thr)).all()
     assert set(pred["planes"]) == {"sag"}
+
+
+def test_logistic_probe_with_per_plane_features_reproduces(knee_shards, hub, tmp_path):
+    run = tmp_path / "probe"
+    run_finetune("knee-dx", _task_args(knee_shards, hub, tmp_path) + ["head.kind=logistic", "probe.cs=3",
+                                                                       "features.per_plane.sag.timesteps=[20]"], run_dir=run)
+    pred = run_predict(str(run), [str(knee_shards)], tmp_path / "pred", _cfg(hub, "split=test"))["predictions"]
+    merged = pd.read_csv(run / "study_predictions.csv").merge(pred, on="key")
+    assert len(merged) == len(pred) > 0
+    cols = [c for c in merged.columns if c.startswith("diffusion/")]
+    assert cols and all(np.abs(merged[c] - merged["prob/" + c.split("/", 1)[1]]).max() < 1e-6 for c in cols)
 
 
 def test_altered_or_missing_backbone_refused(dx_run, hub, knee_shards, tmp_path, capsys, monkeypatch):

@@ -197,7 +197,11 @@ def test_fastmri_ingest_deidentifies(tmp_path, monkeypatch):
     assert len({s["meta"]["study"] for s in samples}) == 2 and samples[0]["meta"]["study"].startswith("s-")
     report = json.loads((tmp_path / "runs" / "ingest" / "fm" / "ingest_report.json").read_text())
     assert report["phi_scan"]["n_hits"] == 0 and report["phi_scan"]["needles_by_kind"]["file_name"] == 2  # the two stems
+    # a resume with another salt or other split fractions would mix two key spaces or splits: refused
+    assert shards_main(["ingest", "fastmri", str(src), "--out", "fm", "splits.train=0.5", "splits.val=0.5"]) == 2
     monkeypatch.setenv("MSKFM_DEID_SALT", "another-salt-77")
+    assert shards_main(["ingest", "fastmri", str(src), "--out", "fm"]) == 2
+    assert len(list(iter_samples(str(tmp_path / "fm"), None, ("meta",), require=()))) == 4  # nothing lost
     assert shards_main(["ingest", "fastmri", str(src), "--out", "fm2"]) == 0
     other = {s["__key__"] for s in iter_samples(str(tmp_path / "fm2"), None, ("meta",), require=())}
     assert other.isdisjoint({s["__key__"] for s in samples})  # another salt, other keys

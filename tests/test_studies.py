@@ -77,6 +77,24 @@ def test_nested_patient_subsets():
     assert set(patient_subset(patients, 0.5, 0)) != set(patient_subset(patients, 0.5, 1))
 
 
+def test_covering_subsets_are_nested_and_hold_every_label():
+    """A rare label (3 positives in 200 patients) is in every subset, down to 1 %; without cover most
+    small random subsets lack it."""
+    patients = pd.Series([f"p{i:03d}" for i in range(200)])
+    labels = pd.DataFrame({"rare": [1.0 if i in (17, 99, 150) else 0.0 for i in range(200)],
+                           "common": [float(i % 3 == 0) for i in range(200)], "never": 0.0})
+    lacking = 0
+    for seed in range(5):
+        sets = [set(patient_subset(patients, f, seed, labels)) for f in (0.01, 0.05, 0.1, 0.5, 1.0)]
+        assert all(a <= b for a, b in zip(sets, sets[1:])) and len(sets[-1]) == 200
+        for s in sets:
+            has = labels[patients.isin(s).to_numpy()]
+            assert (has["rare"] == 1).any() and (has["common"] == 1).any()
+        assert len(sets[0]) <= 3 and len(sets[3]) == 100
+        lacking += not (labels[patients.isin(patient_subset(patients, 0.01, seed)).to_numpy()]["rare"] == 1).any()
+    assert lacking >= 4
+
+
 def test_bad_input_before_any_trial(study_env, tmp_path):
     root = study_env["root"]
     bad = study_yaml(root, "bad-fraction", {"task": str(study_env["knee"]), "fractions": [0.5, 1.5]})

@@ -7,15 +7,23 @@ from pathlib import Path
 
 import pandas as pd
 
+from shards.report import Report
+
 from ..finetune import resolve_task
-from ..report import Report
 from .config import StudyConfig
 from .plots import plot_heatmap
 from .pretrained import backbone_overrides, needed
-from .summary import aggregate, errors_table, fmt_ci
+from .summary import aggregate, errors_table, fmt_ci, paired_difference
 from .trials import make_spec
 
-PRETRAINED, RANDOM = "diffusion", "random_backbone"
+PRETRAINED, PROBE, RANDOM = "diffusion", "probe", "random_backbone"
+
+
+def _row(cfg: StudyConfig, source: str, model: str) -> str:
+    """Table row of a model: the pretrained source (its head, its reference probe) or the baseline."""
+    if model in (PRETRAINED, PROBE):
+        return f"{source} {cfg.sources.get(source, [])}" + (" probe" if model == PROBE else "")
+    return {RANDOM: "random init", f"{RANDOM}_probe": "random init probe"}.get(model, model)
 
 
 def backbones(cfg: StudyConfig) -> list[dict]:
@@ -40,16 +48,17 @@ def report(cfg: StudyConfig, trials: pd.DataFrame, run_dir: Path) -> Report:
     metric = cfg.metric
     rep = Report(f"Cross-joint transfer (macro {metric.upper()})")
     rep.text("Rows: where the backbone was pretrained (joints in brackets); columns: target task. Cells: mean over "
-             f"seeds [{cfg.ci:.0%} CI]. 'random init' is the same architecture with random weights, 'scratch_cnn' a "
-             "3D CNN trained from scratch on the target; both are trained in the first source's trials.")
+             f"seeds [{cfg.ci:.0%} CI]. 'probe' rows: the reference logistic probe on the same features. 'random init' "
+             "is the same architecture with random weights, 'scratch_cnn' a 3D CNN and 'mrnet_2d' an MRNet-style 2D "
+             "model trained from scratch on the target; baselines are trained in the first source's trials.")
     ok = trials[trials["model"].notna()].copy()
-    ok["row"] = ok.apply(lambda r: f"{r['source']} {cfg.sources.get(r['source'], [])}" if r["model"] == PRETRAINED
-                         else ("random init" if r["model"] == RANDOM else r["model"]), axis=1)
+    ok["row"] = ok.apply(lambda r: _row(cfg, r["source"], r["model"]), axis=1)
     agg = aggregate(ok, ["row", "target"], metric, cfg.ci)
     if agg.empty:
         rep.text("No trial finished.")
     else:
-        order = [f"{s} {j}" for s, j in cfg.sources.items()] + sorted(set(agg["row"]) - {f"{s} {j}" for s, j in cfg.sources.items()})
+        first = [_row(cfg, s, m) for s in cfg.sources for m in (PRETRAINED, PROBE)]
+        order = first + sorted(set(agg["row"]) - set(first))
         cells = agg.assign(cell=[fmt_ci(m, lo, hi) for m, lo, hi in zip(agg["mean"], agg["lo"], agg["hi"])])
         table = cells.pivot(index="row", columns="target", values="cell").reindex([r for r in order if r in set(agg["row"])])
         rep.heading("Source x target")
@@ -61,11 +70,28 @@ def report(cfg: StudyConfig, trials: pd.DataFrame, run_dir: Path) -> Report:
                                "backbone pretrained on", cmap="RdYlGn", center=0.5),
                   "source x target heatmap of the mean metric")
         rep.text(_in_joint_note(cfg))
+        _differences(rep, cfg, ok)
     failed = errors_table(trials)
     if len(failed):
         rep.heading("Failed trials")
         rep.table(failed)
     return rep
+
+
+def _differences(rep: Report, cfg: StudyConfig, ok: pd.DataFrame) -> None:
+    """Pretrained (first source) minus each baseline, paired by seed, per target."""
+    first = ok[ok["source"] == next(iter(cfg.sources))]
+    baselines = sorted(set(first["model"]) - {PRETRAINED, PROBE})
+    rows = []
+    for model in (PRETRAINED, PROBE):
+        for base in baselines:
+            diff = paired_difference(first, ["target"], "model", model, base, cfg.metric, cfg.ci)
+            rows += [{"target": r["target"], "pretrained": _row(cfg, next(iter(cfg.sources)), model), "baseline": base,
+                      f"Δ macro {cfg.metric.upper()}": fmt_ci(r["difference"], r["lo"], r["hi"]),
+                      "seeds": int(r["n_seeds"])} for _, r in diff.iterrows()]
+    if rows:
+        rep.heading("Pretrained minus baseline (paired by seed)")
+        rep.table(pd.DataFrame(rows))
 
 
 def _in_joint_note(cfg: StudyConfig) -> str:

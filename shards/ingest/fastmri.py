@@ -157,7 +157,9 @@ def ingest_fastmri(src: str | Path, out: str | Path, anatomy: str | None = None,
     if not files:
         raise FastMRIError(f"no fastMRI .h5 files under {src}")
     fractions = fractions or {"train": 0.8, "val": 0.2}
-    with ShardWriter(out, kind="recon", max_count=max_count, info={"source": "fastmri", **(info or {})}) as writer:
+    # a keyed hash of a constant (never the salt): a resume with another salt is refused, like DICOM's
+    info = {"source": "fastmri", **(info or {}), "deid_key_check": pseudo.digest("key-check", "mskfm")[:16]}
+    with ShardWriter(out, kind="recon", max_count=max_count, info=info) as writer:
         for path in tqdm(files, desc="fastmri", unit="file"):
             f, finfo = read_file(path)
             with f:
