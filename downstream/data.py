@@ -126,7 +126,7 @@ def split_rows(frame: pd.DataFrame, task: TaskConfig) -> tuple[np.ndarray, np.nd
 def select_rows(frame: pd.DataFrame, task: TaskConfig) -> np.ndarray:
     """Row indices of the selection split (``train.select_split``; empty when it is ""): studies of the
     training domain, and with ``train_fraction`` < 1 the same seeded fraction of its patients, since
-    validation labels come out of the same labelling budget as training labels."""
+    validation labels come out of the same labelling budget as training labels (``cover_labels``: as there)."""
     t = task.train
     if not t.select_split:
         return np.array([], dtype=np.int64)
@@ -136,8 +136,9 @@ def select_rows(frame: pd.DataFrame, task: TaskConfig) -> np.ndarray:
                           f"splits: {', '.join(splits)} (or train.select_split=\"\" to train without selection)")
     rows = _in_domain(frame, task, t.select_split, t.train_domain, "train_domain")
     if t.train_fraction < 1:
+        cover = frame.loc[rows, task.labels] if t.cover_labels and task.kind == "diagnosis" else None
         rows = rows[frame.loc[rows, "patient"].isin(patient_subset(frame.loc[rows, "patient"], t.train_fraction,
-                                                                   t.seed)).to_numpy()]
+                                                                   t.seed, cover)).to_numpy()]
     return np.array(rows, dtype=np.int64)
 
 

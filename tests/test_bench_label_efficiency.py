@@ -41,6 +41,7 @@ def run_bench(root: Path) -> str:
 
 
 @pytest.mark.integration
+@pytest.mark.timeout(1800)  # two runs of the whole pipeline; ~3 min each on an idle machine, 10 on a loaded one
 def test_bench_label_efficiency_tiny_end_to_end_then_resumes(tmp_path):
     run_bench(tmp_path)
     for plane in ("sag", "cor", "ax"):
