@@ -91,8 +91,6 @@ def head_kind(task: TaskConfig) -> str:
         return "segmentation"
     if task.head.finetune_blocks:
         return "tuned"
-    if task.head.kind == "logistic":
-        return "probe"
     return "experts" if task.fusion.kind == "experts" and len(task.planes) > 1 else "features"
 
 
@@ -110,8 +108,6 @@ def build_head(task: TaskConfig, channels: dict[str, list[int]], grid: list[int]
                                 task.head.dropout) for p in task.planes}
         return torch.nn.ModuleDict({"gate": GatingNetwork(len(task.planes), n_labels, task.fusion.hidden),
                                     "experts": torch.nn.ModuleDict(experts)})
-    if kind == "probe":
-        return LogisticProbe({p: channels[p] for p in task.planes}, n_labels)
     image = build_feature_model(task.fusion.kind, {p: channels[p] for p in task.planes}, n_labels, task.head,
                                 task.features.pooling, task.fusion)
     if kind == "tuned":
