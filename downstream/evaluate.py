@@ -60,7 +60,7 @@ def diagnosis_evaluation(model: TaskModel, rows: list[dict]) -> tuple[dict, str]
     frame = pd.DataFrame([{"key": r["key"], "patient": r["patient"],
                            **{n: np.nan if r["truth"].get(n) is None else float(r["truth"][n]) for n in labels},
                            **{f"prob/{n}": r["probs"][n] for n in labels}} for r in rows])
-    metrics = diagnosis_metrics(frame, labels, "prob/", m.bootstrap, m.ci, m.seed)
+    metrics = diagnosis_metrics(frame, labels, "prob/", m.bootstrap, m.ci, m.seed, model.meta["thresholds"])
     metrics["at_thresholds"] = at_thresholds(frame, labels, model.meta["thresholds"], m.bootstrap, m.ci, m.seed)
     internal = model.metrics.get("diffusion", {})
     lines = ["| label | internal AUROC | external AUROC | internal AP | external AP | external sens / spec at stored threshold |",

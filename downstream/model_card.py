@@ -14,6 +14,15 @@ HEADS = {"features": "a head on their frozen features", "experts": "per-label pl
          "segmentation": "a segmentation decoder on their frozen features"}
 
 
+def _intensity(spec: dict) -> str:
+    """The intensity step of a preprocessing spec, in words (per-volume modes have no window)."""
+    if spec["intensity"] == "minmax":
+        return f"each volume's min-max -> [{spec['out_min']}, {spec['out_max']}]"
+    if spec["intensity"] == "volume":
+        return f"each volume clipped at its p{spec['p_low']:g}/p{spec['p_high']:g} and z-scored"
+    return f"intensity window [{spec['low']:.4g}, {spec['high']:.4g}] -> [{spec['out_min']}, {spec['out_max']}]"
+
+
 def with_ci(value: float, ci) -> str:
     if value is None or not math.isfinite(value):
         return "n/a"
@@ -87,8 +96,7 @@ def render_task_card(meta: dict, config: dict, metrics: dict, manifest: dict) ->
               + f"{counts.get('n_eval')} test studies (split `{counts.get('eval_split')}`)", "",
               "## Preprocessing", "", "Per plane, stored in `task_model.json` and applied by "
               "`pretrain.preprocess.preprocess_volume`:", ""]
-    lines += [f"- {p}: grid {'x'.join(map(str, s['shape']))} ({s['spatial']}), intensity window "
-              f"[{s['low']:.4g}, {s['high']:.4g}] -> [{s['out_min']}, {s['out_max']}]"
+    lines += [f"- {p}: grid {'x'.join(map(str, s['shape']))} ({s['spatial']}), {_intensity(s)}"
               for p, s in meta["preprocessing"].items()]
     lines += ["", f"## Metrics (split `{meta['metrics_split']}`, patient level, 95% bootstrap intervals)", ""]
     validated = meta["threshold_source"].startswith("validation")

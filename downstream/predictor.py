@@ -58,13 +58,14 @@ class Predictor:
                              f"the model needs {self.model.planes})")
 
     def prepare(self, study: Study) -> dict[str, torch.Tensor]:
-        """(1, *grid) per plane; refuses a volume mostly outside the stored intensity window."""
+        """(1, *grid) per plane; refuses a volume mostly outside the stored intensity window (if it has one)."""
         out = {}
         for plane in self.model.planes:
             spec, vol = self.specs[plane], np.asarray(study.volumes[plane], dtype=np.float32)
             if vol.ndim != 3 or not np.isfinite(vol).all():
                 raise StudyError(f"plane {plane}: expected a finite (slices, rows, cols) volume, got shape {vol.shape}")
-            outside = float(((vol < spec.low) | (vol > spec.high)).mean())
+            no_window = spec.intensity in ("minmax", "volume")  # scaled by each volume's own statistics
+            outside = 0.0 if no_window else float(((vol < spec.low) | (vol > spec.high)).mean())
             if outside > self.max_clipped:
                 raise StudyError(f"plane {plane}: {outside:.0%} of voxels outside the model's intensity window "
                                  f"[{spec.low:.4g}, {spec.high:.4g}] (input range [{vol.min():.4g}, {vol.max():.4g}]); "

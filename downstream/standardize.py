@@ -17,7 +17,7 @@ from torch import nn
 
 
 class Standardize(nn.Module):
-    """``(x - mean) / std`` per channel of axis 1; unusable until fitted (or loaded)."""
+    """``(x - mean) / std`` per channel of axis 1; the identity until fitted (or loaded)."""
 
     def __init__(self, dim: int, stage: int = 1):
         super().__init__()
@@ -26,7 +26,6 @@ class Standardize(nn.Module):
         self.register_buffer("std", torch.ones(dim))
         self.register_buffer("fitted", torch.tensor(False))
         self._sums: list[torch.Tensor] | None = None
-        self.passthrough = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._sums is not None:
@@ -38,10 +37,7 @@ class Standardize(nn.Module):
         if bool(self.fitted):
             shape = (1, -1) + (1,) * (x.ndim - 2)
             return (x - self.mean.view(shape)) / self.std.view(shape)
-        if self.passthrough:
-            return x
-        raise RuntimeError("feature standardisation used before it was fitted: train the head with "
-                           "downstream.train.fit (statistics of the training rows) or load a saved head")
+        return x
 
     def start(self) -> None:
         self._sums = [torch.zeros((), dtype=torch.float64), torch.zeros(len(self.mean), dtype=torch.float64),

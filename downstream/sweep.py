@@ -139,9 +139,10 @@ def param_overrides(params: dict) -> list[str]:
 
 
 def trial_task(task_name: str, overrides: Sequence[str], params: dict, select_split: str) -> TaskConfig:
-    """The trial's task: any head the task supports, no baselines, evaluated on the selection split."""
+    """The trial's task: any head the task supports, evaluated on the selection split, without the
+    baselines and the reference probe (``head.kind=logistic`` sweeps the probe itself)."""
     return resolve_task(task_name, [*overrides, *param_overrides(params), f"train.eval_split={select_split}",
-                                    "baselines.names=[]"])
+                                    "baselines.names=[]", "probe.enabled=false"])
 
 
 def per_epoch(task: TaskConfig) -> bool:

@@ -63,8 +63,6 @@ def fit_standardizers(model: torch.nn.Module, get_batch: GetBatch, rows: Sequenc
     model.to(device).eval()
     rows = np.asarray(rows)
     try:
-        for m in todo:
-            m.passthrough = True
         for stage in sorted({m.stage for m in todo}):
             active = [m for m in todo if m.stage == stage]
             for m in active:
@@ -75,7 +73,7 @@ def fit_standardizers(model: torch.nn.Module, get_batch: GetBatch, rows: Sequenc
                 m.finish()
     finally:
         for m in todo:
-            m.passthrough, m._sums = False, None
+            m._sums = None
     return len(todo)
 
 

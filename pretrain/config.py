@@ -65,7 +65,9 @@ class PretrainConfig:
     joints: dict[str, float] = field(default_factory=dict)  # several anatomies: {joint: mixing weight}; {} = joint
     planes: list[str] = field(default_factory=lambda: ["sag", "cor", "ax"])
     shape: list[int] = field(default_factory=lambda: [8, 32, 32])  # (slices, rows, cols) per plane
-    intensity: str = "percentile"     # percentile: dataset-wide window; volume: per-volume clip + z-score
+    intensity: str = "percentile"     # percentile: dataset-wide window; volume: per-volume clip + z-score;
+                                      # minmax: per-volume min-max to [-1, 1] (OrthoDiffusion)
+    spatial: str = "resize"           # resize (trilinear) | pad_crop | crop_resize (OrthoDiffusion: slices cropped)
     model: dict[str, Any] = field(default_factory=dict)
     schedule: dict[str, Any] = field(default_factory=dict)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -104,8 +106,10 @@ class PretrainConfig:
             raise ConfigError(f"key 'data.max_studies': {self.data.max_studies} must be >= 0 (0 = all studies)")
         if not self.planes or len(set(self.planes)) != len(self.planes):
             raise ConfigError(f"key 'planes': {self.planes} must be a non-empty list without repeats")
-        if self.intensity not in ("percentile", "volume"):
-            raise ConfigError(f"key 'intensity': '{self.intensity}' is not one of ('percentile', 'volume')")
+        if self.intensity not in ("percentile", "volume", "minmax"):
+            raise ConfigError(f"key 'intensity': '{self.intensity}' is not one of ('percentile', 'volume', 'minmax')")
+        if self.spatial not in ("resize", "pad_crop", "crop_resize"):
+            raise ConfigError(f"key 'spatial': '{self.spatial}' is not one of ('resize', 'pad_crop', 'crop_resize')")
         if len(self.shape) != 3 or min(self.shape) < 1:
             raise ConfigError(f"key 'shape': {self.shape} must be three positive sizes (S, R, C)")
         if "/" in self.name or not self.name:

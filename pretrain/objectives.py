@@ -73,7 +73,8 @@ class DiffusionObjective:
 
         self.cfg, self.plane = cfg, unit
         try:
-            self.spec = spec_from_manifest(manifest, unit, list(cfg.shape), intensity=cfg.intensity)
+            self.spec = spec_from_manifest(manifest, unit, list(cfg.shape), intensity=cfg.intensity,
+                                           spatial=cfg.spatial)
         except ValueError as exc:
             raise ConfigError(f"plane '{unit}' of {cfg.data.source}: {exc}") from exc
         try:

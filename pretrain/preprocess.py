@@ -14,13 +14,13 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 import torch
 from monai.transforms import (ClipIntensityPercentiles, Compose, NormalizeIntensity, Resize, ResizeWithPadOrCrop,
-                              ScaleIntensityRange)
+                              ScaleIntensity, ScaleIntensityRange)
 from monai.utils import convert_to_tensor
 
 from shards.schema import PLANES
 
-INTENSITY_MODES = ("percentile", "fixed", "volume")
-SPATIAL_MODES = ("resize", "pad_crop")
+INTENSITY_MODES = ("percentile", "fixed", "volume", "minmax")
+SPATIAL_MODES = ("resize", "pad_crop", "crop_resize")
 
 
 @dataclass
@@ -29,10 +29,12 @@ class PlanePreprocessing:
 
     intensity: ``percentile`` (window = dataset percentiles ``p_low``/``p_high`` from the manifest,
     resolved into ``low``/``high`` by :func:`spec_from_manifest`), ``fixed`` (``low``/``high`` given),
-    both scaled to [``out_min``, ``out_max``]; or ``volume``: each volume clipped at its own
+    both scaled to [``out_min``, ``out_max``]; ``volume``: each volume clipped at its own
     ``p_low``/``p_high`` percentiles, then z-scored with its own mean and standard deviation (before the
-    spatial step, so padding is 0 = the volume's mean; ``low``/``high``/``out_*``/``clip`` unused).
-    spatial: ``resize`` (trilinear to ``shape``) or ``pad_crop`` (centred pad/crop, no resampling).
+    spatial step, so padding is 0 = the volume's mean; ``low``/``high``/``out_*``/``clip`` unused); or
+    ``minmax``: each volume's own min/max to [``out_min``, ``out_max``] (OrthoDiffusion's; no window).
+    spatial: ``resize`` (trilinear to ``shape``), ``pad_crop`` (centred pad/crop, no resampling) or
+    ``crop_resize`` (centred crop/pad of the slices, bilinear in-plane resize; OrthoDiffusion's).
     """
 
     plane: str = "sag"
@@ -60,7 +62,7 @@ class PlanePreprocessing:
         if not 0 <= self.p_low < self.p_high <= 100:
             raise ValueError(f"preprocessing.p_low/p_high must satisfy 0 <= p_low < p_high <= 100, "
                              f"got {self.p_low}, {self.p_high}")
-        if self.intensity == "volume":
+        if self.intensity in ("volume", "minmax"):
             return
         if self.low is None or self.high is None:
             raise ValueError("preprocessing.low/high are unset: build the spec with spec_from_manifest() "
@@ -118,13 +120,19 @@ def build_transform(spec: PlanePreprocessing | dict) -> Compose:
     """The MONAI transform for ``spec``; input and output are channel-first (1, S, R, C)."""
     spec = _as_spec(spec)
     size = [int(s) for s in spec.shape]
-    spatial = (Resize(size, mode="trilinear", anti_aliasing=False) if spec.spatial == "resize"
-               else ResizeWithPadOrCrop(size, mode="constant"))
+    if spec.spatial == "resize":
+        spatial = [Resize(size, mode="trilinear", anti_aliasing=False)]
+    elif spec.spatial == "pad_crop":
+        spatial = [ResizeWithPadOrCrop(size, mode="constant")]
+    else:  # slices cropped/padded, never resampled; trilinear with the slice count kept is per-slice bilinear
+        spatial = [ResizeWithPadOrCrop([size[0], -1, -1], mode="constant"),
+                   Resize([-1, *size[1:]], mode="trilinear", anti_aliasing=False)]
     if spec.intensity == "volume":
-        return Compose([ClipIntensityPercentiles(spec.p_low, spec.p_high), NormalizeIntensity(), spatial])
-    scale = ScaleIntensityRange(a_min=spec.low, a_max=spec.high, b_min=spec.out_min, b_max=spec.out_max,
-                                clip=spec.clip)
-    return Compose([spatial, scale])  # pad with raw zeros, then window
+        return Compose([ClipIntensityPercentiles(spec.p_low, spec.p_high), NormalizeIntensity(), *spatial])
+    scale = (ScaleIntensity(minv=spec.out_min, maxv=spec.out_max) if spec.intensity == "minmax"
+             else ScaleIntensityRange(a_min=spec.low, a_max=spec.high, b_min=spec.out_min, b_max=spec.out_max,
+                                      clip=spec.clip))
+    return Compose([*spatial, scale])  # pad with raw zeros, then window / min-max
 
 
 def preprocess_volume(vol: np.ndarray | torch.Tensor, spec: PlanePreprocessing | dict) -> torch.Tensor:

@@ -51,8 +51,7 @@ def test_standardization_uses_training_rows_and_round_trips(tmp_path):
     batcher = feature_batcher({"sag": maps}, y)
     torch.manual_seed(0)
     head = PlaneHead("sag", [3, 2], 2, "linear", "avg")
-    with pytest.raises(RuntimeError, match="before it was fitted"):
-        head(batcher(train)[0])
+    assert not bool(head.pool.scale.fitted)                        # the identity until trained or loaded
     fit(head, batcher, train, masked_bce, epochs=100, lr=3e-2, seed=0)
     pooled = head.pool(batcher(train)[0]["sag"]).detach().numpy()   # standardised per pooled feature
     np.testing.assert_allclose(pooled.mean(axis=0), 0, atol=1e-4)
@@ -147,9 +146,6 @@ def test_reference_probe_matches_scikit_learn():
 def test_pooling_shapes(kind):
     pool = Pooler(kind, [4, 8])
     maps = [torch.randn(5, 4, 2, 4, 4), torch.randn(5, 8, 1, 2, 2)]
-    for m in pool.modules():
-        if hasattr(m, "passthrough"):
-            m.passthrough = True
     assert pool(maps).shape == (5, pool.out_dim)
 
 
@@ -202,3 +198,22 @@ def test_no_choice_reads_the_evaluation_split(tiny_shards, tiny_hub, tmp_path, m
     monkeypatch.setattr(finetune, "load_studies", _flip("val"))
     third = run_finetune("knee-dx", args, run_dir=tmp_path / "c")
     assert third["selection"] != first["selection"]
+
+
+def test_per_plane_feature_spec():
+    from downstream.features import feature_parts
+    from shards.config import ConfigError
+
+    task = load_task("knee-dx-ortho")
+    recipe = {p: (task.features.for_plane(p).timesteps, task.features.for_plane(p).blocks) for p in task.planes}
+    assert recipe == {"sag": ([200], ["mid_0"]), "cor": ([150], ["mid_0"]), "ax": ([50], ["mid_2"])}
+    old = load_task("knee-dx")                                     # no per_plane: every plane as before
+    assert old.features.for_plane("cor").timesteps == old.features.timesteps and not old.features.per_plane
+    parts = {p: feature_parts("b", {}, task.features.for_plane(p), "m", "knee", p) for p in task.planes}
+    assert parts["sag"]["blocks"] == ["mid_0"] and parts["ax"]["timesteps"] == [50]
+    assert feature_parts("b", {}, old.features.for_plane("sag"), "m", "knee", "sag") == feature_parts(
+        "b", {}, old.features, "m", "knee", "sag")                 # old configs keep their cache keys
+    half = load_task("knee-dx", ["features.per_plane.ax.blocks=[mid_1]"]).features
+    assert half.for_plane("ax").blocks == ["mid_1"] and half.for_plane("ax").timesteps == half.timesteps
+    with pytest.raises(ConfigError, match=r"per_plane has planes \['obl'\]"):
+        load_task("knee-dx", ["planes=[sag]", "features.per_plane.obl.blocks=[mid]"])

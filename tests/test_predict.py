@@ -95,6 +95,9 @@ def test_task_model_files_and_card(dx_run, tmp_path):
     assert meta["vocabulary"]["labels"] == load_task("knee-dx").labels and meta["planes"] == ["sag"]
     assert meta["backbones"]["sag"]["url"] == "<local>/knee-sag" and len(meta["backbones"]["sag"]["sha256"]) == 64
     assert set(meta["thresholds"]) == set(meta["vocabulary"]["labels"]) and meta["threshold_source"]
+    heads = load_file(model / "heads.safetensors")  # standardisation statistics travel with the head
+    stats = [k for k in heads if k.endswith((".mean", ".std"))]
+    assert stats and all(bool(heads[k.rsplit(".", 1)[0] + ".fitted"]) for k in stats)
     card = (model / "README.md").read_text()
     header = card.split("---")[1]
     for key in ("license: apache-2.0", "pipeline_tag: image-classification", "base_model:", "tags:"):

@@ -58,6 +58,10 @@ def test_transfer_study_heatmap(tiny_recon_shards, tmp_path, capsys):
     assert [r["condition"] for r in results] == ["knee", "shoulder"]
     assert all(0 < r["test"][a]["ssim"] <= 1 for r in results for a in r["test"])
     assert (tmp_path / "t" / "heatmap.png").stat().st_size > 1000
+    report = (tmp_path / "t" / "report.md").read_text()  # recon studies report like the downstream ones
+    assert "| condition | trained on | train slices | tested on | ssim | psnr | nmse |" in report
+    ssim = results[0]["test"]["knee"]["ssim"]
+    assert f"| knee | knee | 4 | knee | {ssim:.4f} |" in report and "base64" in (tmp_path / "t" / "report.html").read_text()
 
 
 def test_data_size_study_single_vs_multi_anatomy(tiny_recon_shards, tmp_path, capsys):

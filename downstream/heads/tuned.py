@@ -1,8 +1,9 @@
 """Fine-tuning selected backbone blocks under a head, at a reduced learning rate.
 
-Blocks are named as in the backbone's ``features`` (``down.i``, ``mid_0``..``mid_2``, ``mid``, ``up.i``); only their
-parameters are unfrozen. The features are recomputed on every step (no cache), with the task's
-timesteps, noise draws and seed.
+Blocks are named as in the backbone's ``features`` (``down.i``, ``mid_0``..``mid_2``, ``mid``, ``up.i``;
+OrthoDiffusion's ``in_i``, ``mid_i``, ``out_i``); only their parameters (``model.block_prefix(name)``)
+are unfrozen. The features are recomputed on every step (no cache), with the task's timesteps, noise
+draws and seed.
 """
 
 from __future__ import annotations
@@ -12,21 +13,7 @@ import copy
 import torch
 from torch import nn
 
-from pretrain.models.diffusion import MID_PARTS
 from shards.config import ConfigError
-
-
-UNET_BLOCKS = {"down": "down_blocks", "up": "up_blocks"}
-
-
-def block_prefix(name: str) -> str:
-    """Feature block name -> parameter-name prefix in ``DiffusionBackbone`` (its ``unet``)."""
-    if name == "mid":
-        return "unet.middle_block."
-    if name in MID_PARTS:
-        return f"unet.middle_block.{MID_PARTS[name]}."
-    kind, _, index = name.partition(".")
-    return f"unet.{UNET_BLOCKS[kind]}.{index}."
 
 
 class TunedBackbone(nn.Module):
@@ -41,7 +28,7 @@ class TunedBackbone(nn.Module):
             unknown = [b for b in blocks if b not in valid]
             if unknown:
                 raise ConfigError(f"head.finetune_blocks {unknown} unknown for the {plane} backbone; valid: {', '.join(valid)}")
-            prefixes = tuple(block_prefix(b) for b in blocks)
+            prefixes = tuple(model.block_prefix(b) for b in blocks)
             for name, param in model.named_parameters():
                 param.requires_grad_(name.startswith(prefixes))
 

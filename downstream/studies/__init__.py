@@ -13,11 +13,11 @@ from pathlib import Path
 import pandas as pd
 
 from shards.config import load_config, lookup, save_config, to_dict
+from shards.report import write_report
 from shards.resume import check_resume, saved_yaml
 from shards.runs import write_metrics
 from shards.tracking import start_tracking
 
-from ..report import write_report
 from . import label_efficiency, multi_anatomy, robustness, transfer
 from .config import StudyConfig
 from .pretrained import make_missing

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..report import Report
+from shards.report import Report
+
 from .config import StudyConfig
 from .plots import plot_bands
 from .summary import aggregate, errors_table, fmt_ci, paired_difference

@@ -8,9 +8,9 @@ from pathlib import Path
 import pandas as pd
 
 from shards.config import ConfigError
+from shards.report import Report
 
 from ..finetune import resolve_task
-from ..report import Report
 from .config import StudyConfig
 from .plots import plot_bands
 from .pretrained import backbone_name, backbone_overrides, needed

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from shards.report import Report
+
 from ..data import domain_values, load_studies
 from ..finetune import resolve_task
-from ..report import Report
 from .config import StudyConfig
 from .plots import plot_heatmap
 from .summary import aggregate, errors_table, fmt_ci, seed_interval

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from shards.report import Report
+
 from ..finetune import resolve_task
-from ..report import Report
 from .config import StudyConfig
 from .plots import plot_heatmap
 from .pretrained import backbone_overrides, needed

@@ -30,7 +30,7 @@ from ..hub import HF_PREFIX, fetch_folder, is_local
 from ..preprocess import PlanePreprocessing
 from ..schedule import ScheduleConfig, build_scheduler
 
-
+UNET_BLOCKS = {"down": "down_blocks", "up": "up_blocks"}  # feature block kind -> MONAI U-Net module list
 # sub-blocks of MONAI's AttnMidBlock, in execution order
 MID_PARTS = {"mid_0": "resnet_1", "mid_1": "attention", "mid_2": "resnet_2"}
 
@@ -100,6 +100,15 @@ class DiffusionBackbone(ModelMixin, ConfigMixin):
         """Valid names for :meth:`features`, encoder to decoder."""
         n = self.levels
         return [f"down.{i}" for i in range(n)] + [*MID_PARTS, "mid"] + [f"up.{i}" for i in range(n)]
+
+    def block_prefix(self, name: str) -> str:
+        """Parameter-name prefix of the block ``name`` (what fine-tuning that block unfreezes)."""
+        if name == "mid":
+            return "unet.middle_block."
+        if name in MID_PARTS:
+            return f"unet.middle_block.{MID_PARTS[name]}."
+        kind, _, index = name.partition(".")
+        return f"unet.{UNET_BLOCKS[kind]}.{index}."
 
     def block_channels(self) -> dict[str, int]:
         """Channels of each named feature map."""

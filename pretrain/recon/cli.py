@@ -9,6 +9,7 @@ command table; ``python -m pretrain.recon eval-recon ...`` runs the same things 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from shards.config import Command, ConfigError, build_cli, load_config, run_cli
 
@@ -66,7 +67,7 @@ def run_recon_study_cli(args) -> int:
     for r in result["results"]:
         scores = ", ".join(f"{a} {v[cfg.metric]:.4f}" for a, v in r["test"].items())
         print(f"{r['condition']} ({r['train_slices']} slices): {cfg.metric} {scores}")
-    print(f"run folder: {result['run_dir']} (heatmap.png)")
+    print(f"run folder: {result['run_dir']} (heatmap.png, {Path(result['report']).name}, {Path(result['html']).name})")
     return 0
 
 

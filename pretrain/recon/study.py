@@ -11,7 +11,8 @@ Each condition writes a seeded subset of the source's train split to ``<study>/d
 (recon shards), runs the same training engine (``pretrain run`` with ``base_config`` + ``overrides``),
 publishes to ``<study>/hub/<condition>`` and scores it with :func:`pretrain.recon.evaluate.evaluate_recon`.
 Output: ``<run_root>/<name>/`` with ``config.yaml``, ``metrics.json`` (per condition x anatomy SSIM,
-PSNR, NMSE) and ``heatmap.png`` (the metric, conditions x test anatomies).
+PSNR, NMSE), ``heatmap.png`` (the metric, conditions x test anatomies), and ``report.md`` /
+``report.html`` (rendered by :mod:`shards.report`, as the downstream studies' reports).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 
 from shards.config import ConfigError, load_config, save_config, to_dict
 from shards.reader import iter_samples
+from shards.report import Report, write_report
 from shards.resume import check_resume, saved_yaml
 from shards.runs import default_folder, write_metrics
 from shards.writer import ShardWriter
@@ -172,4 +174,23 @@ def run_study(cfg: ReconStudyConfig) -> dict:
     write_metrics(study_dir, {"kind": cfg.kind, "results": results}, default=None)
     title = f"{cfg.kind}: {cfg.metric.upper()} ({', '.join(cfg.masks)} x{'/'.join(f'{a:g}' for a in cfg.accelerations)})"
     save_heatmap(results, list(cfg.anatomies), cfg.metric, study_dir / "heatmap.png", title)
-    return {"results": results, "run_dir": str(study_dir)}
+    md, page = write_report(study_report(cfg, results, study_dir / "heatmap.png", title), study_dir)
+    return {"results": results, "run_dir": str(study_dir), "report": str(md), "html": str(page)}
+
+
+def study_report(cfg: ReconStudyConfig, results: list[dict], heatmap: Path, title: str) -> Report:
+    """The study's report (the same renderer as the downstream studies): every condition's training
+    slices and its SSIM, PSNR and NMSE per test anatomy (mean over the test anatomy's volumes)."""
+    import pandas as pd
+
+    rep = Report(f"Reconstruction study: {title}")
+    rep.text(f"Rows: training condition ({cfg.kind}); each trained with `{cfg.base_config}` on a seeded subset "
+             f"(seed {cfg.seed}) of the train split of {cfg.source}, scored on the {cfg.eval_split} split"
+             + (f" (at most {cfg.max_eval_slices} slices)" if cfg.max_eval_slices else "") + ".")
+    rows = [{"condition": r["condition"], "trained on": "+".join(r["train_anatomies"]),
+             "train slices": r["train_slices"], "tested on": test, **{m: f"{v[m]:.4f}" for m in ("ssim", "psnr", "nmse")}}
+            for r in results for test, v in r["test"].items()]
+    rep.heading("Metrics per condition and test anatomy")
+    rep.table(pd.DataFrame(rows))
+    rep.image(heatmap, f"{cfg.metric.upper()}: conditions x test anatomies")
+    return rep

@@ -1,8 +1,9 @@
-"""Study reports: one markdown file and one self-contained HTML file (plots embedded as base64 PNG).
+"""Study reports, shared by the downstream studies and the reconstruction studies: one markdown file
+and one self-contained HTML file (plots embedded as base64 PNG).
 
 A study builds a :class:`Report` of headings, paragraphs, tables and images; :func:`write_report`
 renders both files into the run folder. ``downstream report <run>`` re-renders a finished (or
-partly finished) study from its ``config.yaml`` and ``trials.csv``.
+partly finished) downstream study from its ``config.yaml`` and ``trials.csv``.
 """
 
 from __future__ import annotations
