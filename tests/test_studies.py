@@ -132,7 +132,7 @@ def test_label_efficiency_quick_report_matches_trials(study_env, ray_local, tmp_
     failed = trials[trials["error"].notna()]
     assert list(failed["trial"]) == ["fraction=0.5_seed=1"] and "FileExistsError" in failed["error"].iloc[0]
     ok = trials[trials["error"].isna()]
-    assert set(ok["model"]) == {"diffusion", "random_backbone"}
+    assert set(ok["model"]) == {"diffusion", "probe", "random_backbone", "random_backbone_probe"}
     for _, row in ok.iterrows():  # the trial table holds exactly what each finetune run wrote
         metrics = json.loads((run / "trials" / row["trial"] / "metrics.json").read_text())["metrics"]
         assert row["auroc"] == pytest.approx(metrics[row["model"]]["macro"]["auroc"], abs=1e-6)
@@ -174,14 +174,16 @@ def test_transfer_and_multi_anatomy_quick(study_env, ray_local, tmp_path):
     trials = pd.read_csv(tmp_path / "tr" / "trials.csv")
     assert trials["error"].isna().all() and len(trials.drop_duplicates("trial")) == 4
     table = md_table((tmp_path / "tr" / "report.md").read_text(), "pretrained on")
-    assert table["pretrained on"].tolist() == ["knee ['knee']", "all ['knee', 'ankle']", "random init"]
+    assert table["pretrained on"].tolist() == ["knee ['knee']", "knee ['knee'] probe", "all ['knee', 'ankle']",
+                                               "all ['knee', 'ankle'] probe", "random init", "random init probe"]
     for _, row in table.iterrows():
         for target in ("knee-t", "ankle-t"):
             col = next(c for c in table.columns if c.endswith(f"{target}.yaml"))
-            source = row["pretrained on"].split()[0]
-            model = "random_backbone" if source == "random" else "diffusion"
+            source, probe = row["pretrained on"].split()[0], row["pretrained on"].endswith(" probe")
+            model = {("random", False): "random_backbone", ("random", True): "random_backbone_probe"}.get(
+                (source, probe), "probe" if probe else "diffusion")
             sel = trials[(trials["model"] == model) & trials["target"].str.endswith(f"{target}.yaml")]
-            if model == "diffusion":
+            if model in ("diffusion", "probe"):
                 sel = sel[sel["source"] == source]
             assert parse_cell(row[col])[0] == pytest.approx(sel["auroc"].item(), abs=6e-4)
     assert (tmp_path / "tr" / "plots" / "transfer_matrix.png").is_file()
@@ -209,8 +211,9 @@ def test_robustness_quick_drop(study_env, ray_local, tmp_path):
     cfg = json.loads((tmp_path / "rb" / "trials" / "train_domain=1.5_eval_domain=3.0_seed=0" / "metrics.json").read_text())
     assert cfg["n_train"] == trials.query("train_domain == '1.5'")["n_train"].iloc[0]
     drops = md_table((tmp_path / "rb" / "report.md").read_text(), "model")
-    v = trials.set_index(["train_domain", "eval_domain", "seed"])["auroc"]
+    assert set(drops["model"]) == {"diffusion", "probe"}
+    v = trials.set_index(["model", "train_domain", "eval_domain", "seed"])["auroc"]
     for _, row in drops.iterrows():
-        test, train = row["test"], row["trained on"]
-        want = seed_interval([v[(test, test, s)] - v[(train, test, s)] for s in (0, 1)])
+        m, test, train = row["model"], row["test"], row["trained on"]
+        want = seed_interval([v[(m, test, test, s)] - v[(m, train, test, s)] for s in (0, 1)])
         assert parse_cell(row["drop in macro AUROC"]) == pytest.approx(want[:3], abs=6e-4)
