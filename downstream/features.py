@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from pretrain.preprocess import preprocess_volume
+from shards.manifest import sha256_of
 from shards.reader import ShardReader
 
 from .errors import FeatureError
@@ -56,13 +57,6 @@ def backbone_identity(model: torch.nn.Module) -> str:
 CHECKSUMS = "checksums.json"
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def entry_problem(folder: Path) -> str | None:
     """Why the cache entry ``folder`` cannot be trusted, or None when every file matches its sha256."""
@@ -76,7 +70,7 @@ def entry_problem(folder: Path) -> str | None:
     if missing := sorted(set(recorded) - present):
         return f"file(s) {', '.join(missing)} missing"
     for name, digest in sorted(recorded.items()):
-        if _file_sha256(folder / name) != digest:
+        if sha256_of(str(folder / name)) != digest:
             return f"file {name} does not match the sha256 recorded when it was written"
     return None
 
@@ -129,7 +123,7 @@ class FeatureCache:
                 compute(tmp, list(keys))
                 (tmp / "keys.json").write_text(json.dumps(list(keys)))
                 (tmp / "parts.json").write_text(json.dumps(parts, sort_keys=True, default=str, indent=1))
-                sums = {p.name: _file_sha256(p) for p in sorted(tmp.iterdir())}
+                sums = {p.name: sha256_of(str(p)) for p in sorted(tmp.iterdir())}
                 (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1))
                 os.replace(tmp, final)
             finally:

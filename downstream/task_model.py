@@ -40,6 +40,7 @@ from pretrain.preprocess import PlanePreprocessing
 from pretrain.publish import load_backbone
 from pretrain.redact import public, public_string
 from shards.config import ConfigError, load_config, to_dict
+from shards.manifest import sha256_of
 from shards.schema import STRUCTURES
 
 from .heads.fusion import GatingNetwork, build_feature_model
@@ -62,13 +63,6 @@ class TaskModelError(ConfigError):
     """A task model that cannot be used as it is (missing, altered, or not matching the input)."""
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def backbone_digest(folder: Path, where: str) -> dict[str, str]:
     """sha256 of a published backbone's weights file and of its config.json."""
@@ -77,7 +71,7 @@ def backbone_digest(folder: Path, where: str) -> dict[str, str]:
         if not path.is_file():
             raise TaskModelError(f"backbone {where}: {path.name} is missing (a published backbone folder holds "
                                  f"{BACKBONE_WEIGHTS} and config.json)")
-    return {"sha256": sha256_file(weights), "config_sha256": sha256_file(config)}
+    return {"sha256": sha256_of(str(weights)), "config_sha256": sha256_of(str(config))}
 
 
 def portable_config(task: TaskConfig) -> dict:

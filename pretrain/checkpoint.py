@@ -16,7 +16,6 @@ rebuilds tensors, containers and the few DeepSpeed classes listed in :data:`DEEP
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import os
@@ -27,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from shards.config import UserError
+from shards.manifest import sha256_of
 
 TAG = "state"
 LOOP_STATE = "loop_state.json"
@@ -44,16 +44,9 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used; the message names its path."""
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def _file_hashes(folder: Path) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): _sha256(p)
+    return {p.relative_to(folder).as_posix(): sha256_of(str(p))
             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != LOOP_STATE}
 
 
@@ -146,7 +139,7 @@ def read_loop_state(folder: str | Path, verify: bool = True) -> dict:
             f = folder / name
             if not f.is_file():
                 raise CheckpointError(f"corrupt checkpoint {folder}: file {f} is missing")
-            if _sha256(f) != digest:
+            if sha256_of(str(f)) != digest:
                 raise CheckpointError(f"corrupt checkpoint {folder}: file {f} does not match "
                                       "the sha256 recorded when it was saved")
     return state

@@ -14,7 +14,6 @@ schedule) runs before anything is written; the folder is then staged and moved i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -30,6 +29,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from shards.config import ConfigError, UserError, lookup
+from shards.manifest import sha256_of
 
 from .hub import HF_PREFIX, is_local, put_folder, refuse_existing
 from .models.orthodiffusion import ORTHODIFFUSION_PREPROCESSING, ORTHODIFFUSION_SCHEDULE, OrthoDiffusionBackbone
@@ -117,13 +117,6 @@ def fetch_checkpoint(source: str, cache_dir: str | Path | None = None) -> Path:
         raise FileNotFoundError(f"no checkpoint file at {source}")
     return path
 
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_tensors(path: Path):
@@ -290,7 +283,7 @@ def import_checkpoint(source: str, format: str, plane: str, to: str, overrides: 
     model = fmt.backbone(**cfg)
     model.load_state_dict(weights, strict=True)
     step = obj.get("step") if isinstance(obj, dict) else None
-    provenance = {"format": fmt.name, "source": source, "sha256": sha256_file(path), "bytes": path.stat().st_size,
+    provenance = {"format": fmt.name, "source": source, "sha256": sha256_of(str(path)), "bytes": path.stat().st_size,
                   "weights": which, "parameters": sum(p.numel() for p in model.parameters()),
                   **({"step": int(step)} if isinstance(step, int) else {})}
     with tempfile.TemporaryDirectory(prefix="mskfm-import-") as tmp:
