@@ -1,7 +1,10 @@
-"""Reconstruction meets segmentation: label maps on the synthetic k-space slices, and the ``recon_seg``
-objective (VarNet -> MONAI BasicUNet, joint SSIM + Dice/CE) reducing both losses on the one engine."""
+"""Reconstruction meets analysis: label maps on the synthetic k-space slices; the ``recon_seg`` objective
+(VarNet -> MONAI BasicUNet, joint SSIM + Dice/CE) reducing both losses on the one engine; the three-way
+study (multitask vs sequential vs zero-filled) end to end. One tiny study run feeds the tests."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -15,6 +18,18 @@ from shards.schema import RECON_FIELDS, STRUCTURES
 CONFIG = "configs/pretrain/recon-seg-tiny.yaml"
 
 
+@pytest.fixture(scope="module")
+def recon_seg_study(tiny_recon_shards, tmp_path_factory):
+    """``downstream recon-seg-study`` on the tiny knee slices: four runs of 24 steps, 4x and 8x."""
+    from downstream.cli import main
+
+    out = tmp_path_factory.mktemp("recon_seg_study")
+    assert main(["recon-seg-study", "--config", "configs/sweeps/recon-seg.yaml", f"source={tiny_recon_shards}",
+                 "overrides=[optim.total_steps=24,ema_decay=0,checkpoint_every=24]", "accelerations=[4,8]",
+                 "max_eval_slices=6", "n_boot=50", f"out={out}", "name=s"]) == 0
+    return out / "s"
+
+
 def test_synthetic_recon_slices_carry_label_maps(tiny_recon_shards):
     slices = list(iter_samples(str(tiny_recon_shards), "train", RECON_FIELDS))
     assert slices and all(s["seg"].shape == s["target"].shape for s in slices)
@@ -24,41 +39,53 @@ def test_synthetic_recon_slices_carry_label_maps(tiny_recon_shards):
     assert np.mean([len(np.unique(s["seg"])) > 2 for s in slices]) > 0.5  # anatomy, not just background
 
 
+@pytest.mark.integration
+def test_multitask_objective_reduces_both_losses(recon_seg_study):
+    """The published joint model against its own initialisation, on a fixed batch of its training slices."""
+    from pretrain.objectives import build_objective
+    from pretrain.recon.publish import load_recon_backbone
+    from pretrain.run import load_run_config
+    from shards.manifest import load_manifest
+
+    cfg = load_run_config("multitask", recon_seg_study / "runs")
+    objective = build_objective(cfg, "recon", load_manifest(cfg.data.source))
+    items = [objective.prepare(s) for s in iter_samples(cfg.data.source, "train", RECON_FIELDS, joints=["knee"])]
+    batch = objective.collate(items[:8])  # validation-style masks (seeded by key, no epoch)
+    torch.manual_seed(cfg.seed)  # the loop's initialisation
+    initial = objective.build_model().eval()
+    trained = load_recon_backbone(recon_seg_study / "hub" / "multitask")
+    with torch.no_grad():
+        before, after = objective.terms(initial, batch), objective.terms(trained, batch)
+    assert after["ssim"] < 0.95 * before["ssim"], (before, after)  # measured: 0.539 -> 0.481
+    assert after["seg"] < 0.95 * before["seg"], (before, after)    # measured: 3.80 -> 3.42
+    assert trained.config.structures == list(STRUCTURES["knee"])
+    assert "Structures: background, femur" in (recon_seg_study / "hub" / "multitask" / "README.md").read_text()
+
+
+@pytest.mark.integration
+def test_three_way_study_end_to_end(recon_seg_study):
+    """Metrics with intervals per method and acceleration; the downstream studies' report with plots."""
+    metrics = json.loads((recon_seg_study / "metrics.json").read_text())
+    cells = {(r["acceleration"], r["method"]) for r in metrics["summary"]}
+    assert cells == {(a, m) for a in (4.0, 8.0) for m in ("multitask", "sequential", "zero-filled", "fully sampled")}
+    for r in metrics["summary"]:
+        assert 0 <= r["dice"]["mean"] <= 1 and r["dice"]["ci"][0] <= r["dice"]["mean"] <= r["dice"]["ci"][1]
+        assert r["method"] == "fully sampled" or 0 < r["ssim"]["mean"] <= 1
+    zf = {r["acceleration"]: r["ssim"]["mean"] for r in metrics["summary"] if r["method"] == "zero-filled"}
+    assert zf[4.0] > zf[8.0]
+    report = (recon_seg_study / "report.md").read_text()
+    assert "| acceleration | method | volumes | SSIM | PSNR | NMSE | Dice |" in report and "| 8x | sequential |" in report
+    assert (recon_seg_study / "dice.png").stat().st_size > 1000 and (recon_seg_study / "ssim.png").is_file()
+    assert "base64" in (recon_seg_study / "report.html").read_text()
+
+
 def _cfg(shards, tmp_path, *more) -> PretrainConfig:
     return load_config(PretrainConfig, CONFIG, [f"data.source={shards}", f"run_root={tmp_path}/runs",
                                                 f"storage_path={tmp_path}/ckpt", *more])
 
 
-def _fixed_batch(objective, shards) -> dict:
-    """The knee train slices, each with its validation-style mask (seeded by key, no epoch)."""
-    items = [objective.prepare(s) for s in iter_samples(str(shards), "train", RECON_FIELDS, joints=["knee"])]
-    return objective.collate(items[:8])
-
-
-@pytest.mark.integration
-def test_multitask_objective_reduces_both_losses(tiny_recon_shards, tmp_path):
-    from pretrain.objectives import build_objective
-    from pretrain.recon.publish import load_recon_backbone
-    from pretrain.run import publish_run, train
-    from shards.manifest import load_manifest
-
-    cfg = _cfg(tiny_recon_shards, tmp_path, "optim.total_steps=24", "optim.lr=0.005", "ema_decay=0", "checkpoint_every=24")
-    objective = build_objective(cfg, "recon", load_manifest(str(tiny_recon_shards)))
-    batch = _fixed_batch(objective, tiny_recon_shards)
-    torch.manual_seed(cfg.seed)  # the loop's initialisation
-    initial = objective.build_model().eval()
-    train(cfg)
-    url = publish_run(cfg, str(tmp_path / "hub"))["recon"]
-    trained = load_recon_backbone(url)
-    with torch.no_grad():
-        before, after = objective.terms(initial, batch), objective.terms(trained, batch)
-    assert after["ssim"] < 0.95 * before["ssim"], (before, after)  # measured: 0.539 -> 0.481
-    assert after["seg"] < 0.95 * before["seg"], (before, after)    # measured: 3.80 -> 3.42
-    assert trained.config.structures == list(STRUCTURES["knee"]) and url.endswith("recon-varnet-seg")
-    assert "Structures: background, femur" in (tmp_path / "hub" / "recon-varnet-seg" / "README.md").read_text()
-
-
 def test_multitask_config_errors_name_the_key(tiny_recon_shards, tmp_path):
+    from downstream.recon.multitask_study import ReconSegStudyConfig, run_configs
     from pretrain.objectives import build_objective
     from shards.manifest import load_manifest
 
@@ -68,3 +95,7 @@ def test_multitask_config_errors_name_the_key(tiny_recon_shards, tmp_path):
                             ("model.multitask.dice=1", "model.multitask.*dice")]:
         with pytest.raises(ConfigError, match=match):
             build_objective(_cfg(tiny_recon_shards, tmp_path, override), "recon", manifest)
+    study = ReconSegStudyConfig(overrides=["model.chans=8"], recon_config="configs/pretrain/recon-tiny.yaml")
+    with pytest.raises(ConfigError, match="recon_config.*model keys"):  # the two VarNets must match
+        run_configs(ReconSegStudyConfig(recon_config=CONFIG), tmp_path)
+    assert set(run_configs(study, tmp_path)) == {"multitask", "varnet", "seg-target", "seg-zero-filled"}
