@@ -41,6 +41,9 @@ def slice_dice(logits: torch.Tensor, truth: torch.Tensor, n_classes: int) -> flo
 
 
 def mask_spec(kind: str, acceleration: float) -> dict:
-    """The retrospective mask of one acceleration (fastMRI's centre pairing: 4x 0.08, 8x 0.04, else 0.32/R)."""
+    """The retrospective mask of one acceleration (fastMRI's centre pairing: 4x 0.08, 8x 0.04, else 0.32/R);
+    1x is the fully sampled ``full`` mask."""
+    if acceleration == 1:
+        return {"kind": "full", "acceleration": 1.0}
     return {"kind": kind, "acceleration": float(acceleration),
             "center_fraction": float(DEFAULT_CENTER.get(int(acceleration), 0.32 / acceleration))}

@@ -148,7 +148,7 @@ class ReconTransform:
                 "target": torch.from_numpy(target / scale),
                 "zero_filled": torch.from_numpy(zero_filled / scale),
                 "scale": scale, "key": key, "meta": sample.get("meta", {}),
-                "acceleration": spec.acceleration if spec.kind != "stored" else float(mask.size / mask.sum())}
+                "acceleration": spec.acceleration if spec.kind not in ("stored", "full") else float(mask.size / mask.sum())}
 
 
 def collate_recon(items: list[dict]) -> dict:
