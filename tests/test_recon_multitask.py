@@ -99,3 +99,65 @@ def test_multitask_config_errors_name_the_key(tiny_recon_shards, tmp_path):
     with pytest.raises(ConfigError, match="recon_config.*model keys"):  # the two VarNets must match
         run_configs(ReconSegStudyConfig(recon_config=CONFIG), tmp_path)
     assert set(run_configs(study, tmp_path)) == {"multitask", "varnet", "seg-target", "seg-zero-filled"}
+
+
+# ----- recon backbones downstream, and the acceleration study --------------------------------------------
+FAST = ["train.epochs=3", "metrics.bootstrap=20", "baselines.names=[]", "probe.enabled=false", "threads=1"]
+
+
+@pytest.fixture(scope="module")
+def task_models(tiny_shards, tiny_hub, recon_seg_study, tmp_path_factory) -> dict:
+    """A knee diagnosis head on the study's VarNet features and a knee segmentation head on a diffusion
+    backbone, both backbones in one hub folder (``hub``, the task models' ``backbone_dir``)."""
+    import shutil
+
+    from downstream.finetune import run_finetune
+
+    tmp = tmp_path_factory.mktemp("recon_tasks")
+    varnet = tmp / "hub" / "varnet"
+    shutil.copytree(json.loads((recon_seg_study / "metrics.json").read_text())["models"]["varnet"], varnet)
+    shutil.copytree(tiny_hub / "knee-sag", tmp / "hub" / "knee-sag")
+    common = [f"shards={tiny_shards}", f"cache_dir={tmp / 'cache'}", f"out={tmp / 'runs'}", "planes=[sag]", *FAST]
+    run_finetune("knee-dx", [*common, f"backbones.sag={varnet}", "features.blocks=[cascade1/mid,cascade1/up.1]"],
+                 run_dir=tmp / "dx")
+    run_finetune("knee-seg", [*common, f"backbones.sag={tmp / 'hub' / 'knee-sag'}", "features.timesteps=[10]",
+                              "features.blocks=[mid,up.1]", "structures=[femur,tibia,patella]"], run_dir=tmp / "seg")
+    return {"dx": tmp / "dx", "seg": tmp / "seg", "varnet": varnet, "hub": tmp / "hub"}
+
+
+@pytest.mark.integration
+def test_recon_backbone_features_feed_a_diagnosis_head(task_models, tiny_shards):
+    """A published VarNet as a downstream backbone: cached slice-wise features -> the diagnosis head; the
+    exported task model reloads it (sha256-checked) and predicts new studies."""
+    from downstream.predict_inputs import shard_studies
+    from downstream.predictor import Predictor
+    from downstream.task_model import load_task_model
+
+    model = load_task_model(str(task_models["dx"]), backbone_dir=str(task_models["hub"]))
+    assert model.meta["channels"]["sag"] == [16, 4]  # cascade1/mid (4 * 2^2 channels), cascade1/up.1 (4)
+    assert type(model.backbones["sag"]).__name__ == "ReconVolumeFeatures"
+    studies = list(shard_studies(model, str(tiny_shards), "test", 0, 1, with_truth=True))
+    rows = Predictor(model).predict(studies)
+    assert rows and all(r["status"] == "ok" for r in rows)
+    probs = np.array([[r["probs"][n] for n in model.labels] for r in rows])
+    assert np.isfinite(probs).all() and ((probs > 0) & (probs < 1)).all() and probs.std() > 0
+
+
+@pytest.mark.integration
+def test_acceleration_study_table_and_plot(task_models, tiny_shards, tmp_path, capsys):
+    from downstream.cli import main
+
+    assert main(["acceleration-study", "--config", "configs/sweeps/acceleration.yaml", f"shards={tiny_shards}",
+                 f"task_models=[{task_models['dx']},{task_models['seg']}]", f"varnet={task_models['varnet']}",
+                 f"backbone_dir={task_models['hub']}", "coils={knee: 4, ankle: 3, shoulder: 5}", f"out={tmp_path}", "name=a"]) == 0
+    assert "| knee-dx | macro AUROC | 12x | varnet |" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "a" / "metrics.json").read_text())["rows"]
+    for task in ("knee-dx", "knee-seg"):
+        cells = [(r["acceleration"], r["method"]) for r in rows if r["task"] == task]
+        assert len(cells) == 9 and {m for _, m in cells} == {"original", "zero-filled", "varnet"}
+    dice = {(r["acceleration"], r["method"]): r["mean"] for r in rows if r["task"] == "knee-seg"}
+    assert all(0 <= v <= 1 for v in dice.values())
+    original = next(v for (a, m), v in dice.items() if m == "original")
+    assert abs(dice[(1.0, "zero-filled")] - original) < 0.05  # 1x: the simulated scan gives back the image
+    assert (tmp_path / "a" / "knee-seg.png").stat().st_size > 1000 and (tmp_path / "a" / "knee-dx.png").is_file()
+    assert "| 12x |" in (tmp_path / "a" / "report.md").read_text()
