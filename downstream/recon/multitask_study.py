@@ -45,7 +45,6 @@ from ..studies.plots import plot_bands
 from .common import fmt, mask_spec, mean_ci, slice_dice
 
 VARNET_KEYS = ("num_cascades", "sens_chans", "sens_pools", "chans", "pools", "mask_center", "recon")
-METHODS = ("multitask", "sequential", "zero-filled", "fully sampled")
 RESUME_KEYS = ("source", "anatomy", "multitask_config", "recon_config", "overrides", "seed")
 
 

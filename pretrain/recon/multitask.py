@@ -22,7 +22,7 @@ from monai.losses import DiceCELoss
 from shards.config import ConfigError, lookup
 from shards.schema import STRUCTURES
 
-from .objective import ReconObjective, crop_to, ssim_loss, transform_config
+from .objective import ReconObjective, crop_to, ssim_loss
 from .transforms import describe
 
 SEG_INPUTS = ("recon", "target", "zero_filled")
