@@ -5,7 +5,7 @@ Each slice of a preprocessed volume ``(B, 1, slices, rows, cols)`` is shifted to
 scaled to a maximum of 1 per volume (the backbones' ``max`` normalisation), turned into fully sampled
 single-coil k-space (fastMRI's centred orthonormal FFT, a mask of ones), and passed through the
 backbone; the maps of ``blocks`` (:meth:`block_names`, e.g. ``cascade1/mid``) are stacked along the slice
-axis: ``{block: (B, channels, slices, r, c)}``. Reconstruction backbones have no noise schedule:
+axis: ``{block: (B, channels, slices, r, c)}`` (VarNet maps on its padded grid, multiples of 16). Reconstruction backbones have no noise schedule:
 ``timesteps``, ``noise_draws`` and ``seed`` of the downstream feature spec do not apply and are ignored.
 Slices pass through the network the backbone was trained for (multi-coil, undersampled): the features are
 those of a fully sampled single-coil input, out of its training distribution, stated in the model card.
