@@ -14,6 +14,7 @@ from typing import Sequence
 
 from shards.config import Command, build_cli, run_cli
 
+from .recon.cli import RECON_COMMANDS
 from .tasks import TASKS_DIR, describe_tasks
 from .tuning import Interrupted
 
@@ -169,6 +170,7 @@ COMMANDS: dict[str, Command] = {
     "predict": Command(_predict_args, _predict_run, "apply a task model to shards, a DICOM folder or NIfTI files"),
     "evaluate": Command(_evaluate_args, _evaluate_run, "metrics with intervals of a task model on another labelled "
                                                        "shard set (external test), no retraining"),
+    **RECON_COMMANDS,
 }
 
 

@@ -53,6 +53,8 @@ def check_feature_spec(model, url: str, feat) -> None:
     unknown = [b for b in feat.blocks if b not in valid]
     if unknown:
         raise ConfigError(f"features.blocks {unknown} do not exist in backbone {url}; valid: {', '.join(valid)}")
+    if not hasattr(model, "make_scheduler"):  # a reconstruction backbone: no noise schedule, no timesteps
+        return
     n = model.make_scheduler().config.num_train_timesteps
     bad = [t for t in feat.timesteps if not 0 <= int(t) < n]
     if bad:

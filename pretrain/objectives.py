@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from shards.config import ConfigError, lookup
 
+from .recon.multitask import ReconSegObjective
 from .recon.objective import ReconObjective
 
 
@@ -134,7 +135,7 @@ class DiffusionObjective:
                                 metrics, overwrite=overwrite)
 
 
-OBJECTIVES = {"diffusion": DiffusionObjective, "recon": ReconObjective}
+OBJECTIVES = {"diffusion": DiffusionObjective, "recon": ReconObjective, "recon_seg": ReconSegObjective}
 
 
 def build_objective(cfg, unit: str, manifest: dict):

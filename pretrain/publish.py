@@ -25,6 +25,7 @@ from omegaconf import OmegaConf
 from .hub import fetch_folder, put_folder
 from .model_card import render_model_card
 from .models import BACKBONES
+from .models.recon import RECON_BACKBONES
 from .redact import public
 
 SCHEDULER_DIR = "scheduler"
@@ -71,12 +72,21 @@ def load_backbone(url: str, cache_dir: str | Path | None = None, storage_options
                   device: str = "cpu"):
     """Load a published backbone: returns ``(model, scheduler, preprocessing)``, model in eval mode.
 
+    A reconstruction backbone (VarNet, U-Net) comes back as a
+    :class:`~pretrain.recon.volume.ReconVolumeFeatures` (features of image volumes, slice by slice) with
+    no scheduler and no preprocessing (the downstream side derives it from the shards).
+
     ``preprocessing`` is the stored :class:`~pretrain.preprocess.PlanePreprocessing` (or None).
     Remote folders are downloaded into ``cache_dir`` (default ``~/.cache/mskfm/backbones``).
     """
     folder = fetch_folder(str(url), cache_dir, storage_options)
     with open(folder / "config.json") as f:
         class_name = json.load(f).get("_class_name")
+    if class_name in {cls.__name__ for cls in RECON_BACKBONES.values()}:  # features of image volumes, no schedule
+        from .recon.publish import load_recon_backbone
+        from .recon.volume import ReconVolumeFeatures
+
+        return ReconVolumeFeatures(load_recon_backbone(str(folder), device=device)).eval(), None, None
     classes = {cls.__name__: cls for cls in BACKBONES.values()}
     if class_name not in classes:
         raise ValueError(f"{url}: backbone class '{class_name}' is unknown; known: {', '.join(sorted(classes))}")

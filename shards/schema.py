@@ -10,7 +10,8 @@ A decoded *study* sample is a dict::
      "ehr": {...}}                       # optional structured record
 
 A decoded *reconstruction* sample (one slice) is ``{"__key__", "meta", "kspace": complex64
-(coils, rows, cols), "target": float32 (rows, cols)}``. On disk each field is one tar member named
+(coils, rows, cols), "target": float32 (rows, cols), "seg": uint8 label map (rows, cols), optional}``
+(``meta.structures`` names its values, as for a study). On disk each field is one tar member named
 ``<key>.<field>.<ext>`` (``.npy`` for arrays, ``.json`` for dicts).
 """
 
@@ -52,7 +53,7 @@ STRUCTURES: dict[str, tuple[str, ...]] = {
 }
 
 STUDY_FIELDS = ("meta", "labels", "ehr") + PLANES + tuple(f"{p}.seg" for p in PLANES)
-RECON_FIELDS = ("meta", "kspace", "target", "mask")   # what a reconstruction slice may hold
+RECON_FIELDS = ("meta", "kspace", "target", "mask", "seg")   # what a reconstruction slice may hold
 JSON_FIELDS = ("meta", "labels", "ehr")
 
 

@@ -99,21 +99,25 @@ def test_two_joint_capped_run_publishes_what_it_saw(tiny_shards, tmp_path):
 
 
 def test_recon_backbone_carries_its_transform_settings(tmp_path):
-    """The typed transform settings travel in the published config.json and come back typed."""
+    """The typed transform settings (coil handling incl. ESPIRiT/SENSE) travel in the published config.json,
+    come back typed, and evaluation inherits them."""
     import json
     from dataclasses import asdict
 
     from pretrain.models.recon import VarNetBackbone
-    from pretrain.recon.evaluate import trained_recon_settings, trained_transform
+    from pretrain.recon.evaluate import EvalReconConfig, resolve_coil_settings, trained_recon_settings, trained_transform
     from pretrain.recon.publish import load_recon_backbone, publish_recon_backbone
     from pretrain.recon.transforms import ReconTransformConfig
 
-    settings = ReconTransformConfig(virtual_coils=4, prewhiten=True, grid=[32, 32])
+    settings = ReconTransformConfig(virtual_coils=4, prewhiten=True, grid=[32, 32], combine="sense",
+                                    espirit={"calib_width": 12})
     model = VarNetBackbone(num_cascades=1, sens_chans=2, sens_pools=1, chans=2, pools=1, transform=asdict(settings))
     url = publish_recon_backbone(model, str(tmp_path / "v"), {}, {"kind": "recon"}, {"steps": 0})
     assert trained_transform(url) == settings
     assert trained_recon_settings(url) == {"virtual_coils": 4, "coil_compression": "svd", "normalisation": "max",
-                                           "prewhiten": True}
+                                           "prewhiten": True, "combine": "sense", "espirit": {"calib_width": 12}}
+    inherited = resolve_coil_settings(EvalReconConfig(backbone=url))
+    assert (inherited.combine, inherited.espirit, inherited.virtual_coils) == ("sense", {"calib_width": 12}, 4)
     assert load_recon_backbone(url).config["transform"]["grid"] == [32, 32]
     config = json.loads((tmp_path / "v" / "config.json").read_text())
     config["transform"]["virtual_coil"] = 3

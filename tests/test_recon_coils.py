@@ -108,3 +108,28 @@ def test_metrics_match_fastmri_reference():
         acc.add("vol", "knee", "m", i, gt[i], pred[i])
     rows = acc.per_volume()
     assert rows[0]["ssim"] == pytest.approx(ours["ssim"]) and summarise(rows)[0]["volumes"] == 1
+
+
+def test_sense_combination_selected_from_config(slice_data):
+    """``model.recon.combine: sense`` reaches ESPIRiT + SENSE: the target is |SENSE| with sigpy's ESPIRiT maps
+    (the object itself), the zero-filled image uses the same maps; an unknown choice names the key."""
+    from pretrain.recon.objective import transform_config
+    from pretrain.recon.transforms import ReconTransform
+    from shards.config import ConfigError
+
+    k, maps, image = slice_data
+    sample = {"__key__": "s-x-sag000", "kspace": k, "meta": {}}
+    cfg = transform_config({"combine": "sense", "espirit": {"calib_width": 16}, "normalisation": "none"})
+    item = ReconTransform(cfg)(sample)
+    rss_item = ReconTransform(transform_config({"normalisation": "none"}))(sample)
+    expected = np.abs(sense_combine(to_image(k), espirit_maps(k, calib_width=16)))
+    assert np.allclose(item["target"].numpy(), expected, atol=1e-6)
+    assert np.allclose(rss_item["target"].numpy(), rss(to_image(k)), atol=1e-6)
+    obj = np.abs(image) > 0.05
+    assert np.linalg.norm((item["target"].numpy() - np.abs(image))[obj]) / np.linalg.norm(image[obj]) < 1e-2
+    assert item["zero_filled"].shape == item["target"].shape
+    assert not np.allclose(item["zero_filled"].numpy(), rss_item["zero_filled"].numpy())
+    with pytest.raises(ConfigError, match="model.recon.*combine 'bart'"):
+        transform_config({"combine": "bart"})
+    with pytest.raises(ConfigError, match="espirit key"):
+        transform_config({"combine": "sense", "espirit": {"calib": 3}})

@@ -11,7 +11,7 @@ from pretrain.recon.transforms import ReconTransform, ReconTransformConfig
 from tests.recon_data import phantom_slice
 
 SHAPE = (64, 96)
-RETRO = [k for k in MASK_KINDS if k != "stored"]
+RETRO = [k for k in MASK_KINDS if k not in ("stored", "full")]
 
 
 @pytest.mark.parametrize("kind", RETRO)
@@ -74,3 +74,8 @@ def test_equispaced_mask_with_undefined_spacing_is_a_clear_error():
 
     with pytest.raises(ValueError, match="12 centre lines x acceleration 4 equals the 48 columns"):
         make_mask(MaskSpec(kind="equispaced1d", acceleration=4, center_fraction=0.24), (48, 48), seed=0)
+
+
+def test_full_mask_is_fully_sampled():
+    mask = make_mask(MaskSpec(kind="full"), (16, 12), seed=3)
+    assert mask.all() and acceleration_of(mask) == 1.0

@@ -91,3 +91,26 @@ def test_bad_samples_are_named(mutate, match):
     mutate(sample)
     with pytest.raises(ReconInputError, match=match):
         ReconTransform(ReconTransformConfig())(sample)
+
+
+def test_recon_backbone_loads_as_volume_feature_extractor(tmp_path):
+    """``load_backbone`` gives a published VarNet the diffusion backbones' feature interface: per-slice maps
+    stacked over slices, independent of the batch; the random-init baseline rebuilds the same architecture."""
+    from downstream.features import backbone_identity
+    from downstream.inputs import random_copy
+    from pretrain.publish import load_backbone
+    from pretrain.recon.publish import publish_recon_backbone
+
+    torch.manual_seed(0)
+    published = BACKBONES["varnet"](num_cascades=2, sens_chans=2, sens_pools=1, chans=2, pools=2)
+    publish_recon_backbone(published, str(tmp_path / "v"), {}, {"kind": "recon"}, {"steps": 0})
+    model, scheduler, pre = load_backbone(str(tmp_path / "v"))
+    assert scheduler is None and pre is None and model.block_names() == published.block_names()
+    volumes = torch.rand(2, 1, 5, 24, 20) * 3 - 1
+    with torch.no_grad():
+        maps = model.features(volumes, None, ["cascade1/mid", "cascade0/up.1"])
+        alone = model.features(volumes[1:], None, ["cascade1/mid"])
+    assert maps["cascade0/up.1"].shape == (2, 2, 5, 32, 32)  # the NormUnet grid: padded to multiples of 16 and maps["cascade1/mid"].shape[:3] == (2, 8, 5)
+    assert torch.allclose(maps["cascade1/mid"][1:], alone["cascade1/mid"], atol=1e-5)
+    rnd = random_copy(model, 1)
+    assert type(rnd) is type(model) and backbone_identity(rnd) != backbone_identity(model)

@@ -20,6 +20,8 @@ from sigpy.mri.app import EspiritCalib
 
 NORMALISATIONS = ("none", "max", "mean")
 COIL_COMPRESSIONS = ("svd", "gcc")
+COIL_COMBINATIONS = ("rss", "sense")
+ESPIRIT_KEYS = {"calib_width", "thresh", "crop", "max_iter"}
 
 
 def to_image(kspace: np.ndarray) -> np.ndarray:
@@ -53,6 +55,20 @@ def espirit_maps(kspace: np.ndarray, calib_width: int = 24, thresh: float = 0.02
     app = EspiritCalib(np.asarray(kspace, np.complex64), calib_width=calib_width, thresh=thresh, crop=crop,
                        max_iter=max_iter, show_pbar=False)
     return np.asarray(app.run(), np.complex64)
+
+
+def coil_maps(kspace: np.ndarray, how: str, espirit: dict | None = None) -> np.ndarray | None:
+    """Sensitivity maps the ``how`` combination needs: ESPIRiT (sigpy) for ``sense``, None for ``rss``."""
+    if how not in COIL_COMBINATIONS:
+        raise ValueError(f"unknown coil combination '{how}'; known: {', '.join(COIL_COMBINATIONS)}")
+    return espirit_maps(kspace, **(espirit or {})) if how == "sense" else None
+
+
+def combine_coils(kspace: np.ndarray, maps: np.ndarray | None = None) -> np.ndarray:
+    """Magnitude image of multi-coil ``kspace``: RSS, or |SENSE combination| when ``maps`` are given."""
+    if maps is None:
+        return rss(to_image(kspace))
+    return np.abs(sense_combine(to_image(kspace), maps)).astype(np.float32)
 
 
 def _check_virtual(coils: int, n_virtual: int) -> None:

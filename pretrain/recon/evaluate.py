@@ -44,6 +44,8 @@ class EvalReconConfig:
     virtual_coils: int | None = None   # None: as the backbone was trained (its training_config.yaml)
     coil_compression: str = ""         # empty: as trained (svd | gcc)
     prewhiten: bool | None = None      # None: as trained
+    combine: str = ""                  # empty: as trained (rss | sense with ESPIRiT maps)
+    espirit: dict | None = None        # None: as trained
     max_slices: int | None = None
     figure_slices: int = 3
     seed: int = 0
@@ -65,7 +67,7 @@ class EvalReconConfig:
         return float(self.center_fractions.get(key, DEFAULT_CENTER.get(int(acc), 0.32 / acc)))
 
 
-COIL_SETTINGS = ("virtual_coils", "coil_compression", "normalisation", "prewhiten")
+COIL_SETTINGS = ("virtual_coils", "coil_compression", "normalisation", "prewhiten", "combine", "espirit")
 
 
 def trained_transform(url: str) -> ReconTransformConfig | None:
@@ -105,6 +107,10 @@ def resolve_coil_settings(cfg: EvalReconConfig) -> EvalReconConfig:
         cfg.normalisation = trained.get("normalisation", "max")
     if cfg.prewhiten is None:
         cfg.prewhiten = bool(trained.get("prewhiten", False))
+    if not cfg.combine:
+        cfg.combine = trained.get("combine", "rss")
+    if cfg.espirit is None:
+        cfg.espirit = dict(trained.get("espirit") or {})
     return cfg
 
 
@@ -133,7 +139,8 @@ def evaluate_setting(cfg: EvalReconConfig, models: dict, slices: list[dict], kin
     tcfg = ReconTransformConfig(masks=[{"kind": kind, "acceleration": acc, "center_fraction": cfg.center_fraction(acc)}],
                                 virtual_coils=cfg.virtual_coils, coil_compression=cfg.coil_compression,
                                 normalisation=cfg.normalisation,
-                                prewhiten=bool(cfg.prewhiten), seed=cfg.seed)
+                                prewhiten=bool(cfg.prewhiten), combine=cfg.combine or "rss",
+                                espirit=dict(cfg.espirit or {}), seed=cfg.seed)
     transform, acc_store = ReconTransform(tcfg), VolumeAccumulator()
     examples, seconds = [], {name: 0.0 for name in models}
     for sample in tqdm(slices, desc=f"{kind} x{acc:g}", unit="slice", leave=False):

@@ -9,7 +9,7 @@ phase-encode columns kept, in (0.5, 1]; the first columns are dropped).
 Reference implementations are reused where they exist: fastMRI's ``EquispacedMaskFractionFunc`` and
 ``RandomMaskFunc`` for the 1D equispaced/random masks and sigpy's ``poisson`` for Poisson-disc. The
 Gaussian 1D/2D and equispaced 2D masks are written here. ``stored`` is the prospective case: the
-mask that came with the sample.
+mask that came with the sample; ``full`` samples every point (1x, the reference of acceleration studies).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 from fastmri.data.subsample import EquispacedMaskFractionFunc, RandomMaskFunc
 from sigpy.mri import poisson
 
-MASK_KINDS = ("equispaced1d", "random1d", "gaussian1d", "equispaced2d", "gaussian2d", "poisson2d", "stored")
+MASK_KINDS = ("equispaced1d", "random1d", "gaussian1d", "equispaced2d", "gaussian2d", "poisson2d", "stored", "full")
 
 
 @dataclass
@@ -38,7 +38,7 @@ class MaskSpec:
     def validate(self) -> None:
         if self.kind not in MASK_KINDS:
             raise ValueError(f"unknown mask kind '{self.kind}'; known: {', '.join(MASK_KINDS)}")
-        if self.kind == "stored":
+        if self.kind in ("stored", "full"):
             return
         if self.acceleration <= 1:
             raise ValueError(f"mask acceleration must be > 1, got {self.acceleration}")
@@ -144,6 +144,8 @@ def make_mask(spec: MaskSpec, shape: tuple[int, int], seed: int, stored: np.ndar
             raise ValueError("mask kind 'stored' needs a mask stored with the sample, and there is none")
         check_mask_shape(stored, shape, "stored mask")
         return apply_partial_fourier(np.broadcast_to(np.asarray(stored) > 0, shape).copy(), spec.partial_fourier)
+    if spec.kind == "full":
+        return np.ones(shape, bool)
     rng = np.random.default_rng(seed)
     if spec.kind == "equispaced1d":
         mask = _fastmri_1d(EquispacedMaskFractionFunc, spec, shape, seed)

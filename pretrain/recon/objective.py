@@ -49,17 +49,23 @@ def transform_config(recon: dict | None) -> ReconTransformConfig:
 class ReconObjective:
     """SSIM regression of the fully sampled RSS image from undersampled k-space."""
 
+    default_backbone = "varnet"
+
     def __init__(self, cfg, unit: str, manifest: dict):
         if manifest.get("kind") != "recon":
             raise ConfigError(f"key 'data.source': {cfg.data.source} holds '{manifest.get('kind')}' shards; "
                               "the recon objective needs reconstruction shards (kind 'recon')")
         self.cfg, self.unit, self._manifest = cfg, unit, manifest
         kwargs = dict(cfg.model)
-        self.backbone = kwargs.pop("backbone", "varnet")
+        self.backbone = kwargs.pop("backbone", self.default_backbone)
         self.transform = ReconTransform(transform_config(kwargs.pop("recon", None)))
-        self.model_kwargs = kwargs
+        self.model_kwargs = self.take_keys(kwargs)
         self.loss_fn = SSIMLoss()
         self.publish_name = f"recon-{self.backbone}"
+
+    def take_keys(self, kwargs: dict) -> dict:
+        """Remove and apply this objective's own ``model`` keys; the rest are the backbone's arguments."""
+        return kwargs
 
     def reader_kwargs(self) -> dict:
         return {"fields": RECON_FIELDS, "require": ("kspace",)}

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from ..hub import fetch_folder, put_folder
 from ..publish import public_inputs
 from ..models.recon import RECON_BACKBONES
+from ..models.recon_seg import RECON_SEG_BACKBONES
 
 
 def render_recon_card(model, manifest: dict, metrics: dict, train_config: dict | None) -> str:
@@ -29,12 +30,18 @@ def render_recon_card(model, manifest: dict, metrics: dict, train_config: dict |
         "---", "library_name: diffusers", "license: apache-2.0",
         "tags: [mskfm, mri, musculoskeletal, reconstruction, varnet, k-space]", "---", "",
         f"# mskfm reconstruction backbone — `{type(model).__name__}`", "",
-        f"A physics-based MRI reconstruction network ({n_params:,} parameters) trained on multi-coil "
-        "k-space slices with retrospective undersampling and fastMRI's SSIM loss.", "",
+        (f"A physics-based MRI reconstruction network ({n_params:,} parameters) trained on multi-coil "
+         "k-space slices with retrospective undersampling and fastMRI's SSIM loss." if cfg.get("task") == "reconstruction"
+         else f"An MRI {cfg.get('task')} network ({n_params:,} parameters) trained on multi-coil k-space slices with "
+         f"retrospective undersampling (objective `{(train_config or {}).get('objective', '?')}`; weights under "
+         "`model.multitask` below)."), "",
+        *([f"- Structures: {', '.join(cfg['structures'])}"] if cfg.get("structures") else []),
         "## Training", "",
         f"- Steps: {metrics.get('steps', 'n/a')}; final loss: {metrics.get('final_loss', 'n/a')}",
         f"- Architecture: `{json.dumps(cfg, sort_keys=True)}`",
         f"- Undersampling / coil handling: `{json.dumps(recon, sort_keys=True, default=str)}`",
+        *([f"- Multitask: `{json.dumps(mt, sort_keys=True, default=str)}`"]
+          if (mt := ((train_config or {}).get("model") or {}).get("multitask")) else []),
         "", "## Data", "",
         f"- Recon shard manifest kind `{(manifest or {}).get('kind', '?')}`, "
         f"{stats.get('n_samples', 'n/a')} slices",
@@ -72,7 +79,7 @@ def load_recon_backbone(url: str, cache_dir: str | Path | None = None, storage_o
     """A published reconstruction backbone (eval mode), from a folder or URL."""
     folder = fetch_folder(str(url), cache_dir, storage_options)
     class_name = json.loads((folder / "config.json").read_text()).get("_class_name")
-    classes = {cls.__name__: cls for cls in RECON_BACKBONES.values()}
+    classes = {cls.__name__: cls for cls in (*RECON_BACKBONES.values(), *RECON_SEG_BACKBONES.values())}
     if class_name not in classes:
         raise ValueError(f"{url}: '{class_name}' is not a reconstruction backbone; known: {', '.join(sorted(classes))}")
     return classes[class_name].from_pretrained(folder, low_cpu_mem_usage=False).to(device).eval()

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .coils import COIL_COMPRESSIONS, compress_coils, normalise, prewhiten, rss, to_image, to_kspace
+from .coils import (COIL_COMBINATIONS, COIL_COMPRESSIONS, ESPIRIT_KEYS, coil_maps, combine_coils, compress_coils,
+                    normalise, prewhiten, to_image, to_kspace)
 from .masks import MaskSpec, check_mask_shape, make_mask, num_low_frequencies, slice_seed
 
 
@@ -84,6 +85,10 @@ class ReconTransformConfig:
     coil_compression: str = "svd"          # svd (one matrix per slice) | gcc (per readout position)
     prewhiten: bool = False                # noise pre-whitening from the outer k-space
     normalisation: str = "max"             # none | max | mean of the zero-filled RSS image
+    # how target and zero-filled images are formed: rss | sense (|SENSE| with sigpy ESPIRiT maps from the
+    # fully sampled centre, i.e. the calibration lines of a prospective scan)
+    combine: str = "rss"
+    espirit: dict = field(default_factory=dict)   # espirit_maps keyword arguments: calib_width, thresh, crop, max_iter
     seed: int = 0
 
 
@@ -93,15 +98,21 @@ class ReconTransform:
     def __init__(self, cfg: ReconTransformConfig, epoch: int | None = None):
         if cfg.coil_compression not in COIL_COMPRESSIONS:
             raise ValueError(f"unknown coil_compression '{cfg.coil_compression}'; known: {', '.join(COIL_COMPRESSIONS)}")
+        if cfg.combine not in COIL_COMBINATIONS:
+            raise ValueError(f"unknown combine '{cfg.combine}'; known: {', '.join(COIL_COMBINATIONS)}")
+        unknown = set(cfg.espirit) - ESPIRIT_KEYS
+        if unknown:
+            raise ValueError(f"unknown espirit key(s) {sorted(unknown)}; known: {', '.join(sorted(ESPIRIT_KEYS))}")
         self.cfg = cfg
         self.specs = [MaskSpec(**m) for m in cfg.masks]
         for spec in self.specs:
             spec.validate()
         self.epoch = epoch
 
-    def _fully_sampled(self, sample: dict) -> tuple[np.ndarray, np.ndarray]:
+    def _fully_sampled(self, sample: dict):
+        """(k-space, target, label map or None, sensitivity maps or None) at the configured grid/coils."""
         k = np.asarray(sample["kspace"], np.complex64)
-        target = sample.get("target")
+        target, seg = sample.get("target"), sample.get("seg")
         if self.cfg.prewhiten:
             k = prewhiten(k)
         if self.cfg.virtual_coils:
@@ -112,29 +123,32 @@ class ReconTransform:
         if self.cfg.grid is not None:
             k = to_kspace(resize_grid(to_image(k), tuple(self.cfg.grid)))
             target = None
-        if target is None or self.cfg.prewhiten:
-            target = rss(to_image(k))
-        return k, np.asarray(target, np.float32)
+            seg = None if seg is None else resize_grid(np.asarray(seg), tuple(self.cfg.grid))
+        maps = coil_maps(k, self.cfg.combine, self.cfg.espirit)
+        if target is None or self.cfg.prewhiten or maps is not None:
+            target = combine_coils(k, maps)
+        return k, np.asarray(target, np.float32), seg, maps
 
     def __call__(self, sample: dict) -> dict:
         check_recon_sample(sample)
         key = sample["__key__"]
-        k, target = self._fully_sampled(sample)
+        k, target, seg, maps = self._fully_sampled(sample)
         seed = slice_seed(key if self.epoch is None else f"{key}:{self.epoch}", self.cfg.seed)
         spec = self.specs[seed % len(self.specs)]
         if spec.kind == "stored" and self.cfg.grid is not None:
             raise ReconInputError(f"{describe(sample)}: a stored (prospective) mask cannot be resized to a grid")
         mask = make_mask(spec, k.shape[-2:], seed, stored=sample.get("mask"))
         masked = np.where(mask[None], k, 0).astype(np.complex64)
-        zero_filled = rss(to_image(masked))
+        zero_filled = combine_coils(masked, maps)
         masked, scale = normalise(masked, self.cfg.normalisation, zero_filled)
-        return {"masked_kspace": torch.view_as_real(torch.from_numpy(masked)),
+        extra = {} if seg is None else {"seg": torch.from_numpy(np.asarray(seg, np.int64))}
+        return extra | {"masked_kspace": torch.view_as_real(torch.from_numpy(masked)),
                 "mask": torch.from_numpy(mask)[None],
                 "num_low_frequencies": num_low_frequencies(mask),
                 "target": torch.from_numpy(target / scale),
                 "zero_filled": torch.from_numpy(zero_filled / scale),
                 "scale": scale, "key": key, "meta": sample.get("meta", {}),
-                "acceleration": spec.acceleration if spec.kind != "stored" else float(mask.size / mask.sum())}
+                "acceleration": spec.acceleration if spec.kind not in ("stored", "full") else float(mask.size / mask.sum())}
 
 
 def collate_recon(items: list[dict]) -> dict:
@@ -151,4 +165,5 @@ def collate_recon(items: list[dict]) -> dict:
             "target": torch.stack([it["target"] for it in items]),
             "zero_filled": torch.stack([it["zero_filled"] for it in items]),
             "scale": torch.tensor([it["scale"] for it in items], dtype=torch.float32),
+            **({"seg": torch.stack([it["seg"] for it in items])} if all("seg" in it for it in items) else {}),
             "keys": [it["key"] for it in items], "meta": [it["meta"] for it in items]}

@@ -168,7 +168,8 @@ def _recon_slices(cfg: SynthConfig, sample: dict, clean: dict, rng: np.random.Ge
         kspace, target = simulate_kspace(clean[plane][idx], n_coils, cfg.kspace.noise, rng)
         contrast = meta["planes"][plane]["contrast"]
         out.append({"__key__": f"{meta['study']}-{plane}{idx:03d}", "kspace": kspace, "target": target,
-                    "meta": {"anatomy": meta["joint"], "contrast": contrast, "orientation": plane,
+                    "seg": sample[f"{plane}.seg"][idx],
+                    "meta": {"anatomy": meta["joint"], "joint": meta["joint"], "structures": meta["structures"], "contrast": contrast, "orientation": plane,
                              "coils": n_coils, "acquisition": f"{plane.upper()}_{contrast}",
                              "study": meta["study"], "patient": meta["patient"], "slice": idx,
                              "max": float(target.max()), "site": meta["site"],
