@@ -12,10 +12,12 @@ import numpy as np
 import pandas as pd
 
 from shards.config import ConfigError
+from shards.dataset import dataset_of
 from shards.manifest import load_manifest
 from shards.reader import ShardReader
 
-from .tasks import TaskConfig
+from .labels import expand_values
+from .tasks import TaskConfig, check_vocabulary
 
 
 def _published_beside(url: str) -> list[str]:
@@ -46,8 +48,9 @@ def check_backbones(task: TaskConfig) -> None:
 
 
 def check_manifest(task: TaskConfig, manifest: dict) -> None:
-    """Joint, planes and labels of the task must be present in the shards."""
+    """Joint, planes and labels of the task must be declared by and present in the shards."""
     stats, where = manifest.get("stats", {}), f"task '{task.name}' vs shards {manifest.get('_base')}"
+    check_vocabulary(task, dataset_of(manifest), where)
     joints = sorted(stats.get("joint", {}))
     if task.joint not in joints:
         raise ConfigError(f"{where}: joint '{task.joint}' is absent; joints present: {', '.join(joints)}")
@@ -76,7 +79,9 @@ def check_task(task: TaskConfig) -> dict:
 
 def load_studies(task: TaskConfig) -> pd.DataFrame:
     """One row per study of the task's joint having all its planes: key, patient, split, labels
-    (1.0 / 0.0 / NaN for unknown) and ``ehr.<field>`` columns. Rows are sorted by key."""
+    (1.0 / 0.0 / NaN for unknown; a multiclass/ordinal label also as one-hot ``<label>=<class>``
+    outputs, :mod:`downstream.labels`) and ``ehr.<field>`` columns. Rows are sorted by key."""
+    specs = dataset_of(load_manifest(task.shards)).anatomy(task.joint).labels if task.kind == "diagnosis" else {}
     reader = ShardReader(task.shards, split=None, fields=("meta", "labels", "ehr"), require=(),
                          joints=[task.joint], rank=0, world_size=1)
     rows = []
@@ -91,6 +96,8 @@ def load_studies(task: TaskConfig) -> pd.DataFrame:
         for name in task.labels:
             value = labels.get(name)
             row[name] = np.nan if value is None else float(value)
+            if name in specs and specs[name].type != "binary":
+                row.update({col: v[0] for col, v in expand_values(name, specs[name], [value]).items()})
         for k, v in (s.get("ehr") or {}).items():
             row[f"ehr.{k}"] = v
         first = meta["planes"][task.planes[0]]
