@@ -80,14 +80,16 @@ def check_task(task: TaskConfig) -> dict:
 def load_studies(task: TaskConfig) -> pd.DataFrame:
     """One row per study of the task's joint having all its planes: key, patient, split, labels
     (1.0 / 0.0 / NaN for unknown; a multiclass/ordinal label also as one-hot ``<label>=<class>``
-    outputs, :mod:`downstream.labels`) and ``ehr.<field>`` columns. Rows are sorted by key."""
+    outputs, :mod:`downstream.labels`) and ``ehr.<field>`` columns. Rows are sorted by key. A segmentation
+    task keeps only the studies with a label map of its plane (real data labels some studies only)."""
     specs = dataset_of(load_manifest(task.shards)).anatomy(task.joint).labels if task.kind == "diagnosis" else {}
-    reader = ShardReader(task.shards, split=None, fields=("meta", "labels", "ehr"), require=(),
+    segs = tuple(f"{p}.seg" for p in task.planes) if task.kind == "segmentation" else ()
+    reader = ShardReader(task.shards, split=None, fields=("meta", "labels", "ehr", *segs), require=(),
                          joints=[task.joint], rank=0, world_size=1)
     rows = []
     for s in reader:
         meta = s["meta"]
-        if not all(p in meta.get("planes", {}) for p in task.planes):
+        if not all(p in meta.get("planes", {}) for p in task.planes) or not all(f in s for f in segs):
             continue
         row = {"key": s["__key__"], "patient": meta["patient"], "split": meta.get("split", "train"),
                "site": meta.get("site"), "field_strength": meta.get("field_strength"),
@@ -104,7 +106,8 @@ def load_studies(task: TaskConfig) -> pd.DataFrame:
         row["spacing"], row["shape"] = list(first["spacing"]), list(first["shape"])
         rows.append(row)
     if not rows:
-        raise ConfigError(f"task '{task.name}': no {task.joint} study in {task.shards} has all planes {task.planes}")
+        raise ConfigError(f"task '{task.name}': no {task.joint} study in {task.shards} has all planes {task.planes}"
+                          + (" with a label map" if segs else ""))
     return pd.DataFrame(rows).sort_values("key").reset_index(drop=True)
 
 
