@@ -19,7 +19,7 @@ from .writer import ShardWriter
 
 log = logging.getLogger(__name__)
 # keys that may change when a build is resumed (everything else must match the folder's shards)
-RESUME_IGNORE = ("config.workers", "config.out")
+RESUME_IGNORE = ("config.workers", "config.out", "dataset")  # dataset: derived from config.synth (v1 folders have none)
 
 
 @dataclass

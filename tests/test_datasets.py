@@ -62,20 +62,30 @@ def test_declaration_schema_errors_name_the_key(tmp_path):
 
 
 def test_v1_manifest_reads_as_the_synthetic_vocabulary(tiny_shards, tmp_path):
-    """A v1 manifest (what the previous writer produced: no declaration) maps to the generator's vocabulary."""
+    """A v1 shard folder (what the previous writer produced: no declaration in the manifest or the saved
+    build info) maps to the generator's vocabulary, and a rerun of its build resumes it into v2."""
+    from shards.build import BuildConfig, build_shards
+    from shards.config import load_config
+
+    from .conftest import TINY_SHARDS_CONFIG
+
     v1 = tmp_path / "v1"
     shutil.copytree(tiny_shards, v1)
-    manifest = json.loads((v1 / "manifest.json").read_text())
-    assert manifest["schema_version"] == 2 and "dataset" in manifest
-    manifest["schema_version"] = 1
-    del manifest["dataset"]
-    (v1 / "manifest.json").write_text(json.dumps(manifest))
+    for name in ("manifest.json", "_info.json"):
+        saved = json.loads((v1 / name).read_text())
+        assert saved.pop("dataset")["anatomies"].keys() == {"knee", "ankle", "shoulder"}
+        if name == "manifest.json":
+            assert saved["schema_version"] == 2
+            saved["schema_version"] = 1
+        (v1 / name).write_text(json.dumps(saved))
     decl = dataset_of(load_manifest(v1))
     assert set(decl.anatomies) == {"knee", "ankle", "shoulder"}
     assert list(decl.labels("knee")) == list(LABELS["knee"])
     assert list(decl.structure_values("ankle")) == list(STRUCTURES["ankle"])
     sample = next(iter_samples(v1, "train", fields=("meta", "labels", "sag", "sag.seg"), require=()))
     assert check_sample(decl, sample) == []
+    rebuilt = build_shards(load_config(BuildConfig, TINY_SHARDS_CONFIG, [f"out={v1}"]), progress=False)
+    assert rebuilt["generated"] == 0 and rebuilt["schema_version"] == 2 and "dataset" in rebuilt
 
 
 def test_sample_contradictions():
