@@ -61,16 +61,10 @@ def test_declaration_schema_errors_name_the_key(tmp_path):
         load_declaration(path)
 
 
-def test_v1_manifest_reads_as_the_synthetic_vocabulary(tiny_shards, tmp_path):
-    """A v1 shard folder (what the previous writer produced: no declaration in the manifest or the saved
-    build info) maps to the generator's vocabulary, and a rerun of its build resumes it into v2."""
-    from shards.build import BuildConfig, build_shards
-    from shards.config import load_config
-
-    from .conftest import TINY_SHARDS_CONFIG
-
-    v1 = tmp_path / "v1"
-    shutil.copytree(tiny_shards, v1)
+def _as_v1(shards: Path, v1: Path) -> Path:
+    """A copy of v2 shards as the previous writer left them: no declaration in the manifest or the
+    saved build info, schema version 1 (samples are the same in both versions)."""
+    shutil.copytree(shards, v1)
     for name in ("manifest.json", "_info.json"):
         saved = json.loads((v1 / name).read_text())
         assert saved.pop("dataset")["anatomies"].keys() == {"knee", "ankle", "shoulder"}
@@ -78,6 +72,17 @@ def test_v1_manifest_reads_as_the_synthetic_vocabulary(tiny_shards, tmp_path):
             assert saved["schema_version"] == 2
             saved["schema_version"] = 1
         (v1 / name).write_text(json.dumps(saved))
+    return v1
+
+
+def test_v1_manifest_reads_as_the_synthetic_vocabulary(tiny_shards, tmp_path):
+    """A v1 shard folder maps to the generator's vocabulary, and a rerun of its build resumes it into v2."""
+    from shards.build import BuildConfig, build_shards
+    from shards.config import load_config
+
+    from .conftest import TINY_SHARDS_CONFIG
+
+    v1 = _as_v1(tiny_shards, tmp_path / "v1")
     decl = dataset_of(load_manifest(v1))
     assert set(decl.anatomies) == {"knee", "ankle", "shoulder"}
     assert list(decl.labels("knee")) == list(LABELS["knee"])
@@ -86,6 +91,18 @@ def test_v1_manifest_reads_as_the_synthetic_vocabulary(tiny_shards, tmp_path):
     assert check_sample(decl, sample) == []
     rebuilt = build_shards(load_config(BuildConfig, TINY_SHARDS_CONFIG, [f"out={v1}"]), progress=False)
     assert rebuilt["generated"] == 0 and rebuilt["schema_version"] == 2 and "dataset" in rebuilt
+
+
+@pytest.mark.integration
+def test_v1_shards_finetune(tiny_shards, tiny_hub, tmp_path):
+    from downstream.finetune import run_finetune
+
+    v1 = _as_v1(tiny_shards, tmp_path / "v1")
+    res = run_finetune("ankle-dx", [f"shards={v1}", f"cache_dir={tmp_path / 'cache'}", f"out={tmp_path / 'ft'}",
+                                    "planes=[sag]", f"backbones={{sag: {tiny_hub / 'knee-sag'}}}", "train.epochs=2",
+                                    "baselines.names=[]", "probe.enabled=false", "metrics.bootstrap=0",
+                                    "features.timesteps=[10]", "features.blocks=[mid]"])
+    assert set(res["metrics"]["diffusion"]["per_label"]) == set(LABELS["ankle"]) and res["n_eval"] > 0
 
 
 def test_sample_contradictions():
@@ -189,13 +206,13 @@ def _ingest(root: Path, out: Path, *extra: str) -> tuple[int, dict]:
 
 @pytest.fixture(scope="module")
 def hip(tmp_path_factory):
-    import os
-
-    os.environ["MSKFM_DEID_SALT"] = SALT
+    salt = pytest.MonkeyPatch()
+    salt.setenv("MSKFM_DEID_SALT", SALT)
     root = tmp_path_factory.mktemp("hip")
     truth = _hip_source(root)
     code, report = _ingest(root, root / "shards", f"dataset={root / 'hip.yaml'}", "strict=true")
-    return root, truth, code, report
+    yield root, truth, code, report
+    salt.undo()
 
 
 def test_hip_ingest_with_declaration_reports_contradictions(hip):
