@@ -10,7 +10,6 @@ In-process API for sweeps and studies::
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
@@ -28,7 +27,7 @@ from .diagnosis import run_diagnosis
 from .features import FeatureCache
 from .heads.segmentation import remap_structures
 from .inputs import prepare_planes
-from .labels import multiclass_metrics, output_columns
+from .labels import multiclass_metrics, output_task
 from .metrics import diagnosis_metrics, segmentation_metrics, select_thresholds
 from .outputs import (diagnosis_outputs, diagnosis_table, flat_metrics, save_heads, segmentation_outputs,
                       segmentation_table)
@@ -80,7 +79,7 @@ def run_finetune(task: TaskConfig | str | Path, overrides: Sequence[str] = (), *
     thresholds: dict[str, dict[str, float]] = {}
     if task.kind == "diagnosis":
         # multiclass/ordinal labels train and score as their one-hot class outputs (downstream.labels)
-        task = replace(task, labels=output_columns(task.labels, dataset.anatomy(task.joint).labels))
+        task = output_task(task, manifest)
         results = run_diagnosis(task, frame, planes, {"train": train_rows, "select": chosen_rows, "eval": eval_rows})
         study = diagnosis_outputs(frame, eval_rows, task.labels, results, out)
         thresholds = decision_thresholds(frame, chosen_rows, task.labels, results)

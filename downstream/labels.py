@@ -12,6 +12,7 @@ AUROC and the confusion matrix.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 
 import numpy as np
@@ -19,7 +20,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from shards.dataset import LabelSpec
+from shards.dataset import LabelSpec, dataset_of
 
 from .train import masked_bce
 
@@ -33,6 +34,13 @@ def output_columns(labels: list[str], specs: dict[str, LabelSpec]) -> list[str]:
         spec = specs.get(name, LabelSpec())
         out += [name] if spec.type == "binary" else [f"{name}{SEP}{c}" for c in spec.classes]
     return out
+
+
+def output_task(task, manifest: dict):
+    """A diagnosis task with its labels replaced by its outputs (what heads train and metrics score)."""
+    if task.kind != "diagnosis":
+        return task
+    return replace(task, labels=output_columns(task.labels, dataset_of(manifest).anatomy(task.joint).labels))
 
 
 def class_groups(columns: list[str]) -> dict[str, list[int]]:
