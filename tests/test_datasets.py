@@ -291,3 +291,17 @@ def test_hip_pretrain_diagnosis_and_segmentation_end_to_end(hip, tmp_path, capsy
     assert set(seg["metrics"]["diffusion"]["per_structure"]) == set(HIP_STRUCTURES)
     with pytest.raises(ConfigError, match="anatomy \\(joint\\) 'knee' is not in the dataset; anatomies: hip"):
         run_finetune(str(tmp_path / "hip-seg.yaml"), common + ["joint=knee"])
+
+
+def test_fastmri_ingest_with_a_declaration(tmp_path, monkeypatch):
+    from shards.ingest.fastmri import FastMRIError, ingest_fastmri
+    from tests.recon_data import write_fastmri_file
+
+    monkeypatch.setenv("MSKFM_DEID_SALT", SALT)
+    (tmp_path / "src").mkdir()
+    write_fastmri_file(tmp_path / "src" / "file1000001.h5", slices=2, coils=2, grid=(32, 32), recon=(32, 32))
+    decl = load_declaration_text("anatomies: {knee: {}}\nplanes: [cor]\n")
+    manifest = ingest_fastmri(tmp_path / "src", tmp_path / "out", dataset=decl)
+    assert list(dataset_of(manifest).anatomies) == ["knee"] and manifest["stats"]["n_samples"] == 2
+    with pytest.raises(FastMRIError, match="file1000001.h5: anatomy 'hip' is not declared; anatomies: knee"):
+        ingest_fastmri(tmp_path / "src", tmp_path / "out2", anatomy="hip", dataset=decl)
