@@ -120,7 +120,7 @@ def infer_declaration(cfg: IngestConfig, anatomies: list[str], structures: dict[
         specs[a] = AnatomySpec({**base.labels, **{k: LabelSpec(v.type, list(v.classes)) for k, v in own.items()}},
                                {**base.structures, **{f"structure_{v}": v for v in sorted(structures.get(a, set()))
                                                       if v and v not in named}})
-    if any(structures.values()):
+    if any(name.startswith("structure_") for spec in specs.values() for name in spec.structures):
         notes.append("structures are named structure_<value>: give them their names in a declaration")
     decl = DatasetDeclaration(cfg.name or Path(cfg.out).name, "inferred by the ingest", specs, ehr, list(PLANES))
     if specs:
