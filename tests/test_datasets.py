@@ -142,7 +142,9 @@ def test_multiclass_outputs_loss_probs_and_metrics():
                 + torch.nn.functional.cross_entropy(logits[:1, 1:], torch.tensor([2]))) / 2
     assert torch.isclose(label_loss(cols)(logits, target), expected)  # the unknown row adds nothing
     binary = torch.tensor([[0.5, np.nan], [1.0, 0.0]])
+    # binary-only tasks train and predict exactly as before (masked BCE, sigmoid)
     assert torch.equal(label_loss(["a", "b"])(logits[:, :2], binary), masked_bce(logits[:, :2], binary))
+    assert torch.equal(to_probs(logits[:, :2], ["a", "b"]), torch.sigmoid(logits[:, :2]))
     # 6 patients, grades 0,0,1,1,2,2; predictions right but for one mild predicted severe
     grade = [0, 0, 1, 1, 2, 2]
     frame = pd.DataFrame({"patient": list("abcdef"), **expand_values("cartilage_grade", specs["cartilage_grade"], grade)})
