@@ -79,6 +79,10 @@ def label_loss(columns: list[str], pos_weight: torch.Tensor | None = None):
     binary = [i for i in range(len(columns)) if i not in in_group]
 
     def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        for idx in groups.values():  # a class group is scored whole: one class alone (per-output selection,
+            known = torch.isfinite(target[:, idx])  # downstream.train.label_losses) has no loss of its own
+            if (known.any(1) & ~known.all(1)).any():
+                return logits.sum() * float("nan")
         terms = []
         for i in binary:
             known = torch.isfinite(target[:, i])

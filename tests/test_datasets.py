@@ -141,6 +141,9 @@ def test_multiclass_outputs_loss_probs_and_metrics():
     expected = (torch.nn.functional.binary_cross_entropy_with_logits(logits[0, 0], target[0, 0])
                 + torch.nn.functional.cross_entropy(logits[:1, 1:], torch.tensor([2]))) / 2
     assert torch.isclose(label_loss(cols)(logits, target), expected)  # the unknown row adds nothing
+    one_class = torch.full_like(target, float("nan"))
+    one_class[0, 2] = 0.0  # per-output selection scores one output alone: a class has no loss of its own
+    assert torch.isnan(label_loss(cols)(logits, one_class))
     binary = torch.tensor([[0.5, np.nan], [1.0, 0.0]])
     # binary-only tasks train and predict exactly as before (masked BCE, sigmoid)
     assert torch.equal(label_loss(["a", "b"])(logits[:, :2], binary), masked_bce(logits[:, :2], binary))
