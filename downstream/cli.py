@@ -12,18 +12,30 @@ import logging
 import re
 from typing import Sequence
 
-from shards.config import Command, build_cli, run_cli
+from shards.config import Command, ConfigError, build_cli, run_cli
 
 from .recon.cli import RECON_COMMANDS
-from .tasks import TASKS_DIR, describe_tasks
+from .tasks import TASKS_DIR, describe_tasks, describe_vocabulary
 from .tuning import Interrupted
 
 
 def _tasks_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks-dir", default=str(TASKS_DIR), help="folder of task YAMLs")
+    p.add_argument("--shards", default=None, help="also list the anatomies, labels and structures this shard set offers")
 
 
 def _tasks_run(args: argparse.Namespace) -> int:
+    if args.shards:
+        from shards.dataset import dataset_of
+        from shards.manifest import load_manifest
+
+        try:
+            manifest = load_manifest(args.shards)
+        except FileNotFoundError as exc:
+            raise ConfigError(str(exc)) from None
+        for line in describe_vocabulary(dataset_of(manifest)):
+            print(line)
+        print()
     for line in describe_tasks(args.tasks_dir):
         print(line)
     return 0
@@ -160,7 +172,7 @@ def _evaluate_run(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Command] = {
-    "tasks": Command(_tasks_args, _tasks_run, "list the tasks in configs/tasks, one line each"),
+    "tasks": Command(_tasks_args, _tasks_run, "list the tasks in configs/tasks (--shards: and what a shard set offers)"),
     "finetune": Command(_finetune_args, _finetune_run, "train and evaluate a task's head and its baselines"),
     "sweep": Command(_sweep_args, _sweep_run, "Ray Tune sweep of a task's head (ASHA), best config to the run folder"),
     "study": Command(_study_args, _study_run, "a study grid with seeds (label-efficiency, transfer, robustness, "

@@ -12,10 +12,12 @@ import numpy as np
 import pandas as pd
 
 from shards.config import ConfigError
+from shards.dataset import dataset_of
 from shards.manifest import load_manifest
 from shards.reader import ShardReader
 
-from .tasks import TaskConfig
+from .labels import expand_values
+from .tasks import TaskConfig, check_vocabulary
 
 
 def _published_beside(url: str) -> list[str]:
@@ -46,8 +48,9 @@ def check_backbones(task: TaskConfig) -> None:
 
 
 def check_manifest(task: TaskConfig, manifest: dict) -> None:
-    """Joint, planes and labels of the task must be present in the shards."""
+    """Joint, planes and labels of the task must be declared by and present in the shards."""
     stats, where = manifest.get("stats", {}), f"task '{task.name}' vs shards {manifest.get('_base')}"
+    check_vocabulary(task, dataset_of(manifest), where)
     joints = sorted(stats.get("joint", {}))
     if task.joint not in joints:
         raise ConfigError(f"{where}: joint '{task.joint}' is absent; joints present: {', '.join(joints)}")
@@ -76,13 +79,17 @@ def check_task(task: TaskConfig) -> dict:
 
 def load_studies(task: TaskConfig) -> pd.DataFrame:
     """One row per study of the task's joint having all its planes: key, patient, split, labels
-    (1.0 / 0.0 / NaN for unknown) and ``ehr.<field>`` columns. Rows are sorted by key."""
-    reader = ShardReader(task.shards, split=None, fields=("meta", "labels", "ehr"), require=(),
+    (1.0 / 0.0 / NaN for unknown; a multiclass/ordinal label also as one-hot ``<label>=<class>``
+    outputs, :mod:`downstream.labels`) and ``ehr.<field>`` columns. Rows are sorted by key. A segmentation
+    task keeps only the studies with a label map of its plane (real data labels some studies only)."""
+    specs = dataset_of(load_manifest(task.shards)).anatomy(task.joint).labels if task.kind == "diagnosis" else {}
+    segs = tuple(f"{p}.seg" for p in task.planes) if task.kind == "segmentation" else ()
+    reader = ShardReader(task.shards, split=None, fields=("meta", "labels", "ehr", *segs), require=(),
                          joints=[task.joint], rank=0, world_size=1)
     rows = []
     for s in reader:
         meta = s["meta"]
-        if not all(p in meta.get("planes", {}) for p in task.planes):
+        if not all(p in meta.get("planes", {}) for p in task.planes) or not all(f in s for f in segs):
             continue
         row = {"key": s["__key__"], "patient": meta["patient"], "split": meta.get("split", "train"),
                "site": meta.get("site"), "field_strength": meta.get("field_strength"),
@@ -91,13 +98,16 @@ def load_studies(task: TaskConfig) -> pd.DataFrame:
         for name in task.labels:
             value = labels.get(name)
             row[name] = np.nan if value is None else float(value)
+            if name in specs and specs[name].type != "binary":
+                row.update({col: v[0] for col, v in expand_values(name, specs[name], [value]).items()})
         for k, v in (s.get("ehr") or {}).items():
             row[f"ehr.{k}"] = v
         first = meta["planes"][task.planes[0]]
         row["spacing"], row["shape"] = list(first["spacing"]), list(first["shape"])
         rows.append(row)
     if not rows:
-        raise ConfigError(f"task '{task.name}': no {task.joint} study in {task.shards} has all planes {task.planes}")
+        raise ConfigError(f"task '{task.name}': no {task.joint} study in {task.shards} has all planes {task.planes}"
+                          + (" with a label map" if segs else ""))
     return pd.DataFrame(rows).sort_values("key").reset_index(drop=True)
 
 

@@ -2,7 +2,8 @@
 probe and baselines.
 
 Every trained model uses the same training rows, the same masked loss (unknown labels add nothing)
-weighted per label by the training rows' class balance (``pos_weight``), and the same model selection
+weighted per label by the training rows' class balance (``pos_weight``; a multiclass/ordinal label is a
+softmax over its class outputs with a masked cross-entropy, :mod:`downstream.labels`), and the same model selection
 on the selection split (:func:`downstream.train.fit_selected`). Each predicts the selection rows (for
 decision thresholds) and the evaluation rows; results come back as study-level probabilities.
 """
@@ -10,7 +11,6 @@ decision thresholds) and the evaluation rows; results come back as study-level p
 from __future__ import annotations
 
 from dataclasses import asdict
-from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -23,7 +23,8 @@ from .heads.fusion import build_feature_model
 from .heads.probe import LogisticProbe, fit_probe
 from .heads.tuned import TunedBackbone
 from .inputs import PlaneData
-from .train import fit_selected, masked_bce, pos_weights, predict, seed_everything
+from .labels import label_loss, to_probs
+from .train import fit_selected, pos_weights, predict, seed_everything
 
 
 def feature_batcher(feats: dict[str, dict[str, np.ndarray]], y: np.ndarray, ehr: dict | None = None):
@@ -47,10 +48,13 @@ def volume_batcher(planes: dict[str, PlaneData], y: np.ndarray):
     return get
 
 
-def _probs(model, batcher, rows, device: str) -> np.ndarray:
+def _probs(model, batcher, rows, device: str, outputs: list[str] | None = None) -> np.ndarray:
+    """Probabilities of ``rows``: softmax over class outputs when ``outputs`` names them, else sigmoid
+    per output (one-vs-rest: the probe)."""
     if len(rows) == 0:
         return np.zeros((0, 0), np.float32)
-    return torch.sigmoid(predict(model, batcher, rows, device=device)).numpy()
+    logits = predict(model, batcher, rows, device=device)
+    return (to_probs(logits, outputs) if outputs else torch.sigmoid(logits)).numpy()
 
 
 def train_predict(task, build, batcher, y: np.ndarray, rows: dict[str, np.ndarray], desc: str,
@@ -58,7 +62,7 @@ def train_predict(task, build, batcher, y: np.ndarray, rows: dict[str, np.ndarra
                   weight_decays: list[float] | None = None) -> dict:
     """Train ``build()`` with selection on ``rows["select"]``; predict ``rows["select"]`` and ``rows["eval"]``."""
     t = task.train
-    loss = partial(masked_bce, pos_weight=pos_weights(y[rows["train"]]))
+    loss = label_loss(task.labels, pos_weights(y[rows["train"]]))
     model, history, selection = fit_selected(
         build, batcher, rows["train"], rows["select"], loss, epochs=epochs or t.epochs, lr=lr or t.lr,
         weight_decays=weight_decays or [t.weight_decay], patience=t.patience, batch_size=t.batch_size, seed=t.seed,
@@ -66,8 +70,9 @@ def train_predict(task, build, batcher, y: np.ndarray, rows: dict[str, np.ndarra
     chosen = asdict(selection)
     if chosen["per_label"] is not None:
         chosen["per_label"] = dict(zip(task.labels, chosen["per_label"]))
-    return {"probs": _probs(model, batcher, rows["eval"], task.device), "history": history, "model": model,
-            "select_probs": _probs(model, batcher, rows["select"], task.device), "selection": chosen}
+    return {"probs": _probs(model, batcher, rows["eval"], task.device, task.labels), "history": history,
+            "model": model, "select_probs": _probs(model, batcher, rows["select"], task.device, task.labels),
+            "selection": chosen}
 
 
 def _image_model(task, channels: dict[str, list[int]]):

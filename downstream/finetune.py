@@ -18,15 +18,16 @@ import numpy as np
 import torch
 
 from shards.config import load_config, save_config, to_dict
+from shards.dataset import dataset_of
 from shards.runs import write_metrics
 from shards.tracking import start_tracking
-from shards.schema import STRUCTURES
 
 from .data import check_task, load_studies, select_rows, split_rows
 from .diagnosis import run_diagnosis
 from .features import FeatureCache
 from .heads.segmentation import remap_structures
 from .inputs import prepare_planes
+from .labels import multiclass_metrics, output_task
 from .metrics import diagnosis_metrics, segmentation_metrics, select_thresholds
 from .outputs import (diagnosis_outputs, diagnosis_table, flat_metrics, save_heads, segmentation_outputs,
                       segmentation_table)
@@ -65,6 +66,7 @@ def run_finetune(task: TaskConfig | str | Path, overrides: Sequence[str] = (), *
     if task.threads:
         torch.set_num_threads(task.threads)
     manifest = check_task(task)
+    dataset = dataset_of(manifest)
     frame = load_studies(task)
     train_rows, eval_rows = split_rows(frame, task)
     chosen_rows = select_rows(frame, task) if task.kind == "diagnosis" else np.array([], dtype=np.int64)
@@ -76,11 +78,16 @@ def run_finetune(task: TaskConfig | str | Path, overrides: Sequence[str] = (), *
     m = task.metrics
     thresholds: dict[str, dict[str, float]] = {}
     if task.kind == "diagnosis":
+        # multiclass/ordinal labels train and score as their one-hot class outputs (downstream.labels)
+        task = output_task(task, manifest)
         results = run_diagnosis(task, frame, planes, {"train": train_rows, "select": chosen_rows, "eval": eval_rows})
         study = diagnosis_outputs(frame, eval_rows, task.labels, results, out)
         thresholds = decision_thresholds(frame, chosen_rows, task.labels, results)
         metrics = {name: diagnosis_metrics(study, task.labels, f"{name}/", m.bootstrap, m.ci, m.seed, thresholds[name])
                    for name in results}
+        for name, mm in metrics.items():
+            if multi := multiclass_metrics(study, task.labels, mm["per_label"], f"{name}/"):
+                mm["multiclass"] = multi
         table = diagnosis_table(metrics)
     else:
         data = planes[task.planes[0]]
@@ -88,7 +95,7 @@ def run_finetune(task: TaskConfig | str | Path, overrides: Sequence[str] = (), *
         metrics = {name: segmentation_metrics(r["scores"], task.structures, m.ci, m.bootstrap, m.seed)
                    for name, r in results.items()}
         segmentation_outputs(frame, eval_rows, task.structures, results, data.volumes,
-                             _eval_truth(task, data, eval_rows), out)
+                             _eval_truth(task, data, eval_rows, dataset.structure_values(task.joint)), out)
         table = segmentation_table(metrics)
     save_heads(results, out, {"task": task.name, "labels": task.labels, "structures": task.structures,
                               "planes": task.planes, "backbones": task.backbones,
@@ -139,9 +146,9 @@ def decision_thresholds(frame, rows: np.ndarray, labels: list[str], results: dic
     return out
 
 
-def _eval_truth(task: TaskConfig, data, eval_rows: np.ndarray) -> np.ndarray:
+def _eval_truth(task: TaskConfig, data, eval_rows: np.ndarray, structures: dict[str, int]) -> np.ndarray:
     seg = torch.from_numpy(np.asarray(data.seg[eval_rows, 0]))
-    truth = remap_structures(seg, STRUCTURES[task.joint], task.structures, task.ignore_index)
+    truth = remap_structures(seg, structures, task.structures, task.ignore_index)
     return torch.where(truth == task.ignore_index, 0, truth).numpy()
 
 

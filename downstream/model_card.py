@@ -50,6 +50,18 @@ def diagnosis_rows(metrics: dict, at_thresholds: bool) -> list[str]:
     return rows
 
 
+def multiclass_rows(metrics: dict) -> list[str]:
+    """Per model and multiclass/ordinal label: macro one-vs-rest AUROC and the study-level confusion matrix."""
+    rows = []
+    for model, m in metrics.items():
+        for label, mc in m.get("multiclass", {}).items():
+            rows += ["", f"{model}, `{label}`: macro one-vs-rest AUROC {with_ci(mc['macro_auroc'], None)}; "
+                     f"confusion matrix over {mc['n']} test studies (rows true, columns predicted):", "",
+                     "| true \\ predicted | " + " | ".join(mc["classes"]) + " |", "|---" * (len(mc["classes"]) + 1) + "|"]
+            rows += [f"| {c} | " + " | ".join(map(str, row)) + " |" for c, row in zip(mc["classes"], mc["confusion"])]
+    return rows
+
+
 def segmentation_rows(metrics: dict) -> list[str]:
     rows = ["| model | structure | Dice [95% CI] | HD95 mm [95% CI] |", "|---|---|---|---|"]
     for model, m in metrics.items():
@@ -101,6 +113,7 @@ def render_task_card(meta: dict, config: dict, metrics: dict, manifest: dict) ->
     lines += ["", f"## Metrics (split `{meta['metrics_split']}`, patient level, 95% bootstrap intervals)", ""]
     validated = meta["threshold_source"].startswith("validation")
     lines += diagnosis_rows(metrics, validated) if kind == "diagnosis" else segmentation_rows(metrics)
+    lines += multiclass_rows(metrics)
     if kind == "diagnosis":
         lines += ["", f"Decision thresholds ({meta['threshold_source']}): "
                   + ", ".join(f"{k} {v:.3f}" for k, v in meta["thresholds"].items())]

@@ -52,7 +52,20 @@ def diagnosis_table(metrics: dict[str, dict]) -> str:
         lines.append(f"{name:<18} {_fmt(macro['auroc']) + _ci(ci.get('auroc')):<24} "
                      f"{_fmt(macro['ap']) + _ci(ci.get('ap')):<24} {_fmt(macro['sensitivity'], 2):>5} "
                      f"{_fmt(macro['specificity'], 2):>5}")
+    for name, m in metrics.items():
+        lines += multiclass_lines(name, m.get("multiclass", {}))
     return "\n".join(lines)
+
+
+def multiclass_lines(model: str, multiclass: dict) -> list[str]:
+    """Per multiclass/ordinal label: macro one-vs-rest AUROC, per-class AUROC and the confusion matrix."""
+    lines = []
+    for label, mc in multiclass.items():
+        per = ", ".join(f"{c} {_fmt(v)}" for c, v in mc["auroc_per_class"].items())
+        lines.append(f"{model} {label}: macro AUROC {_fmt(mc['macro_auroc'])} (one-vs-rest: {per}); "
+                     f"confusion (rows true, columns predicted {'/'.join(mc['classes'])}; {mc['n']} studies): "
+                     + " | ".join(" ".join(str(x) for x in row) for row in mc["confusion"]))
+    return lines
 
 
 def segmentation_table(metrics: dict[str, dict]) -> str:

@@ -19,6 +19,8 @@ from shards.ingest.report import IngestReport
 from shards.manifest import load_manifest, shard_entries
 from shards.reader import ShardReader
 
+from .heads.segmentation import structure_values
+from .labels import SEP
 from .predictor import Study
 from .task_model import TaskModel, TaskModelError
 
@@ -61,7 +63,7 @@ def check_shards(model: TaskModel, shards: str, split: str | None, with_truth: b
                              f"{', '.join(sorted(stats.get('planes', {}))) or 'none'}")
     if with_truth and model.labels:
         present = set(stats.get("labels", {}).get(joint, {}))
-        missing = [n for n in model.labels if n not in present]
+        missing = sorted({n.split(SEP, 1)[0] for n in model.labels} - present)
         if missing:
             raise TaskModelError(f"vocabulary mismatch: label(s) {missing} of the model are not in shards "
                                  f"{shards} for {joint}; labels there: {', '.join(sorted(present)) or 'none'}")
@@ -80,7 +82,8 @@ def shard_studies(model: TaskModel, shards: str, split: str | None, unit: int, n
     for s in reader:
         meta = s["meta"]
         truth = {p: s[f"{p}.seg"] for p in planes if f"{p}.seg" in s}
-        if truth and meta.get("structures") and list(meta["structures"]) != vocab.get("source_structures"):
+        if truth and meta.get("structures") and (structure_values(meta["structures"])
+                                                 != structure_values(vocab.get("source_structures", []))):
             raise TaskModelError(f"vocabulary mismatch: study {s['__key__']} labels structures "
                                  f"{meta['structures']}, the model was trained on {vocab['source_structures']}")
         yield Study(s["__key__"], meta.get("joint", ""), {p: s[p] for p in planes if p in s},

@@ -17,6 +17,7 @@ from monai.transforms import Resize, ResizeWithPadOrCrop
 from pretrain.preprocess import preprocess_volume
 
 from .heads.segmentation import remap_structures
+from .labels import SEP, to_probs
 from .metrics import segmentation_scores
 from .task_model import TaskModel
 
@@ -102,22 +103,25 @@ class Predictor:
     def forward(self, batch: dict[str, torch.Tensor]) -> list:
         """Per study: label probabilities (L,) or a logit map (K, *grid)."""
         head, kind = self.model.head, self.model.meta["head"]
+        labels = self.model.labels
         if kind == "tuned":
-            return list(torch.sigmoid(head(batch)).cpu().numpy())
+            return list(to_probs(head(batch), labels).cpu().numpy())
         feats = self.features(batch)
         if kind == "segmentation":
             return list(head(feats).cpu())
-        if kind == "experts":
+        if kind == "experts":  # plane experts and their gate are one-vs-rest per output
             probs = torch.stack([torch.sigmoid(head["experts"][p](feats)) for p in self.model.planes], dim=1)
             return list(torch.sigmoid(head["gate"](probs)).cpu().numpy())
-        return list(torch.sigmoid(head(feats)).cpu().numpy())
+        if self.model.task.head.kind == "logistic":
+            return list(torch.sigmoid(head(feats)).cpu().numpy())  # the probe: one-vs-rest per output
+        return list(to_probs(head(feats), labels).cpu().numpy())
 
     def row(self, study: Study, output=None, error: str | None = None) -> dict:
         row = {"key": study.key, "patient": study.patient, "planes": "+".join(p for p in self.model.planes
                                                                              if p in study.volumes),
                "status": "failed" if error else "ok", "error": error or "", **study.info}
         if study.labels is not None:
-            row["truth"] = {name: study.labels.get(name) for name in self.model.labels}
+            row["truth"] = {name: _truth(study.labels, self.model.labels, name) for name in self.model.labels}
         if error:
             return row
         if self.model.meta["kind"] == "diagnosis":
@@ -151,3 +155,13 @@ def back_to_input(logits: torch.Tensor, spec, shape) -> np.ndarray:
     else:
         back = ResizeWithPadOrCrop(shape, mode="constant")(logits)
     return torch.as_tensor(back).argmax(dim=0).numpy().astype(np.uint8)
+
+
+def _truth(labels: dict, outputs: list[str], output: str):
+    """A study's true value of an output: the label's value, or 1/0 for a class output (None unknown)."""
+    if SEP not in output:
+        return labels.get(output)
+    name = output.split(SEP, 1)[0]
+    value = labels.get(name)
+    group = [o for o in outputs if o.split(SEP, 1)[0] == name]
+    return None if value is None else int(int(value) == group.index(output))

@@ -12,7 +12,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from shards.schema import STRUCTURES
+from shards.dataset import dataset_of
+from shards.manifest import load_manifest
 
 from .heads.baselines import Scratch3DSegmenter
 from .heads.segmentation import SegDecoder, SparseDiceCELoss, remap_structures
@@ -38,8 +39,9 @@ def run_segmentation(task, frame: pd.DataFrame, data: PlaneData, train_rows: np.
                      eval_rows: np.ndarray) -> dict[str, dict]:
     """``{model: {"pred": (n_eval, S, R, C), "scores": {dice|hd95|iou: (n_eval, K)}, "history", "model"}}``."""
     plane, n_classes = data.plane, len(task.structures) + 1
-    target = remap_structures(torch.from_numpy(np.array(data.seg[:, 0])), STRUCTURES[task.joint],
-                              task.structures, task.ignore_index)
+    structures = dataset_of(load_manifest(task.shards)).structure_values(task.joint)
+    target = remap_structures(torch.from_numpy(np.array(data.seg[:, 0])), structures, task.structures,
+                              task.ignore_index)
     loss = SparseDiceCELoss(task.ignore_index)
     grid = data.spec["shape"]
 

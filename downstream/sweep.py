@@ -21,13 +21,11 @@ import json
 import time
 import warnings
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 
 from shards.config import ConfigError, load_config, save_config, to_dict
 from shards.resume import check_resume, saved_yaml
@@ -40,11 +38,12 @@ from .features import FeatureCache
 from .finetune import resolve_task
 from .heads.fusion import build_feature_model
 from .inputs import prepare_planes
+from .labels import label_loss, output_task, to_probs
 from .metrics import diagnosis_metrics
 from .segment import run_segmentation
 from .studies.trials import absolute_paths
 from .tasks import TaskConfig
-from .train import fit, masked_bce, pos_weights, predict, seed_everything
+from .train import fit, pos_weights, predict, seed_everything
 from .tuning import RayConnection, run_tuner, trial_rows
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -203,6 +202,7 @@ def sweep_trial(config: dict) -> None:
     frame = load_studies(task)
     train_rows, sweep_rows = split_rows(frame, task)
     planes = prepare_planes(task, list(frame["key"]), manifest, FeatureCache(task.cache_dir))
+    task = output_task(task, manifest)  # multiclass labels as their class outputs (downstream.labels)
     metric, model_name = config["metric"], config["model"]
     if not per_epoch(task):
         scores = selection_scores(task, frame, planes, train_rows, sweep_rows)
@@ -221,14 +221,14 @@ def sweep_trial(config: dict) -> None:
     def report(epoch: int, loss: float) -> None:
         if epoch % every and epoch != epochs:
             return
-        probs = torch.sigmoid(predict(model, batcher, sweep_rows)).numpy()
+        probs = to_probs(predict(model, batcher, sweep_rows), task.labels).numpy()
         scored = chosen.assign(**{f"p_{n}": probs[:, k] for k, n in enumerate(task.labels)})
         macro = diagnosis_metrics(scored, task.labels, "p_", n_boot=0)["macro"]
         tune.report({"score": float(np.nan_to_num(macro[metric], nan=0.0)), metric: macro[metric],
                      "model": model_name, "loss": loss, "epoch": epoch})
 
     t = task.train  # the loss and weight decay `finetune` trains this head with
-    loss = partial(masked_bce, pos_weight=pos_weights(y[train_rows]))
+    loss = label_loss(task.labels, pos_weights(y[train_rows]))
     fit(model, batcher, train_rows, loss, epochs=epochs, lr=t.lr, weight_decay=t.weight_decay_grid[0],
         batch_size=t.batch_size, seed=t.seed, desc="sweep head", device=task.device, on_epoch=report)
 

@@ -41,7 +41,7 @@ from pretrain.publish import load_backbone
 from pretrain.redact import public, public_string
 from shards.config import ConfigError, load_config, to_dict
 from shards.manifest import sha256_of
-from shards.schema import STRUCTURES
+from shards.dataset import DatasetDeclaration, dataset_of
 
 from .heads.fusion import GatingNetwork, build_feature_model
 from .heads.linear import PlaneHead
@@ -119,7 +119,7 @@ def save_task_model(run_dir: Path, task: TaskConfig, result: dict, planes: dict,
     chosen, source = stored_thresholds(task.labels, thresholds)
     meta = {
         "format": FORMAT, "version": VERSION, "task": task.name, "kind": task.kind, "joint": task.joint,
-        "planes": list(task.planes), "vocabulary": vocabulary(task), "head": head_kind(task),
+        "planes": list(task.planes), "vocabulary": vocabulary(task, dataset_of(manifest)), "head": head_kind(task),
         "channels": {p: d.channels() for p, d in planes.items()},
         "preprocessing": {p: dict(d.spec) for p, d in planes.items()},
         "backbones": {p: {"url": public_string(d.backbone_url), "plane": p,
@@ -156,11 +156,13 @@ def stored_thresholds(labels: list[str], thresholds: dict[str, float] | None) ->
                  "(one class only in validation)")
 
 
-def vocabulary(task: TaskConfig) -> dict:
+def vocabulary(task: TaskConfig, dataset: DatasetDeclaration) -> dict:
+    """What the model outputs: its labels (outputs, ``<label>=<class>`` for multiclass ones) or its
+    structures, and the label-map values of the training shards' structures (name -> value)."""
     if task.kind == "diagnosis":
         return {"labels": list(task.labels)}
     return {"structures": list(task.structures), "ignore_index": task.ignore_index,
-            "source_structures": list(STRUCTURES[task.joint])}
+            "source_structures": dataset.structure_values(task.joint)}
 
 
 def _plain(obj):

@@ -1,6 +1,6 @@
 """Tasks as configs: one YAML per task in ``configs/tasks/``, validated against :class:`TaskConfig`.
 
-A task names the joint, the planes, the labels (diagnosis) or structures (segmentation), one
+A task names the joint (any anatomy of the shard set's dataset declaration), the planes, the labels (diagnosis) or structures (segmentation), one
 published backbone per plane (by hub path), the feature spec, the head, the fusion, the training
 budget and the metrics. ``downstream finetune --task ankle-dx`` resolves ``configs/tasks/ankle-dx.yaml``.
 """
@@ -15,7 +15,8 @@ from omegaconf import OmegaConf
 
 from shards.config import ConfigError, load_config
 from shards.runs import default_folder
-from shards.schema import JOINTS, LABELS, PLANES, STRUCTURES
+from shards.dataset import DatasetDeclaration
+from shards.schema import PLANES
 from shards.tracking import WandbConfig
 
 from .pooling import POOLINGS
@@ -181,7 +182,8 @@ class TaskConfig:
         _one_of(self.kind, KINDS, f"{where}: kind")
         if self.threads < 0:
             raise ConfigError(f"{where}: threads must be >= 0 (0 = torch's default), got {self.threads}")
-        _one_of(self.joint, JOINTS, f"{where}: joint")
+        if not self.joint:
+            raise ConfigError(f"{where}: joint is empty (an anatomy of the shards: `downstream tasks --shards <dir>`)")
         if not self.planes:
             raise ConfigError(f"{where}: planes is empty; known: {', '.join(PLANES)}")
         for plane in self.planes:
@@ -190,18 +192,12 @@ class TaskConfig:
         if missing:
             raise ConfigError(f"{where}: no backbone for plane(s) {missing}; backbones given for "
                               f"{sorted(self.backbones) or 'none'}")
-        if self.kind == "diagnosis":
-            if not self.labels:
-                raise ConfigError(f"{where}: labels is empty; {self.joint} labels: {', '.join(LABELS[self.joint])}")
-            bad = [name for name in self.labels if name not in LABELS[self.joint]]
-            if bad:
-                raise ConfigError(f"{where}: unknown {self.joint} labels {bad}; known: {', '.join(LABELS[self.joint])}")
-        else:
-            known = STRUCTURES[self.joint]
-            bad = [s for s in self.structures if s not in known or s == "background"]
-            if not self.structures or bad:
-                raise ConfigError(f"{where}: structures {bad or '(empty)'} are not {self.joint} structures; "
-                                  f"known: {', '.join(known[1:])}")
+        if self.kind == "diagnosis" and not self.labels:
+            raise ConfigError(f"{where}: labels is empty (the labels of the shards: `downstream tasks --shards <dir>`)")
+        if self.kind == "segmentation":
+            if not self.structures:
+                raise ConfigError(f"{where}: structures is empty (the structures of the shards: "
+                                  f"`downstream tasks --shards <dir>`)")
             if len(self.planes) != 1:
                 raise ConfigError(f"{where}: segmentation works on one plane, got {self.planes}")
         _one_of(self.features.pooling, POOLINGS, f"{where}: features.pooling")
@@ -237,6 +233,37 @@ class TaskConfig:
                               f"probe.folds >= 2 and probe.cs >= 1")
         if self.fusion.kind == "experts" and self.fusion.folds < 2:
             raise ConfigError(f"{where}: fusion.folds must be >= 2 for experts")
+
+
+def check_vocabulary(task: TaskConfig, dataset: DatasetDeclaration, where: str) -> None:
+    """The task's anatomy, labels and structures must be declared by the shard set; errors name those that are."""
+    if task.joint not in dataset.anatomies:
+        raise ConfigError(f"{where}: anatomy (joint) '{task.joint}' is not in the dataset; anatomies: "
+                          f"{', '.join(dataset.anatomies)}")
+    spec = dataset.anatomies[task.joint]
+    if task.kind == "diagnosis":
+        bad = [name for name in task.labels if name not in spec.labels]
+        if bad:
+            raise ConfigError(f"{where}: unknown {task.joint} labels {bad}; known: {', '.join(spec.labels) or 'none'}")
+    else:
+        bad = [s for s in task.structures if s not in spec.structures]
+        if bad:
+            raise ConfigError(f"{where}: structures {bad} are not {task.joint} structures; "
+                              f"known: {', '.join(spec.structures) or 'none'}")
+
+
+def describe_vocabulary(dataset: DatasetDeclaration) -> list[str]:
+    """What a shard set offers to tasks: per anatomy its labels (with type and classes) and structures."""
+    lines = [f"dataset {dataset.name or '?'}: planes {', '.join(dataset.planes)}"]
+    for anatomy, spec in dataset.anatomies.items():
+        lines.append(f"{anatomy}:")
+        labels = [name if s.type == "binary" else f"{name} ({s.type}: {', '.join(s.classes)})"
+                  for name, s in spec.labels.items()]
+        lines.append(f"  labels: {', '.join(labels) or 'none'}")
+        lines.append(f"  structures: {', '.join(f'{n}={v}' for n, v in spec.structures.items()) or 'none'}")
+    if dataset.ehr:
+        lines.append("ehr: " + ", ".join(f"{n} ({f.type}{', ' + f.unit if f.unit else ''})" for n, f in dataset.ehr.items()))
+    return lines
 
 
 def _one_of(value: str, known: Sequence[str], what: str) -> None:

@@ -34,13 +34,23 @@ def resolve_paths(cfg: PretrainConfig) -> PretrainConfig:
 
 
 def check_manifest(cfg: PretrainConfig) -> dict:
-    """The shard manifest of ``data.source``; an unreadable one is a ConfigError naming the key."""
+    """The shard manifest of ``data.source``; an unreadable one, or an anatomy (``joint``/``joints``) the
+    shards do not hold, is a ConfigError naming the key and the anatomies there are."""
     from shards.manifest import load_manifest
 
+    from .config import mixture
+
     try:
-        return load_manifest(cfg.data.source)
+        manifest = load_manifest(cfg.data.source)
     except Exception as exc:
         raise ConfigError(f"key 'data.source': cannot read shards at {cfg.data.source}: {exc}") from exc
+    present = sorted(manifest.get("stats", {}).get("joint", {}))
+    if cfg.objective == "diffusion" and manifest.get("kind") == "study" and (
+            absent := [j for j in mixture(cfg) if j not in present]):
+        key = "joints" if cfg.joints else "joint"
+        raise ConfigError(f"key '{key}': anatomy {absent} has no studies in {cfg.data.source}; "
+                          f"anatomies there: {', '.join(present) or 'none'}")
+    return manifest
 
 
 def check_models(cfg: PretrainConfig, manifest: dict) -> None:

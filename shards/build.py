@@ -1,4 +1,4 @@
-"""``shards build``: synthetic studies → schema-v1 WebDataset shards (+ recon shards), resumably."""
+"""``shards build``: synthetic studies → schema-v2 WebDataset shards (+ recon shards), resumably."""
 
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ from .config import ConfigError, to_dict
 from .schema import validate_study
 from .splits import assign_split
 from .synth import SynthConfig, generate_study, iter_study_refs
+from .synth.vocab import synth_declaration
 from .writer import ShardWriter
 
 log = logging.getLogger(__name__)
 # keys that may change when a build is resumed (everything else must match the folder's shards)
-RESUME_IGNORE = ("config.workers", "config.out")
+RESUME_IGNORE = ("config.workers", "config.out", "dataset")  # dataset: derived from config.synth (v1 folders have none)
 
 
 @dataclass
@@ -43,14 +44,15 @@ class BuildConfig:
 def _generate(args):
     cfg, plan, visit, key = args
     sample, recon = generate_study(cfg, plan, visit, key)
-    validate_study(sample)
+    validate_study(sample, synth_declaration(cfg.joints))
     return plan, sample, recon
 
 
 def build_shards(cfg: BuildConfig, progress: bool = True) -> dict:
     """Write (or finish writing) the shards described by ``cfg``; returns the study manifest."""
     out = Path(cfg.out)
-    info = {"name": cfg.name, "source": "synth", "config": to_dict(cfg)}
+    info = {"name": cfg.name, "source": "synth", "config": to_dict(cfg),
+            "dataset": synth_declaration(cfg.synth.joints).to_dict()}
     kw = dict(max_bytes=cfg.shard_max_bytes, max_count=cfg.shard_max_count, info=info,
               resume_ignore=RESUME_IGNORE)
     t0 = time.time()

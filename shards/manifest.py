@@ -38,6 +38,7 @@ class Manifest(TypedDict, total=False):
 
     schema_version: int      # refused unless in KNOWN_SCHEMA_VERSIONS
     kind: str                # "study" or "recon"
+    dataset: dict            # v2 study shards: the dataset declaration (shards.dataset.dataset_of reads it)
     created: str
     name: str                # plus the builder's info keys (source, ingest config, ...)
     splits: dict[str, SplitSummary]

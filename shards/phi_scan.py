@@ -175,8 +175,20 @@ def scan_phi(shards: str | Path, source: str | Path | None, tables: list[str | P
     """Gather needles from ``source`` (and ``tables``), then :func:`scan_shards`."""
     from .ingest.phi_sources import gather
 
-    needles, read = gather(source, list(tables))
+    needles, read = gather(source, list(tables), _declared(shards))
     return {"source_files": read, **scan_shards(shards, needles, include, skip_kinds)}
+
+
+def _declared(shards: str | Path) -> set[str]:
+    """The words of the shard set's dataset declaration (none when it has no manifest yet)."""
+    from .dataset import dataset_of, declared_words
+    from .manifest import load_manifest
+
+    try:
+        manifest = load_manifest(shards)
+    except (FileNotFoundError, ValueError):
+        return set()
+    return declared_words(dataset_of(manifest)) if manifest.get("kind") == "study" else set()
 
 
 def format_scan(result: dict) -> str:

@@ -1,18 +1,19 @@
-"""Sample schema v1: what one study (or one reconstruction slice) looks like in a shard.
+"""Sample schema (v1 and v2): what one study (or one reconstruction slice) looks like in a shard.
 
 A decoded *study* sample is a dict::
 
     {"__key__": "s-3f2a...",            # de-identified study id (no dots: WebDataset splits on them)
-     "meta": {...},                      # joint, site, field strength, vendor, split, planes{...}
+     "meta": {...},                      # joint (the anatomy), site, field strength, vendor, split, planes{...}
      "sag": float32 (slices, rows, cols), "cor": ..., "ax": ...,   # any plane may be absent
      "sag.seg": uint8 label map on the sag grid (optional), ...
-     "labels": {"acl": 1, "pcl": 0, "effusion": None, ...},        # None = unknown
+     "labels": {"acl": 1, "cartilage_grade": 2, "effusion": None, ...},  # None = unknown
      "ehr": {...}}                       # optional structured record
 
 A decoded *reconstruction* sample (one slice) is ``{"__key__", "meta", "kspace": complex64
 (coils, rows, cols), "target": float32 (rows, cols), "seg": uint8 label map (rows, cols), optional}``
 (``meta.structures`` names its values, as for a study). On disk each field is one tar member named
-``<key>.<field>.<ext>`` (``.npy`` for arrays, ``.json`` for dicts).
+``<key>.<field>.<ext>`` (``.npy`` for arrays, ``.json`` for dicts). Which anatomies, labels (and
+their types), structures and EHR fields are valid is the dataset's declaration (:mod:`shards.dataset`).
 """
 
 from __future__ import annotations
@@ -24,34 +25,14 @@ from typing import Any
 import numpy as np
 
 from .config import UserError
+from .dataset import PLANES, DatasetDeclaration, check_sample
 
-SCHEMA_VERSION = 1
-KNOWN_SCHEMA_VERSIONS = (1,)
+# v2: the manifest carries the dataset declaration (``dataset``, :mod:`shards.dataset`); v1 manifests
+# have none and read as the synthetic generator's vocabulary. Samples are the same in both.
+SCHEMA_VERSION = 2
+KNOWN_SCHEMA_VERSIONS = (1, 2)
 
-PLANES = ("sag", "cor", "ax")
 PLANE_NAMES = {"sag": "sagittal", "cor": "coronal", "ax": "axial"}
-JOINTS = ("knee", "ankle", "shoulder")
-
-LABELS: dict[str, tuple[str, ...]] = {
-    "knee": ("acl", "pcl", "medial_meniscus", "lateral_meniscus", "mcl", "lcl",
-             "cartilage_bml", "effusion"),
-    "ankle": ("atfl", "cfl", "achilles", "osteochondral"),
-    "shoulder": ("supraspinatus", "infraspinatus", "subscapularis", "biceps_long_head",
-                 "ac_joint", "glenohumeral", "biceps_effusion", "subacromial_bursa"),
-}
-
-# Label-map structures per joint; index 0 is background. Order = integer value in ``<plane>.seg``.
-STRUCTURES: dict[str, tuple[str, ...]] = {
-    "knee": ("background", "femur", "tibia", "patella", "fibula", "femoral_cartilage",
-             "tibial_cartilage", "medial_meniscus", "lateral_meniscus", "acl", "pcl", "mcl",
-             "lcl", "fluid", "fat", "muscle"),
-    "ankle": ("background", "tibia", "fibula", "talus", "calcaneus", "talar_cartilage", "atfl",
-              "cfl", "achilles", "fluid", "fat", "muscle"),
-    "shoulder": ("background", "humerus", "glenoid", "acromion", "clavicle",
-                 "humeral_cartilage", "labrum", "supraspinatus", "infraspinatus",
-                 "subscapularis", "biceps_tendon", "bursa", "fluid", "fat", "muscle"),
-}
-
 STUDY_FIELDS = ("meta", "labels", "ehr") + PLANES + tuple(f"{p}.seg" for p in PLANES)
 RECON_FIELDS = ("meta", "kspace", "target", "mask", "seg")   # what a reconstruction slice may hold
 JSON_FIELDS = ("meta", "labels", "ehr")
@@ -112,15 +93,13 @@ def field_of(suffix: str) -> str:
     return suffix.rsplit(".", 1)[0]
 
 
-def validate_study(sample: dict[str, Any]) -> None:
-    """Check a decoded study sample against schema v1 (shapes, dtypes, label names)."""
+def validate_study(sample: dict[str, Any], dataset: DatasetDeclaration) -> None:
+    """Check a decoded study sample: shapes, dtypes, and anatomy, labels, EHR values and label-map
+    values against the dataset's declaration."""
     key = sample.get("__key__", "?")
     meta = sample.get("meta")
     if not isinstance(meta, dict):
         raise SchemaError(f"sample {key}: missing meta")
-    joint = meta.get("joint")
-    if joint not in LABELS:
-        raise SchemaError(f"sample {key}: unknown joint '{joint}'; known: {', '.join(JOINTS)}")
     planes = [p for p in PLANES if p in sample]
     if not planes:
         raise SchemaError(f"sample {key}: no plane among {PLANES}")
@@ -135,8 +114,6 @@ def validate_study(sample: dict[str, Any]) -> None:
             raise SchemaError(f"sample {key}: {p}.seg shape {seg.shape} != image {vol.shape}")
         if p not in meta.get("planes", {}):
             raise SchemaError(f"sample {key}: meta.planes lacks '{p}'")
-    labels = sample.get("labels")
-    if labels is not None:
-        unknown = set(labels) - set(LABELS[joint])
-        if unknown:
-            raise SchemaError(f"sample {key}: unknown labels {sorted(unknown)} for {joint}")
+    problems = check_sample(dataset, sample)
+    if problems:
+        raise SchemaError(f"sample {key}: " + "; ".join(problems))

@@ -55,7 +55,9 @@ def add_sample(stats: dict, sample: dict, split: str) -> None:
     joint = meta.get("joint", "unknown")
     for name, value in labels.items():
         ls = stats["labels"].setdefault(joint, {}).setdefault(name, {"pos": 0, "neg": 0, "unknown": 0})
-        ls["unknown" if value is None else ("pos" if value else "neg")] += 1
+        ls["unknown" if value is None else ("pos" if value else "neg")] += 1  # pos: any class but the first
+        if value is not None:
+            _bump(ls.setdefault("values", {}), int(value))
 
 
 def merge(a: dict, b: dict) -> dict:

@@ -22,10 +22,11 @@ from downstream.heads.linear import PlaneHead
 from downstream.heads.segmentation import SegDecoder, SparseDiceCELoss
 from downstream.metrics import (diagnosis_metrics, interval, segmentation_metrics, segmentation_scores,
                                 select_thresholds)
-from downstream.tasks import FeatureSpec, describe_tasks, load_task, task_registry
+from downstream.tasks import FeatureSpec, check_vocabulary, describe_tasks, load_task, task_registry
 from downstream.train import fit, masked_bce
 from shards.config import ConfigError
 from shards.manifest import load_manifest
+from shards.synth.vocab import synth_declaration
 
 PLANES = ("sag", "cor", "ax")
 FAST = ["train.epochs=3", "baselines.epochs=1", "baselines.cnn_channels=[4,4,8,8]", "metrics.bootstrap=20",
@@ -56,8 +57,9 @@ def test_tasks_registry_and_cli(capsys):
     assert len(describe_tasks()) == len(names)
     with pytest.raises(ConfigError, match="known: .*ankle-dx"):
         load_task("elbow-dx")
-    with pytest.raises(ConfigError, match="unknown knee labels"):
-        load_task("knee-dx", ["labels=[acl,supraspinatus]"])
+    # labels are checked against the shards' declaration (here the synthetic one) before any compute
+    with pytest.raises(ConfigError, match="unknown knee labels \\['supraspinatus'\\]; known: acl, pcl"):
+        check_vocabulary(load_task("knee-dx", ["labels=[acl,supraspinatus]"]), synth_declaration(), "task")
     assert cli.main(["tasks"]) == 0
     assert "knee-seg" in capsys.readouterr().out
     assert cli.main(["finetune", "--task", "elbow-dx"]) == 2

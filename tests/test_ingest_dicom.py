@@ -1,5 +1,5 @@
 """DICOM ingest end to end on an export built with pydicom: planes, spacing, rescaled intensities,
-multi-frame, RLE, bad files (one report entry each), no planted PHI byte in any shard, stable
+multi-frame, RLE, JPEG Lossless / JPEG-LS / JPEG 2000 (the pinned decoder plugins), bad files (one report entry each), no planted PHI byte in any shard, stable
 salted keys, resume."""
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import (UID, EnhancedMRImageStorage, ExplicitVRLittleEndian, JPEGLosslessSV1,
-                         MediaStorageDirectoryStorage, MRImageStorage, RLELossless, generate_uid)
+from pydicom.uid import (MPEG2MPML, UID, EnhancedMRImageStorage, ExplicitVRLittleEndian, JPEG2000Lossless,
+                         JPEGLosslessSV1, JPEGLSLossless, MediaStorageDirectoryStorage, MRImageStorage, RLELossless,
+                         generate_uid)
 
 from shards.config import load_config
 from shards.ingest.cli import main as ingest_main
@@ -207,9 +208,9 @@ def export(tmp_path_factory) -> dict:
     del noori.ImageOrientationPatient
     noori.SOPInstanceUID = generate_uid()
     noori.save_as(root / "p2" / "C" / "IMNOORI")
-    # study D: JPEG Lossless only -> needs a decoder package
+    # study D: MPEG-2 video only (no pydicom decoder for it) -> needs a decoder
     ds = _base(p2, d, generate_uid(), "SAG PD", "SIEMENS", 3.0, "KNEE")
-    ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
+    ds.file_meta.TransferSyntaxUID = MPEG2MPML
     ds.ImageOrientationPatient, ds.ImagePositionPatient, ds.PixelSpacing = SAG, [0, 0, 0], [0.5, 0.5]
     ds.PixelData = pydicom.encaps.encapsulate([b"\xff\xd8\xff\xc3" + bytes(60)])
     ds["PixelData"].VR = "OB"
@@ -296,7 +297,7 @@ def test_report_entries(ingested):
     assert "Enhanced SR" in paths["DOE_JOHN_export/A/SR0001"]["reason"]
     assert "IMNOORI" in next(p for p, e in paths.items() if e["code"] == "missing_geometry")
     needs = next(e for e in report["skipped"] if e["code"] == "needs_decoder")
-    assert "pylibjpeg" in needs["reason"] and "JPEG Lossless" in needs["reason"]
+    assert "MPEG2" in needs["reason"] and "no pixel decoder" in needs["reason"]
     assert any("positions win" in w["message"] for w in report["warnings"])
     localizer = [w for w in report["warnings"] if "LOCALIZER" in w["message"]]
     assert sorted(w["message"][:3] for w in localizer) == ["ax ", "cor", "sag"]
@@ -379,10 +380,76 @@ def test_strict_empty_and_missing_salt(tmp_path, monkeypatch, export):
 def test_decoder_problem_names_package():
     assert decoder_problem(UID(ExplicitVRLittleEndian)) is None
     assert decoder_problem(UID(RLELossless)) is None
-    problem = decoder_problem(UID(JPEGLosslessSV1))
-    if problem is None:
-        pytest.skip("a JPEG Lossless decoder is installed here")
-    assert "pylibjpeg" in problem or "gdcm" in problem
+    for syntax in (JPEGLosslessSV1, JPEGLSLossless, JPEG2000Lossless):  # the pinned plugins decode them
+        assert decoder_problem(UID(syntax)) is None, syntax.name
+    assert "has no pixel decoder in pydicom" in decoder_problem(UID(MPEG2MPML))
+
+
+def _bits(value: int, n: int) -> str:
+    return format(value, f"0{n}b") if n else ""
+
+
+def jpeg_lossless_sv1(image: np.ndarray) -> bytes:
+    """A JPEG Lossless (process 14, selection value 1) codestream of a 16-bit image (ITU T.81 annex H):
+    pydicom has no encoder for this transfer syntax, so the test writes one as a PACS would."""
+    rows, cols = image.shape
+    img = image.astype(np.int64)
+    bits = []
+    for r in range(rows):
+        for c in range(cols):
+            pred = 1 << 15 if r == c == 0 else img[r, c - 1] if r == 0 or c > 0 else img[r - 1, c]
+            diff = int(img[r, c] - pred) % 65536
+            diff = diff - 65536 if diff >= 32768 else diff
+            ssss = abs(diff).bit_length()
+            extra = "" if ssss in (0, 16) else _bits(diff if diff > 0 else diff + (1 << ssss) - 1, ssss)
+            bits.append(_bits(ssss, 5) + extra)  # Huffman table: every category a 5-bit code
+    stream = "".join(bits)
+    stream += "1" * (-len(stream) % 8)
+    data = bytes(int(stream[i:i + 8], 2) for i in range(0, len(stream), 8)).replace(b"\xff", b"\xff\x00")
+    dht = bytes([0x00] + [0] * 4 + [17] + [0] * 11 + list(range(17)))
+    sof = bytes([16]) + rows.to_bytes(2, "big") + cols.to_bytes(2, "big") + bytes([1, 1, 0x11, 0])
+    sos = bytes([1, 1, 0x00, 1, 0, 0])  # one component, table 0, predictor 1, Se 0, point transform 0
+
+    def segment(marker: int, body: bytes) -> bytes:
+        return bytes([0xFF, marker]) + (len(body) + 2).to_bytes(2, "big") + body
+
+    return b"\xff\xd8" + segment(0xC4, dht) + segment(0xC3, sof) + segment(0xDA, sos) + data + b"\xff\xd9"
+
+
+def test_compressed_exports_decode(tmp_path, monkeypatch):
+    """Clinical exports are often JPEG Lossless, JPEG-LS or JPEG 2000: each series decodes bit-exactly."""
+    monkeypatch.setenv("MSKFM_DEID_SALT", SALT)
+    rng = np.random.default_rng(7)
+    expected = {}
+    for body, syntax in (("KNEE", JPEGLosslessSV1), ("ANKLE", JPEGLSLossless), ("SHOULDER", JPEG2000Lossless)):
+        study, series = generate_uid(), generate_uid()
+        folder = tmp_path / "src" / body
+        folder.mkdir(parents=True)
+        raw = rng.integers(0, 4000, size=(4, 32, 32)).astype(np.uint16)  # OpenJPEG's default needs >= 32
+        raw[0, 0, :4] = [0, 65535, 0, 65535]  # the largest differences (category 16)
+        for i in range(4):
+            ds = _base({"PatientID": f"P{body}"}, study, series, "SAG PD FS", "SIEMENS", 3.0, body)
+            ds.SeriesNumber, ds.InstanceNumber, ds.ImageType = 1, i + 1, ["ORIGINAL", "PRIMARY", "M"]
+            ds.ImageOrientationPatient, ds.PixelSpacing, ds.SliceThickness = SAG, [0.5, 0.5], 3.0
+            ds.Rows = ds.Columns = 32
+            ds.ImagePositionPatient = [-3.0 * i, 0.0, 0.0]  # along the normal (-x) of SAG
+            if syntax == JPEGLosslessSV1:
+                ds.PixelData = pydicom.encaps.encapsulate([jpeg_lossless_sv1(raw[i])])
+                ds["PixelData"].VR = "OB"
+                ds.file_meta.TransferSyntaxUID = syntax
+            else:
+                ds.PixelData = raw[i].tobytes()
+                ds.compress(syntax)
+            assert ds.file_meta.TransferSyntaxUID == syntax
+            ds.save_as(folder / f"IM{i}", enforce_file_format=True)
+        expected[body.lower()] = raw.astype(np.float64)
+    code = ingest_main(["dicom", str(tmp_path / "src"), "--out", str(tmp_path / "out"), f"run_dir={tmp_path / 'run'}"])
+    report = json.loads((tmp_path / "run" / "ingest_report.json").read_text())
+    assert code == 0 and report["counts"]["skipped"] == 0, report["skipped"]
+    samples = {s["meta"]["joint"]: s for s in read_all(tmp_path / "out", ("meta", "sag"))}
+    assert set(samples) == set(expected)
+    for joint, raw in expected.items():
+        np.testing.assert_array_equal(samples[joint]["sag"], raw, err_msg=joint)
 
 
 def test_deidentify_header():

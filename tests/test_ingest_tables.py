@@ -80,7 +80,10 @@ def test_labels_and_ehr_join(source, tmp_path):
     assert ages == [(30.0, "M", 70.0), (90.0, "F", None), (90.0, "F", None)]  # age capped at 90
     ehr_problems = _problems(report, "ehr")
     assert ehr_problems["out_of_range"][0]["column"] == "weight_kg"
-    assert ehr_problems["unknown_column"][0]["column"] == "bmi"
+    # without a declaration, a numeric column the generator does not know is inferred (for the user to confirm)
+    assert report["dataset"]["source"] == "inferred" and report["dataset"]["declaration"]["ehr"]["bmi"] == {
+        "type": "numeric", "unit": "", "range": [], "values": [], "description": ""}
+    assert "unknown_column" not in ehr_problems and {s["ehr"]["bmi"] for s in samples} == {22.0, 23.0}
     patients = {s["meta"]["patient"] for s in samples}
     assert len(patients) == 2  # two studies of MRN001 share one patient key
     blob = b"".join(p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file())

@@ -13,7 +13,8 @@ import torch
 from pretrain.config import PretrainConfig
 from shards.config import ConfigError, load_config
 from shards.reader import iter_samples
-from shards.schema import RECON_FIELDS, STRUCTURES
+from shards.schema import RECON_FIELDS
+from shards.synth.vocab import STRUCTURES
 
 CONFIG = "configs/pretrain/recon-seg-tiny.yaml"
 

@@ -27,7 +27,7 @@ from .conftest import ROOT, TINY_SHARDS_CONFIG
 
 def test_manifest_records_shards_splits_and_stats(tiny_shards):
     m = load_manifest(tiny_shards)
-    assert m["schema_version"] == 1 and m["kind"] == "study"
+    assert m["schema_version"] == 2 and m["kind"] == "study" and "knee" in m["dataset"]["anatomies"]
     assert sum(s["n_samples"] for s in m["shards"]) == m["stats"]["n_samples"] > 30
     assert all(len(s["sha256"]) == 64 and s["bytes"] > 0 for s in m["shards"])
     assert {"train", "val", "test"} <= set(m["splits"])

@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shards.schema import LABELS, PLANES, STRUCTURES, validate_study
+from shards.schema import PLANES, validate_study
 from shards.synth import SynthConfig, generate_study, iter_study_refs, plan_patient
 from shards.synth.anatomy import CONTRASTS, TISSUE
 from shards.synth.findings import VISIBILITY, hosts
+from shards.synth.vocab import LABELS, STRUCTURES, synth_declaration
 from shards.synth.population import PREVALENCE, draw_ehr, draw_labels
 
 TINY = {p: [8, 32, 32] for p in PLANES}
@@ -26,7 +27,7 @@ def test_study_is_deterministic_and_valid(joint):
     cfg = SynthConfig(n_patients=12, shape=TINY, plane_missing_rate=0.0)
     a, _ = generate_study(cfg, *_first(cfg, joint))
     b, _ = generate_study(cfg, *_first(cfg, joint))
-    validate_study(a)
+    validate_study(a, synth_declaration())
     assert a["__key__"] == b["__key__"] and a["labels"] == b["labels"] and a["ehr"] == b["ehr"]
     for p in PLANES:
         np.testing.assert_array_equal(a[p], b[p])

@@ -7,7 +7,7 @@ Dice plus cross-entropy with unlabelled voxels (``ignore_index``) left out of bo
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from monai.losses import MaskedDiceLoss
@@ -52,11 +52,20 @@ class SparseDiceCELoss(nn.Module):
         return self.lambda_dice * dice + self.lambda_ce * ce
 
 
-def remap_structures(seg: torch.Tensor, all_structures: Sequence[str], wanted: Sequence[str],
+def structure_values(structures: Mapping[str, int] | Sequence[str]) -> dict[str, int]:
+    """Structure name -> label-map value, from a declaration's mapping or a list indexed by value."""
+    if isinstance(structures, Mapping):
+        return {str(k): int(v) for k, v in structures.items()}
+    return {name: i for i, name in enumerate(structures)}
+
+
+def remap_structures(seg: torch.Tensor, structures: Mapping[str, int] | Sequence[str], wanted: Sequence[str],
                      ignore_index: int) -> torch.Tensor:
-    """Label map over the joint's structures -> 0 (background/other), 1..K (``wanted``), ignore kept."""
+    """Label map over the anatomy's structures (name -> value, as declared) -> 0 (background/other),
+    1..K (``wanted``), ignore kept."""
+    values = structure_values(structures)
     lut = torch.zeros(max(256, ignore_index + 1), dtype=torch.long)
     for k, name in enumerate(wanted, start=1):
-        lut[all_structures.index(name)] = k
+        lut[values[name]] = k
     lut[ignore_index] = ignore_index
     return lut[seg.long()]

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss
 
 from shards.config import ConfigError, lookup
-from shards.schema import STRUCTURES
+from shards.dataset import dataset_of
 
 from .objective import ReconObjective, crop_to, ssim_loss
 from .transforms import describe
@@ -37,8 +37,6 @@ class MultitaskConfig:
     seg_weight: float = 1.0
 
     def validate(self, backbone: str) -> None:
-        if self.anatomy not in STRUCTURES:
-            raise ValueError(f"anatomy '{self.anatomy}' has no label-map structures; known: {', '.join(STRUCTURES)}")
         if self.seg_input not in SEG_INPUTS:
             raise ValueError(f"seg_input '{self.seg_input}' is not one of {', '.join(SEG_INPUTS)}")
         if (self.seg_input == "recon") != (backbone == "varnet-seg"):
@@ -57,6 +55,22 @@ def multitask_config(raw: dict | None, backbone: str) -> MultitaskConfig:
     return cfg
 
 
+def label_map_classes(manifest: dict, anatomy: str) -> list[str]:
+    """Structure names by label-map value (background first) from the shards' dataset declaration; the
+    values must be 0..K-1, since they are the segmenter's K output channels."""
+    decl = dataset_of(manifest)
+    if anatomy not in decl.anatomies:
+        raise ConfigError(f"key 'model.multitask.anatomy': anatomy '{anatomy}' is not in the shards' dataset; "
+                          f"declared: {', '.join(decl.anatomies)}")
+    values = decl.structure_values(anatomy)
+    if sorted(values.values()) != list(range(len(values))):
+        raise ConfigError(f"key 'model.multitask.anatomy': the label-map values of '{anatomy}' are not 0..K-1 "
+                          f"({sorted(values.values())}); recon_seg needs contiguous class values")
+    if len(values) < 2:
+        raise ConfigError(f"key 'model.multitask.anatomy': '{anatomy}' declares no label-map structures")
+    return sorted(values, key=values.get)
+
+
 class ReconSegObjective(ReconObjective):
     """Weighted reconstruction (SSIM/L1) + segmentation (Dice + CE) loss on recon slices with label maps."""
 
@@ -64,7 +78,7 @@ class ReconSegObjective(ReconObjective):
 
     def __init__(self, cfg, unit: str, manifest: dict):
         super().__init__(cfg, unit, manifest)
-        self.structures = list(STRUCTURES[self.multitask.anatomy])
+        self.structures = label_map_classes(manifest, self.multitask.anatomy)
         self.seg_loss = DiceCELoss(to_onehot_y=True, softmax=True)
         self.publish_name = ("recon-varnet-seg" if self.backbone == "varnet-seg"
                              else f"seg2d-{self.multitask.seg_input.replace('_', '-')}")

@@ -1,5 +1,5 @@
 """Real data in: DICOM exports, NIfTI volumes, label/EHR tables -> de-identified, validated,
-resumable study shards (schema v1). Entry points: :func:`ingest_dicom`, :func:`ingest_nifti`,
+resumable study shards (schema v2). Entry points: :func:`ingest_dicom`, :func:`ingest_nifti`,
 and ``shards ingest <kind>`` (:mod:`shards.ingest.cli`).
 
 Names are imported on first use, so that the CLI starts without pydicom, nibabel and pandas.

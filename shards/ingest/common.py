@@ -1,8 +1,10 @@
-"""What every ingest shares: studies found in a source become schema-v1 samples, joined to label
+"""What every ingest shares: studies found in a source become study samples, joined to label
 and EHR tables, split by patient and written with the resumable :class:`ShardWriter`.
 
 A source (DICOM, NIfTI) yields :class:`FoundStudy` records whose pixels are not read yet; a study
-already in a finished shard is skipped before :meth:`FoundStudy.load` decodes anything.
+already in a finished shard is skipped before :meth:`FoundStudy.load` decodes anything. Samples are
+checked against the dataset declaration (given or inferred, :mod:`.declare`): a value that contradicts
+it is reported per study and not kept (a label or EHR value becomes unknown, a label map is dropped).
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ from tqdm import tqdm
 
 from .. import lock
 from ..config import to_dict
+from ..dataset import DatasetDeclaration, check_sample
 from ..runs import run_dir, write_run
 from ..schema import SchemaError, validate_study
 from ..splits import assign_split
 from ..writer import ShardWriter, check_resumable
 from .config import IngestConfig
+from .declare import resolve_dataset
 from .report import IngestReport
 from .tables import TableJoin, labels_for
 
@@ -44,6 +48,8 @@ class FoundStudy:
     # label maps back in it and keeps a private map from study key to source).
     sources: list[str] = field(default_factory=list)
     origin: dict = field(default_factory=dict)
+    # the label-map values of the study (read only to infer a declaration when none is given)
+    label_values: Callable[[], set[int]] | None = None
 
 
 def run_dir_of(cfg: IngestConfig, command: str) -> Path:
@@ -54,21 +60,22 @@ def run_dir_of(cfg: IngestConfig, command: str) -> Path:
     return run_dir(command, cfg.name or Path(cfg.out).name or "ingest")
 
 
-def open_tables(cfg: IngestConfig, to_key: Callable[[str, str], str]) -> dict[str, TableJoin]:
+def open_tables(cfg: IngestConfig, to_key: Callable[[str, str], str],
+                dataset: DatasetDeclaration) -> dict[str, TableJoin]:
     tables = {}
     for kind, tcfg in (("labels", cfg.labels), ("ehr", cfg.ehr)):
         if tcfg.path:
-            tables[kind] = TableJoin(tcfg, kind, to_key, cfg.deid.keep_free_text)
+            tables[kind] = TableJoin(tcfg, kind, to_key, dataset, cfg.deid.keep_free_text)
     return tables
 
 
 def _sample(study: FoundStudy, split: str, volumes: dict, planes: dict, segs: dict,
-            tables: dict[str, TableJoin]) -> dict:
+            tables: dict[str, TableJoin], dataset: DatasetDeclaration) -> dict:
     meta = {**study.meta, "study": study.key, "patient": study.patient, "joint": study.joint,
             "split": split, "planes": planes}
     sample = {"__key__": study.key, "meta": meta, **volumes, **segs}
     if "labels" in tables:
-        sample["labels"] = labels_for(study.joint, tables["labels"].lookup(study.key, study.join_keys))
+        sample["labels"] = labels_for(dataset, study.joint, tables["labels"].lookup(study.key, study.join_keys))
     ehr = dict(study.ehr)
     if "ehr" in tables:
         row = tables["ehr"].lookup(study.key, study.join_keys) or {}
@@ -78,8 +85,28 @@ def _sample(study: FoundStudy, split: str, volumes: dict, planes: dict, segs: di
     return sample
 
 
+def _keep_declared(sample: dict, study: FoundStudy, tables: dict[str, TableJoin], dataset: DatasetDeclaration,
+                   report: IngestReport) -> None:
+    """Report the study's contradictions of the declaration and drop the contradicting values."""
+    for table in tables.values():
+        for problem in table.contradictions(study.join_keys):
+            report.contradict(study.key, problem)
+    if study.joint not in dataset.anatomies:
+        return  # the schema check skips the study, naming the declared anatomies
+    for problem in check_sample(dataset, sample):
+        report.contradict(study.key, problem)
+    spec = dataset.anatomies[study.joint]
+    allowed = {0, *spec.structures.values()}
+    for name in [k for k in sample if k.endswith(".seg")]:
+        if not set(np.unique(sample[name]).tolist()) <= allowed:
+            del sample[name]
+    for name, field_spec in dataset.ehr.items():
+        if field_spec.check_value((sample.get("ehr") or {}).get(name)):
+            sample["ehr"][name] = None
+
+
 def write_studies(studies: list[FoundStudy], cfg: IngestConfig, report: IngestReport,
-                  tables: dict[str, TableJoin], info: dict) -> dict | None:
+                  tables: dict[str, TableJoin], info: dict, dataset: DatasetDeclaration) -> dict | None:
     """Write every study not already in a finished shard; returns the manifest (None if none)."""
     report.studies_found = len(studies)
     if not studies:
@@ -88,7 +115,7 @@ def write_studies(studies: list[FoundStudy], cfg: IngestConfig, report: IngestRe
                          max_count=cfg.shard_max_count, info=info, resume_ignore=RESUME_IGNORE)
     try:
         for study in tqdm(studies, desc="studies", unit="study", disable=len(studies) < 5):
-            _write_one(study, cfg, report, tables, writer)
+            _write_one(study, cfg, report, tables, writer, dataset)
     except BaseException as exc:  # keep finished shards for the rerun, drop partial ones
         writer.__exit__(type(exc), exc, exc.__traceback__)
         raise
@@ -99,7 +126,7 @@ def write_studies(studies: list[FoundStudy], cfg: IngestConfig, report: IngestRe
 
 
 def _write_one(study: FoundStudy, cfg: IngestConfig, report: IngestReport,
-               tables: dict[str, TableJoin], writer: ShardWriter) -> None:
+               tables: dict[str, TableJoin], writer: ShardWriter, dataset: DatasetDeclaration) -> None:
     split = assign_split(study.patient, dict(cfg.splits), cfg.split_seed)
     if writer.done(study.key):
         report.resumed.append(study.key)
@@ -111,9 +138,10 @@ def _write_one(study: FoundStudy, cfg: IngestConfig, report: IngestReport,
         report.skip(study.key, "no_series", "no stack of this study could be used "
                     "(see the entries of its files)", study=study.key)
         return
-    sample = _sample(study, split, volumes, planes, segs, tables)
+    sample = _sample(study, split, volumes, planes, segs, tables, dataset)
+    _keep_declared(sample, study, tables, dataset, report)
     try:
-        validate_study(sample)
+        validate_study(sample, dataset)
     except SchemaError as exc:
         report.skip(study.key, "schema", str(exc), study=study.key)
         return
@@ -130,7 +158,8 @@ def run_pipeline(cfg: IngestConfig, command: str, pseudo, find_studies, to_key) 
     info = manifest_info(cfg, command) | {"deid_key_check": pseudo.digest("key-check", "mskfm")[:16]}
     lock.acquire(cfg.out)  # held for the whole ingest: a second one into the folder is refused
     try:
-        check_resumable(cfg.out, "study", info, RESUME_IGNORE)  # e.g. another salt or split fractions
+        # e.g. another salt or split fractions (the declaration is compared once resolved, by the writer)
+        check_resumable(cfg.out, "study", info, RESUME_IGNORE + ("dataset",))
         report = IngestReport(command=command.removeprefix("ingest-"), source=str(cfg.source))
         if not Path(cfg.source).is_dir():
             report.skip(str(cfg.source), "no_source", "input folder does not exist")
@@ -138,8 +167,10 @@ def run_pipeline(cfg: IngestConfig, command: str, pseudo, find_studies, to_key) 
         tables: dict[str, TableJoin] = {}
         try:
             studies = find_studies(cfg, pseudo, report)
-            tables = open_tables(cfg, to_key)
-            write_studies(studies, cfg, report, tables, info)
+            dataset, report.dataset = resolve_dataset(cfg, sorted({s.joint for s in studies}),
+                                                      lambda: _label_values(studies))
+            tables = open_tables(cfg, to_key, dataset)
+            write_studies(studies, cfg, report, tables, info | {"dataset": dataset.to_dict()}, dataset)
         except BaseException as exc:  # never lose the report of what was done before the failure
             report.skip(".", "aborted", f"ingest stopped: {type(exc).__name__}: {exc}")
             finish(cfg, command, report, tables)
@@ -154,6 +185,15 @@ def run_pipeline(cfg: IngestConfig, command: str, pseudo, find_studies, to_key) 
         lock.release(cfg.out)
         if not any(Path(cfg.out).iterdir()):
             Path(cfg.out).rmdir()  # nothing usable: leave no empty shard folder behind
+
+
+def _label_values(studies: list[FoundStudy]) -> dict[str, set[int]]:
+    """Label-map values per anatomy over the found studies (to infer structures)."""
+    values: dict[str, set[int]] = {}
+    for study in studies:
+        if study.label_values is not None:
+            values.setdefault(study.joint, set()).update(study.label_values())
+    return values
 
 
 def scan_output(out: str | Path, source: str | Path, tables: list[str], free_text: bool) -> dict:
@@ -186,6 +226,7 @@ def manifest_info(cfg: IngestConfig, command: str) -> dict:
     for table in ("labels", "ehr"):
         conf[table]["path"] = Path(conf[table]["path"]).name if conf[table]["path"] else ""
     conf["deid"].pop("salt_file", None)
+    conf["dataset"] = Path(conf["dataset"]).name if conf["dataset"] else ""
     return {"name": cfg.name or Path(cfg.out).name, "source": command, "ingest_config": conf}
 
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..config import ConfigError
-from ..schema import JOINTS, PLANES
+from ..schema import PLANES
 from .deid import DeidConfig
 from .series import ChoiceConfig
 
@@ -33,9 +34,10 @@ class IngestConfig:
     out: str = ""          # shard folder
     name: str = ""         # run name; default: the shard folder's name
     run_dir: str = ""      # where the report and resolved config go; default runs/<command>/<name>
-    joint: str = ""        # force one joint for every study; empty: read it from the data
+    dataset: str = ""      # dataset declaration YAML (docs/datasets.md); empty: inferred, written to the report
+    joint: str = ""        # force one anatomy for every study; empty: read it from the data
     site: str = ""         # a site name to record; empty: keyed hash of the institution
-    strict: bool = False   # exit non-zero when anything was skipped or a table has problems
+    strict: bool = False   # exit non-zero when anything was skipped, a table has problems or data contradicts the declaration
     splits: dict[str, float] = field(default_factory=lambda: {"train": 0.7, "val": 0.15, "test": 0.15})
     split_seed: int = 0
     shard_max_count: int = 200
@@ -50,8 +52,8 @@ class IngestConfig:
             raise ConfigError("source: the input folder is required")
         if not self.out:
             raise ConfigError("out: the shard folder is required (--out)")
-        if self.joint and self.joint not in JOINTS:
-            raise ConfigError(f"joint '{self.joint}' unknown; known: {', '.join(JOINTS)}")
+        if self.dataset and not Path(self.dataset).is_file():
+            raise ConfigError(f"dataset: declaration '{self.dataset}' does not exist")
         if not any(v > 0 for v in self.splits.values()):
             raise ConfigError(f"splits must have a positive fraction, got {dict(self.splits)}")
         self.deid.validate()

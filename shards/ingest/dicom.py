@@ -104,10 +104,11 @@ def _study(study_uid: str, stacks: list[Stack], cfg: DicomIngestConfig, pseudo: 
     header = stacks[0].header
     key = pseudo.key("s", study_uid)
     texts = [header.get("BodyPartExamined", ""), header.get("StudyDescription", "")]
-    joint = cfg.joint or joint_from_text(*texts) or joint_from_text(*(s.description for s in stacks))
+    joint = (cfg.joint or joint_from_text(*texts) or joint_from_text(*(s.description for s in stacks))
+             or body_part_name(texts[0]))
     if joint is None:
-        report.skip(stacks[0].where, "unknown_joint", "joint not found in BodyPartExamined or "
-                    "descriptions; set joint=knee|ankle|shoulder for this export", study=key)
+        report.skip(stacks[0].where, "unknown_joint", "anatomy not found in BodyPartExamined or "
+                    "descriptions; set joint=<anatomy> (e.g. knee, hip) for this export", study=key)
         return None
     patient_hash = str(header.get("PatientID", "") or "")
     if not patient_hash:

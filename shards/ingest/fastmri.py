@@ -31,6 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..config import ConfigError, save_config, to_dict
+from ..dataset import DatasetDeclaration, load_declaration
 from ..manifest import load_manifest
 from ..runs import runs_root, write_metrics
 from ..splits import assign_split
@@ -147,11 +148,13 @@ def slice_sample(f: h5py.File, path: Path, index: int, info: dict, anatomy: str,
 
 def ingest_fastmri(src: str | Path, out: str | Path, anatomy: str | None = None,
                    fractions: dict[str, float] | None = None, seed: int = 0, max_count: int = 256,
-                   deid: DeidConfig | None = None, info: dict | None = None) -> dict:
+                   deid: DeidConfig | None = None, info: dict | None = None,
+                   dataset: DatasetDeclaration | None = None) -> dict:
     """Write every slice of every ``*.h5`` under ``src`` to recon shards in ``out``; returns the manifest.
 
     Keys are salted (``deid``'s salt, ``$MSKFM_DEID_SALT`` by default); ``info`` goes to the manifest
-    as is (no paths)."""
+    as is (no paths). With a ``dataset`` declaration (recorded in the manifest) a file of an undeclared
+    anatomy stops the ingest naming the file; finished shards stay."""
     pseudo = Pseudonymizer(load_salt(deid or DeidConfig()))
     files = sorted(Path(src).rglob("*.h5"))
     if not files:
@@ -159,11 +162,16 @@ def ingest_fastmri(src: str | Path, out: str | Path, anatomy: str | None = None,
     fractions = fractions or {"train": 0.8, "val": 0.2}
     # a keyed hash of a constant (never the salt): a resume with another salt is refused, like DICOM's
     info = {"source": "fastmri", **(info or {}), "deid_key_check": pseudo.digest("key-check", "mskfm")[:16]}
+    if dataset is not None:
+        info["dataset"] = dataset.to_dict()
     with ShardWriter(out, kind="recon", max_count=max_count, info=info) as writer:
         for path in tqdm(files, desc="fastmri", unit="file"):
             f, finfo = read_file(path)
             with f:
                 ids = _ids(f, path, pseudo)
+                if dataset is not None and _anatomy_of(path, anatomy) not in dataset.anatomies:
+                    raise FastMRIError(f"{path.name}: anatomy '{_anatomy_of(path, anatomy)}' is not declared; "
+                                       f"anatomies: {', '.join(dataset.anatomies)} (set anatomy= or declare it)")
                 for index in range(finfo["slices"]):
                     if writer.done(_slice_key(ids[0], index)):
                         continue
@@ -184,6 +192,7 @@ class FastMRIIngestConfig:
     splits: dict[str, float] = field(default_factory=lambda: {"train": 0.8, "val": 0.2})
     split_seed: int = 0
     shard_max_count: int = 256
+    dataset: str = ""         # dataset declaration YAML (docs/datasets.md): the anatomies files may have
     deid: DeidConfig = field(default_factory=DeidConfig)  # the salt (dates/free text: nothing kept)
 
     def validate(self) -> None:
@@ -198,6 +207,7 @@ def _manifest_info(cfg: FastMRIIngestConfig) -> dict:
     for key in ("source", "out", "name"):
         conf.pop(key, None)
     conf["deid"].pop("salt_file", None)
+    conf["dataset"] = Path(conf["dataset"]).name if conf["dataset"] else ""
     return {"name": cfg.name or Path(cfg.out).name, "ingest_config": conf}
 
 
@@ -207,8 +217,9 @@ def run_fastmri(cfg: FastMRIIngestConfig) -> int:
     from ..phi_scan import format_scan
     from .common import scan_output
 
+    dataset = load_declaration(cfg.dataset) if cfg.dataset else None
     manifest = ingest_fastmri(cfg.source, cfg.out, cfg.anatomy or None, dict(cfg.splits), cfg.split_seed,
-                              cfg.shard_max_count, cfg.deid, _manifest_info(cfg))
+                              cfg.shard_max_count, cfg.deid, _manifest_info(cfg), dataset)
     counts = {s: v["n_samples"] for s, v in manifest["splits"].items()}
     scan = scan_output(cfg.out, cfg.source, [], free_text=False)
     run_dir = runs_root() / "ingest" / (cfg.name or Path(cfg.out).name)

@@ -18,7 +18,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from ..schema import PLANES, STRUCTURES
+from ..schema import PLANES
 from .common import FoundStudy, as_float32, run_pipeline
 from .config import NiftiIngestConfig
 from .deid import Pseudonymizer, load_salt
@@ -141,22 +141,26 @@ def _volume(path: Path, rel: str, cfg: NiftiIngestConfig, mapping: dict, report:
                   zooms, shape, contrast, seg_path if seg_path.is_file() else None)
 
 
-def _load_seg(vol: Volume, joint: str, source: Path, report: IngestReport) -> np.ndarray | None:
+def _read_seg(path: Path) -> np.ndarray:
+    seg = np.asanyarray(nib.as_closest_canonical(nib.load(path)).dataobj)
+    return seg.reshape(seg.shape[:3])
+
+
+def _load_seg(vol: Volume, source: Path, report: IngestReport) -> np.ndarray | None:
+    """The volume's label map in slice layout (values are checked against the declaration later)."""
     rel = vol.seg.relative_to(source).as_posix() if vol.seg.is_relative_to(source) else vol.seg.name
     try:
-        seg = np.asanyarray(nib.as_closest_canonical(nib.load(vol.seg)).dataobj)
+        seg = _read_seg(vol.seg)
     except Exception as exc:  # damaged label map: keep the image, report the map
         report.skip(rel, "bad_seg", f"cannot read label map: {exc}")
         return None
-    seg = seg.reshape(seg.shape[:3])
-    n_structures = len(STRUCTURES[joint])
     if seg.shape != vol.shape:
         report.skip(rel, "bad_seg", f"label map shape {list(seg.shape)} != image {list(vol.shape)}")
         return None
-    if not np.isfinite(seg).all() or (seg < 0).any() or (seg >= n_structures).any() \
+    if not np.isfinite(seg).all() or (seg < 0).any() or (seg > 255).any() \
             or not np.equal(np.mod(seg, 1), 0).all():
-        report.skip(rel, "bad_seg", f"label values must be integers 0..{n_structures - 1} "
-                    f"({joint} structures), got {np.unique(seg)[:10].tolist()}")
+        report.skip(rel, "bad_seg", f"label values must be integers 0..255 (declared structures), "
+                    f"got {np.unique(seg)[:10].tolist()}")
         return None
     return to_slices(seg.astype(np.uint8), vol.axis)
 
@@ -178,7 +182,21 @@ def _load_image(vol: Volume, cfg: NiftiIngestConfig, report: IngestReport) -> np
     return to_slices(data, vol.axis)
 
 
-def _loader(vols: list[Volume], joint: str, cfg: NiftiIngestConfig):
+def _label_values(vols: list[Volume]):
+    def values() -> set[int]:
+        out: set[int] = set()
+        for v in vols:
+            if v.seg is not None:
+                try:
+                    seg = _read_seg(v.seg)
+                except Exception:  # reported when the study is loaded
+                    continue
+                out.update(int(x) for x in np.unique(seg) if np.isfinite(x) and x == int(x) and 0 <= x <= 255)
+        return out
+    return values
+
+
+def _loader(vols: list[Volume], cfg: NiftiIngestConfig):
     origin: dict = {}
 
     def load(report: IngestReport):
@@ -202,7 +220,7 @@ def _loader(vols: list[Volume], joint: str, cfg: NiftiIngestConfig):
                                  "oblique": vol.obliquity > cfg.choice.oblique_threshold_deg,
                                  "normal": vol.normal}
                 origin[plane] = {"source": vol.rel, "axis": vol.axis}
-                seg = _load_seg(vol, joint, Path(cfg.source), report) if vol.seg else None
+                seg = _load_seg(vol, Path(cfg.source), report) if vol.seg else None
                 if seg is not None:
                     segs[f"{plane}.seg"] = np.ascontiguousarray(seg)
                 break
@@ -244,14 +262,15 @@ def find_studies(cfg: NiftiIngestConfig, pseudo: Pseudonymizer, report: IngestRe
         key = pseudo.key("s", hashed)
         joint = next((v.joint for v in group if v.joint), None)
         if joint is None:
-            report.skip(group[0].rel, "unknown_joint", "joint not given; set joint=knee|ankle|shoulder "
+            report.skip(group[0].rel, "unknown_joint", "anatomy not given; set joint=<anatomy> (e.g. hip) "
                         "or a 'joint' column in the mapping", study=key)
             continue
         patient = pseudo.key("p", pseudo.digest("patient", group[0].patient))
-        load, origin = _loader(group, joint, cfg)
+        load, origin = _loader(group, cfg)
         studies.append(FoundStudy(key, patient, joint, {"source": "nifti", "site": cfg.site or "unknown"},
                                   {"study": key, "patient": patient}, len(group), load,
-                                  sources=sorted(v.rel for v in group), origin=origin))
+                                  sources=sorted(v.rel for v in group), origin=origin,
+                                  label_values=_label_values(group)))
     return studies
 
 

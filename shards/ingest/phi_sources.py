@@ -25,11 +25,12 @@ from pathlib import Path
 
 from pydicom.multival import MultiValue
 
-from ..schema import JOINTS, LABELS, PLANE_NAMES, PLANES, RECON_FIELDS, STRUCTURES, STUDY_FIELDS
+from ..schema import PLANE_NAMES, PLANES, RECON_FIELDS, STUDY_FIELDS
 from ..stats import empty_stats
+from ..synth.vocab import EHR, JOINTS, LABELS, STRUCTURES
 from .deid import _DATE_LIKE, HONORIFIC_NAME, KEEP_UIDS, PHONE
 from .series import BODY_PARTS, VENDORS
-from .tables import EHR_VOCAB, SEXES
+from .tables import SEXES
 
 MONTHS = ("January February March April May June July August September October November December").split()
 ID_KEYWORDS = frozenset("""PatientID OtherPatientIDs AccessionNumber StudyID IssuerOfPatientID AdmissionID
@@ -63,7 +64,7 @@ def _vocabulary() -> frozenset[str]:
     schema = {*STUDY_FIELDS, *RECON_FIELDS, *PLANE_NAMES.values(), *empty_stats(), "manifest",
               *(f"{p}_seg" for p in PLANES), *(n for names in (*LABELS.values(), *STRUCTURES.values()) for n in names)}
     words = {*schema, *PLANES, *JOINTS, *(b.lower() for b in BODY_PARTS), *(v[0].lower() for v in VENDORS),
-             *(w for vocab in EHR_VOCAB.values() for w in vocab), *SEXES, "other", "unknown", "none",
+             *(w for spec in EHR.values() for w in spec.values), *SEXES, "other", "unknown", "none",
              "null", "true", "false", "yes", "no", "train", "val", "test", "dicom", "nifti", "fastmri",
              "study", "recon", "knee", "brain", "prostate", "breast", "t1", "t2", "pd", "stir", "gre",
              "fs", "flair", "post", "pre", "fbk", "dicomdir", "image", "images", "series", "export"}
@@ -81,15 +82,17 @@ class Needle:
 
 
 class Needles:
-    """A de-duplicated set of identifying values with their kinds."""
+    """A de-duplicated set of identifying values with their kinds. ``declared``: the words of the shard
+    set's dataset declaration (anatomy, label, class, structure and EHR names), carried by design."""
 
-    def __init__(self):
+    def __init__(self, declared=frozenset()):
         self.items: dict[str, Needle] = {}
+        self.vocabulary = VOCABULARY | {w.lower() for w in declared}
 
     def add(self, value, kind: str, field: str) -> None:
         text = " ".join(str(value or "").split()).strip(" ,.;:^=-_/")
         digits = sum(c.isdigit() for c in text)
-        if len(text) < MIN_TEXT or text.lower() in VOCABULARY:
+        if len(text) < MIN_TEXT or text.lower() in self.vocabulary:
             return
         if digits == len(text.replace(".", "").replace("-", "")) and digits < MIN_DIGITS and kind != "date":
             return  # a short number: counts and sizes look the same
@@ -307,7 +310,7 @@ def gather_table(path: Path, needles: Needles) -> None:
     for column in frame.columns:
         for value in frame[column].tolist():
             text = " ".join(str(value if value is not None else "").split())
-            if not text or text.lower() in VOCABULARY:
+            if not text or text.lower() in needles.vocabulary:
                 continue
             try:
                 float(text)
@@ -319,9 +322,9 @@ def gather_table(path: Path, needles: Needles) -> None:
             needles.free_text(text, str(column), whole=False)
 
 
-def gather(source: str | Path | None, tables: list[str | Path] = ()) -> tuple[Needles, dict]:
+def gather(source: str | Path | None, tables: list[str | Path] = (), declared=frozenset()) -> tuple[Needles, dict]:
     """Needles from every file under ``source`` and the given tables; and what was read (counts)."""
-    needles, counts = Needles(), {"dicom": 0, "fastmri": 0, "nifti": 0, "sidecars": 0, "tables": 0,
+    needles, counts = Needles(declared), {"dicom": 0, "fastmri": 0, "nifti": 0, "sidecars": 0, "tables": 0,
                                       "other": 0}
     if source:
         from .dicom_scan import walk

@@ -16,18 +16,16 @@ from typing import Callable
 
 import pandas as pd
 
-from ..schema import LABELS
+from ..dataset import DatasetDeclaration, EHRField, LabelSpec
 from .config import TableConfig
 from .deid import MAX_AGE_YEARS, screen_text
 
-ALL_LABELS = sorted({name for names in LABELS.values() for name in names})
-EHR_RANGES = {"age": (0.0, 120.0), "height_cm": (30.0, 250.0), "weight_kg": (1.0, 400.0)}
-# Closed vocabularies of the EHR text columns (those of the synthetic generator); other values are
-# free text and stay out of shards unless deid.keep_free_text (then screened)
-EHR_VOCAB = {"patient_type": ("outpatient", "emergency", "inpatient"),
-             "injury_event": ("none", "sport", "twisting", "fall", "traffic", "overuse")}
-EHR_TEXT = tuple(EHR_VOCAB)
+# Which label and EHR columns are known, their types, classes, ranges and closed vocabularies come from
+# the dataset declaration; categorical text outside a field's vocabulary is free text and stays out of
+# shards unless deid.keep_free_text (then screened).
 SEXES = {"f": "F", "female": "F", "w": "F", "m": "M", "male": "M"}
+BINARY_TRUE = ("1", "1.0", "true", "yes", "pos", "positive")
+BINARY_FALSE = ("0", "0.0", "false", "no", "neg", "negative")
 IGNORED_COLUMNS = ("joint",)
 
 
@@ -51,47 +49,59 @@ def _blank(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value)) or str(value).strip() == ""
 
 
-def _label_value(value) -> tuple[int | None, bool]:
-    """(0/1/None, ok)."""
+def label_value(value, spec: LabelSpec) -> tuple[int | None, bool]:
+    """(stored value or None, ok): binary 0/1 from the usual spellings; multiclass/ordinal the class
+    index from a class name (any case) or the index itself."""
     if _blank(value):
         return None, True
     text = str(value).strip().lower()
-    if text in ("1", "1.0", "true", "yes", "pos", "positive"):
-        return 1, True
-    if text in ("0", "0.0", "false", "no", "neg", "negative"):
-        return 0, True
-    return None, False
+    if spec.type == "binary":
+        return (1, True) if text in BINARY_TRUE else (0, True) if text in BINARY_FALSE else (None, False)
+    names = [c.lower() for c in spec.classes]
+    if text in names:
+        return names.index(text), True
+    try:
+        number = float(text)
+    except ValueError:
+        return None, False
+    ok = number == int(number) and 0 <= number < len(names)
+    return (int(number), True) if ok else (None, False)
 
 
-def _ehr_value(column: str, value, free_text: bool = False):
+def _ehr_value(column: str, spec: EHRField, value, free_text: bool = False):
     """(clean value or None, ok); ok is "free_text" for text outside the column's vocabulary."""
     if _blank(value):
         return None, True
-    if column in EHR_RANGES:
+    if spec.type == "numeric":
         try:
             number = float(value)
         except (TypeError, ValueError):
             return None, False
-        lo, hi = EHR_RANGES[column]
-        if not lo <= number <= hi:
+        if not math.isfinite(number) or (spec.range and not spec.range[0] <= number <= spec.range[1]):
             return None, False
         return (min(number, float(MAX_AGE_YEARS)) if column == "age" else number), True
+    text = " ".join(str(value).strip().split())
+    by_lower = {v.lower(): v for v in spec.values}
+    if column == "sex" and text.lower() in SEXES and SEXES[text.lower()] in spec.values:
+        return SEXES[text.lower()], True
+    if text.lower() in by_lower:
+        return by_lower[text.lower()], True
     if column == "sex":
-        sex = SEXES.get(str(value).strip().lower())
-        return sex, sex is not None
-    text = " ".join(str(value).strip().lower().split())
-    if text in EHR_VOCAB.get(column, ()):
-        return text, True
-    return (screen_text(text, set()) or None) if free_text else None, "free_text"
+        return None, False
+    return (screen_text(text.lower(), set()) or None) if free_text else None, "free_text"
 
 
 class TableJoin:
     """One loaded table; :meth:`lookup` gives a study its row, :meth:`finish` reports the rest."""
 
-    def __init__(self, cfg: TableConfig, kind: str, to_key: Callable[[str, str], str], free_text: bool = False):
+    def __init__(self, cfg: TableConfig, kind: str, to_key: Callable[[str, str], str], dataset: DatasetDeclaration,
+                 free_text: bool = False):
         self.cfg, self.kind, self.free_text = cfg, kind, free_text
+        # column -> its spec: every anatomy's labels (a column names the same label in each), or the EHR fields
+        self.specs: dict = ({name: spec for a in dataset.anatomies.values() for name, spec in a.labels.items()}
+                            if kind == "labels" else dict(dataset.ehr))
         self.problems: list[dict] = []
-        self.rows: dict[str, tuple[int, dict]] = {}
+        self.rows: dict[str, tuple[int, dict, list[str]]] = {}
         self.used: set[str] = set()
         self.without_row: list[str] = []
         self.n_rows = 0
@@ -113,7 +123,7 @@ class TableJoin:
         self.problems.append({"code": code, "message": message, **where})
 
     def _check_columns(self, columns: list[str]) -> list[str]:
-        known = ALL_LABELS if self.kind == "labels" else list(EHR_RANGES) + ["sex", *EHR_TEXT]
+        known = list(self.specs)
         usable = []
         for col in columns:
             if col in known:
@@ -122,12 +132,11 @@ class TableJoin:
                 near = difflib.get_close_matches(col, known, n=1)
                 hint = f"; did you mean '{near[0]}'?" if near else ""
                 what = "label name" if self.kind == "labels" else "EHR column"
-                self._problem("unknown_column", f"unknown {what} '{col}'{hint}; column ignored",
-                              column=col)
+                self._problem("unknown_column", f"unknown {what} '{col}'{hint}; column ignored "
+                              "(declare it in the dataset declaration to keep it)", column=col)
         return usable
 
     def _load_rows(self, frame: pd.DataFrame, to_key: Callable[[str, str], str]) -> None:
-        clean = _label_value if self.kind == "labels" else None
         for i, row in enumerate(frame.to_dict("records"), start=1):
             self.n_rows += 1
             raw = row[self.cfg.key_column]
@@ -138,35 +147,48 @@ class TableJoin:
             if key in self.rows:
                 self._problem("duplicate_key", f"same key as row {self.rows[key][0]}; row ignored", row=i)
                 continue
-            values = {}
+            values, invalid = {}, []
             for col in self.columns:
-                value, ok = clean(row[col]) if clean else _ehr_value(col, row[col], self.free_text)
+                spec = self.specs[col]
+                value, ok = (label_value(row[col], spec) if self.kind == "labels"
+                             else _ehr_value(col, spec, row[col], self.free_text))
                 if ok == "free_text":  # the value itself is never written to the report
                     self._problem("free_text", f"'{col}' value outside its vocabulary "
-                                  f"{list(EHR_VOCAB[col])}; " + ("screened free text kept" if self.free_text else
+                                  f"{list(spec.values)}; " + ("screened free text kept" if self.free_text else
                                   "treated as unknown (deid.keep_free_text=true keeps it screened)"),
                                   row=i, column=col)
                 elif not ok:
-                    self._problem("out_of_range", f"value '{row[col]}' of '{col}' out of range; "
+                    allowed = _allowed(spec)
+                    self._problem("out_of_range", f"value '{row[col]}' of '{col}' out of range ({allowed}); "
                                   "treated as unknown", row=i, column=col)
+                    invalid.append(f"{self.kind} '{col}': table row {i} value outside the declaration ({allowed}); "
+                                   "treated as unknown")
                 values[col] = value
-            self.rows[key] = (i, values)
+            self.rows[key] = (i, values, invalid)
+
+    def _row_key(self, join_keys: dict[str, str]) -> str | None:
+        key = join_keys.get(self.cfg.key_kind) if self.cfg.key_kind != "key" else None
+        candidates = [key] if key else [join_keys.get("study"), join_keys.get("patient")]
+        return next((c for c in candidates if c in self.rows), None)
 
     def lookup(self, study_key: str, join_keys: dict[str, str]) -> dict | None:
         """The row for a study (by the table's key kind), or None (recorded for the report)."""
-        key = join_keys.get(self.cfg.key_kind) if self.cfg.key_kind != "key" else None
-        candidates = [key] if key else [join_keys.get("study"), join_keys.get("patient")]
-        for cand in candidates:
-            if cand in self.rows:
-                self.used.add(cand)
-                return self.rows[cand][1]
+        key = self._row_key(join_keys)
+        if key is not None:
+            self.used.add(key)
+            return self.rows[key][1]
         if self.rows or not self.problems:
             self.without_row.append(study_key)
         return None
 
+    def contradictions(self, join_keys: dict[str, str]) -> list[str]:
+        """The values of a study's row that contradict the declaration (reported per study)."""
+        key = self._row_key(join_keys)
+        return list(self.rows[key][2]) if key is not None else []
+
     def finish(self) -> dict:
         """The validation report of this table."""
-        unmatched = sorted(i for key, (i, _) in self.rows.items() if key not in self.used)
+        unmatched = sorted(i for key, (i, _, _) in self.rows.items() if key not in self.used)
         if unmatched:
             self._problem("row_without_study", f"{len(unmatched)} rows match no ingested study",
                           rows=unmatched)
@@ -178,7 +200,13 @@ class TableJoin:
                 "problems": self.problems}
 
 
-def labels_for(joint: str, row: dict | None) -> dict:
-    """The joint's full label dict (None where the row has no value or there is no row)."""
-    row = row or {}
-    return {name: row.get(name) for name in LABELS[joint]}
+def _allowed(spec) -> str:
+    if isinstance(spec, LabelSpec):
+        return "0/1" if spec.type == "binary" else f"{spec.type} classes {spec.classes}"
+    return f"range {spec.range} {spec.unit}".rstrip() if spec.type == "numeric" else f"values {spec.values}"
+
+
+def labels_for(dataset: DatasetDeclaration, anatomy: str, row: dict | None) -> dict:
+    """The anatomy's full label dict (None where the row has no value or there is no row)."""
+    row, spec = row or {}, dataset.anatomies.get(anatomy)
+    return {name: row.get(name) for name in spec.labels} if spec else {}

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..schema import STRUCTURES
 from .geometry import Capsule, Ellipsoid, Ring, Shell
+from .vocab import STRUCTURES
 
 A = np.array
 

@@ -12,7 +12,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from ..schema import LABELS
+from .vocab import EVENTS, LABELS, PATIENT_TYPES
 
 PREVALENCE = {
     "knee": {"acl": 0.22, "pcl": 0.06, "medial_meniscus": 0.35, "lateral_meniscus": 0.22,
@@ -48,8 +48,6 @@ RISK = {
 }
 
 AGE = {"knee": (40.0, 15.0), "ankle": (38.0, 15.0), "shoulder": (52.0, 14.0)}
-EVENTS = ("none", "sport", "twisting", "fall", "traffic", "overuse")
-PATIENT_TYPES = ("outpatient", "emergency", "inpatient")
 
 
 def draw_ehr(rng: np.random.Generator, joint: str) -> dict:

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..schema import STRUCTURES
 from .anatomy import CONTRASTS, TISSUE, Anatomy
 from .geometry import Blob, PlaneGrid, Sampler, blend, paint
+from .vocab import STRUCTURES
 
 # Sites: scanner vendor and field strength; the protocol (contrast per plane) varies by site too.
 SITES = {"A": ("SIEMENS", 3.0), "B": ("GE", 1.5), "C": ("PHILIPS", 3.0), "D": ("SIEMENS", 1.5)}

@@ -14,13 +14,14 @@ from typing import Iterator
 import numpy as np
 
 from ..config import ConfigError
-from ..schema import JOINTS, LABELS, PLANES, STRUCTURES
+from ..schema import PLANES
 from .anatomy import BUILDERS
 from .findings import VISIBILITY, draw_params, hosts, lesion, mimic
 from .geometry import PlaneGrid
 from .kspace import simulate_kspace
 from .population import draw_ehr, draw_labels
 from .render import SITES, Scanner, protocol_contrast, render_plane
+from .vocab import JOINTS, LABELS, STRUCTURES
 
 
 @dataclass
@@ -114,7 +115,7 @@ def _grid(cfg: SynthConfig, plane: str, rng: np.random.Generator) -> PlaneGrid:
 
 def generate_study(cfg: SynthConfig, plan: PatientPlan, visit: int, key: str,
                    force_labels: dict[str, int] | None = None) -> tuple[dict, list[dict]]:
-    """A schema-v1 study sample and its reconstruction slices (empty unless k-space is enabled)."""
+    """A study sample and its reconstruction slices (empty unless k-space is enabled)."""
     rng = np.random.default_rng([cfg.seed, plan.index, visit + 1])
     joint = plan.joint
     anatomy = BUILDERS[joint](np.random.default_rng(plan.anatomy_seed))
