@@ -107,6 +107,8 @@ def test_label_level_fusion_weighs_each_plane_per_label():
 def test_every_shipped_sweeps_config_loads():
     """configs/sweeps/ holds sweeps (a `space`), studies (named by their kind) and recon studies: each loads
     with its own schema (quick block included), so none drifts from the code."""
+    from downstream.recon.acceleration import AccelerationStudyConfig
+    from downstream.recon.multitask_study import ReconSegStudyConfig
     from downstream.studies.config import KINDS, load_study
     from pretrain.recon.study import ReconStudyConfig
     from shards.config import load_config
@@ -120,8 +122,11 @@ def test_every_shipped_sweeps_config_loads():
             if "\nquick:" in path.read_text():
                 load_study(kind, path, quick=True)
         else:
-            assert path.stem.startswith("recon-"), f"{path.name}: neither a sweep, a study nor a recon study"
-            load_config(ReconStudyConfig, path)
+            schema = {"acceleration": AccelerationStudyConfig, "recon-seg": ReconSegStudyConfig}.get(path.stem)
+            assert schema or path.stem.startswith("recon-"), f"{path.name}: neither a sweep, a study nor a recon study"
+            given = (["task_models=[runs/finetune/knee-dx]", "varnet=hub/recon-varnet"]  # given by the user
+                     if schema is AccelerationStudyConfig else [])
+            load_config(schema or ReconStudyConfig, path, given)
 
 
 def test_selection_target_fits_the_task():
