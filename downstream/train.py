@@ -196,8 +196,10 @@ def label_losses(model: torch.nn.Module, get_batch: GetBatch, rows: np.ndarray, 
                  device: str = "cpu") -> np.ndarray:
     """``loss_fn`` per label on ``rows`` (the other labels' targets masked as unknown); NaN for a label
     with no known target there."""
-    logits = predict(model, get_batch, rows, device=device)
-    target = torch.cat([get_batch(rows[s:s + 64])[1] for s in range(0, len(rows), 64)])
+    model.to(device).eval()
+    batches = [get_batch(rows[s:s + 64]) for s in range(0, len(rows), 64)]
+    logits = torch.cat([model(to_device(inputs, device)).cpu() for inputs, _ in batches])
+    target = torch.cat([t for _, t in batches])
     out = np.full(target.shape[1], np.nan)
     for j in range(target.shape[1]):
         only = torch.full_like(target, float("nan"))
