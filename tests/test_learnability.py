@@ -36,7 +36,7 @@ def learnable(tmp_path_factory):
         "synth.finding_strength=3", "synth.mimics=0", "shard_max_count=128"]))
     cfg = load_config(PretrainConfig, ROOT / "configs/pretrain/demo-knee.yaml", [
         "planes=[sag]", f"data.source={shards}", "data.split=train", "data.num_workers=0", "launcher=local",
-        f"run_root={tmp}/runs", "optim.total_steps=60", "batch_size=4", "checkpoint_every=60", "log_every=30"])
+        f"run_root={tmp}/runs", f"storage_path={tmp}/ckpt", "optim.total_steps=60", "batch_size=4", "checkpoint_every=60", "log_every=30"])
     train(cfg)
     hub = publish_run(cfg, str(tmp / "hub"))
     return {"shards": shards, "backbone": hub["sag"], "cache": tmp / "cache", "runs": tmp / "finetune"}
