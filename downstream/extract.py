@@ -140,7 +140,8 @@ class RayExtraction:
 
     Actors start on the first missing entry (a run whose entries are all cached starts no Ray) and
     stop on ``close``. ``on_part(url)`` is called after each part is written. ``stats`` counts parts
-    computed and skipped (complete from an earlier run) and the seconds spent computing.
+    computed and skipped (complete from an earlier run), the studies of the parts computed, the
+    seconds spent computing them (after the actors started) and the actors' start time.
     """
 
     def __init__(self, cache: FeatureCache, feat, on_part: Callable[[str], None] | None = None):
@@ -174,8 +175,10 @@ class RayExtraction:
             env = {"env_vars": dict(self.feat.worker_env)} if self.feat.worker_env else None
             worker = ray.remote(num_cpus=max(1, self.feat.worker_threads), num_gpus=gpus,
                                 runtime_env=env)(ExtractWorker)
+            t0 = time.perf_counter()
             self.actors = [worker.remote(self.feat.worker_threads) for _ in range(n)]
             self.stats["devices"] = ray.get([a.ready.remote() for a in self.actors])
+            self.stats["startup_s"] = time.perf_counter() - t0
         return self.actors
 
     def _run(self, method: str, units: list[Unit], job: dict) -> None:
@@ -185,8 +188,8 @@ class RayExtraction:
         self.stats["skipped"] += len(units) - len(todo)
         if not todo:
             return
-        t0 = time.perf_counter()
         pool = ActorPool(self._start())
+        t0 = time.perf_counter()
         done = pool.map_unordered(lambda a, u: getattr(a, method).remote(u, job), todo)
         for url, n in done:
             self.stats["computed"] += 1
@@ -258,17 +261,14 @@ def run_features(task, overrides: Sequence[str] = (), run_dir: str | Path | None
     save_config(task, out / "config.yaml")
     cache = FeatureCache(task.cache_dir)
     t0 = time.perf_counter()
-    stats: dict = {}
-
-    def count(url: str) -> None:
-        stats["parts"] = stats.get("parts", 0) + 1
-
-    planes = prepare_planes(task, keys, manifest, cache, count)
+    pool = RayExtraction(cache, task.features)
+    planes = prepare_planes(task, keys, manifest, cache, pool)
     seconds = time.perf_counter() - t0
     summary = {"task": task.name, "studies": len(keys), "workers": task.features.workers, "seconds": round(seconds, 3),
-               "studies_per_s": round(len(keys) / seconds, 4), "cache": {p: d.cache for p, d in planes.items()},
+               "cache": {p: d.cache for p, d in planes.items()},
                "features": {p: {k: list(v.shape[1:]) for k, v in d.features.items()} for p, d in planes.items()},
-               "cache_misses": cache.misses, "parts_written": stats.get("parts", 0),
+               "cache_misses": cache.misses, "parts_written": pool.stats["computed"], "parts_skipped": pool.stats["skipped"],
+               "workers_stats": pool.stats,
                "dtypes": {"volumes": task.features.volume_dtype, "features": task.features.feature_dtype}}
     write_metrics(out, summary)
     return summary | {"run_dir": str(out)}

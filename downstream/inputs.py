@@ -71,17 +71,17 @@ def load_backbones(task: TaskConfig) -> dict[str, tuple]:
 
 
 def prepare_planes(task: TaskConfig, keys: list[str], manifest: dict, cache: FeatureCache,
-                   on_part=None) -> dict[str, PlaneData]:
+                   pool=None) -> dict[str, PlaneData]:
     """Each plane's backbone, volumes and features; missing cache entries are computed in this process,
-    or with ``features.workers`` > 0 on Ray workers (:mod:`downstream.extract`; ``on_part(url)`` after
-    each part they write)."""
+    or with ``features.workers`` > 0 on Ray workers (``pool``, a :class:`downstream.extract.RayExtraction`
+    of ``cache``, or one made here)."""
     from .extract import RayExtraction
 
     manifest_id = manifest_identity(manifest)
     need_random = "random_backbone" in task.baselines.names
     backbones = load_backbones(task)
     out = {}
-    with RayExtraction(cache, task.features, on_part) as pool:
+    with pool or RayExtraction(cache, task.features) as pool:
         workers = pool if task.features.workers else None
         for plane in task.planes:
             url = task.backbones[plane]

@@ -150,12 +150,12 @@ def run_variant(variant: str, args, kwargs: dict, shape: tuple, device: torch.de
     loader = iter(torch.utils.data.DataLoader(RandomVolumes(args.batch, shape), batch_size=None,
                                               num_workers=args.loader_workers, pin_memory=device.type == "cuda",
                                               persistent_workers=args.loader_workers > 0))
-    flops = step_flops(step, next(loader).to(device))
+    flops = step_flops(step, next(loader).to(device)) if args.flops else None
     wait = 0.0
     for i in range(args.warmup + args.steps):
         if i == args.warmup:
             sync(device)
-            wait, start = 0.0, time.perf_counter()
+            wait, start, cpu = 0.0, time.perf_counter(), time.process_time()
         t0 = time.perf_counter()
         x = next(loader).to(device, non_blocking=True)
         wait += time.perf_counter() - t0
@@ -166,11 +166,12 @@ def run_variant(variant: str, args, kwargs: dict, shape: tuple, device: torch.de
         raise RuntimeError(f"{variant}: non-finite loss {loss.item()}")
     per_s = args.steps * args.batch / wall
     voxels = per_s * shape[0] * shape[1] * shape[2]
-    tflops = flops * args.steps / wall / 1e12
+    tflops = flops * args.steps / wall / 1e12 if flops else None
     return {"variant": variant, "params": step.params, "batch": args.batch, "shape": list(shape),
             "samples_per_s": per_s, "voxels_per_s": voxels, "data_wait_frac": wait / wall,
-            "step_s": wall / args.steps, "tflop_per_step": flops / 1e12, "achieved_tflops": tflops,
-            "mfu": tflops / peak if peak else None, "loss": loss.item(),
+            "step_s": wall / args.steps, "process_cpu_s_per_step": (time.process_time() - cpu) / args.steps,
+            "tflop_per_step": flops / 1e12 if flops else None, "achieved_tflops": tflops,
+            "mfu": tflops / peak if peak and tflops else None, "loss": loss.item(),
             "peak_mem_gib": (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)}
 
 
@@ -189,9 +190,10 @@ def markdown(rows: list[dict], device: str, peak: float | None) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        tflops = f"{r['achieved_tflops']:.1f}" if r["achieved_tflops"] is not None else "n/a"
         mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "n/a"
         lines.append(f"| {r['variant']} | {r['samples_per_s']:.2f} | {r['voxels_per_s']:.3g} | "
-                     f"{100 * r['data_wait_frac']:.1f}% | {r['step_s']:.3f} | {r['achieved_tflops']:.1f} | {mfu} | {mem} |")
+                     f"{100 * r['data_wait_frac']:.1f}% | {r['step_s']:.3f} | {tflops} | {mfu} | {mem} |")
     return "\n".join(lines) + "\n"
 
 
@@ -203,6 +205,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch", type=int, default=2, help="volumes per step")
     g.add_argument("--loader-workers", type=int, default=4)
     g.add_argument("--peak-tflops", type=float, default=None, help="the device's bf16 peak (overrides the table)")
+    g.add_argument("--checkpointing", action="store_true", help="activation checkpointing (the paper size on CPU)")
+    g.add_argument("--no-flops", dest="flops", action="store_false", help="skip the FLOP count (and MFU)")
     g.add_argument("--json", type=Path, default=None, help="write every row and the imports here")
 
 
@@ -212,6 +216,7 @@ def main(args) -> str:
         raise SystemExit("--gpu: no CUDA device (use --device cpu --tiny for the smoke test)")
     sys.path.insert(0, str(ROOT))
     kwargs, shape = model_kwargs(args.tiny)
+    kwargs["activation_checkpointing"] = args.checkpointing
     peak = peak_tflops(device, args.peak_tflops)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
     rows = []

@@ -11,7 +11,7 @@ import torch
 
 from downstream.data import load_studies
 from downstream.errors import FeatureError
-from downstream.extract import run_features
+from downstream.extract import RayExtraction, run_features
 from downstream.features import FeatureCache, _writer
 from downstream.inputs import prepare_planes
 from downstream.tasks import load_task
@@ -59,11 +59,11 @@ def single(tiny_shards, tiny_hub, tmp_path_factory) -> Path:
 def test_ray_workers_write_single_process_entries_to_s3(single, tiny_shards, tiny_hub, tmp_path, s3_endpoint,
                                                         ray_local, monkeypatch):
     monkeypatch.setenv("MSKFM_FEATURE_MIRROR", str(tmp_path / "mirror"))
-    env = ",".join(f"{k}:'{v}'" for k, v in
-                   {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "testing",
-                    "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items())
+    env = [f"features.worker_env.{k}={v}" for k, v in                # the workers' S3 endpoint
+           {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items()]
     url = "s3://mskfm-test/feature-cache"
-    args = _args(tiny_shards, tiny_hub, url, "features.workers=2", f"features.worker_env={{{env}}}")
+    args = _args(tiny_shards, tiny_hub, url, "features.workers=2", *env)
     summary = run_features("knee-dx", args, tmp_path / "run")
     assert summary["cache_misses"] == 3 and summary["parts_written"] > 3
     fetched = tmp_path / "fetched"                               # what another machine downloads
@@ -93,13 +93,16 @@ def test_two_ray_workers_match_one_process_and_resume(single, tiny_shards, tiny_
         if len(first) == 2:
             raise Interrupt
 
+    cache = FeatureCache(cache_dir)
     with pytest.raises(Interrupt):
-        prepare_planes(task, keys, manifest, FeatureCache(cache_dir), stop_after_two)
+        prepare_planes(task, keys, manifest, cache, RayExtraction(cache, task.features, stop_after_two))
     assert not _entries(cache_dir)                               # nothing assembled yet
     again: list[str] = []
     cache = FeatureCache(cache_dir)
-    prepare_planes(task, keys, manifest, cache, again.append)
+    pool = RayExtraction(cache, task.features, again.append)
+    prepare_planes(task, keys, manifest, cache, pool)
     assert cache.misses == 3 and not set(first) & set(again)     # finished parts were not recomputed
+    assert pool.stats["skipped"] >= 2 and pool.stats["devices"] == ["cpu", "cpu"]
     _same_entries(single, cache_dir)
     assert not list((cache_dir / ".parts").iterdir())            # parts are deleted once assembled
 
