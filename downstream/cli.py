@@ -61,6 +61,21 @@ def _finetune_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _features_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", required=True, help="task name (configs/tasks/<name>.yaml) or a YAML path")
+    p.add_argument("--run-dir", default=None, help="run folder (default runs/features/<task>)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. features.workers=4 cache_dir=s3://b/cache")
+
+
+def _features_run(args: argparse.Namespace) -> int:
+    from .extract import run_features
+
+    s = run_features(args.task, args.overrides, args.run_dir)
+    print(f"task {s['task']}: {s['studies']} studies, {s['cache_misses']} cache entries computed "
+          f"({s['parts_written']} parts on {s['workers']} workers) in {s['seconds']:.1f} s -> {s['run_dir']}")
+    return 0
+
+
 def _sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, help="task name (configs/tasks/<name>.yaml) or a YAML path")
     p.add_argument("--space", required=True, help="sweep config, e.g. configs/sweeps/knee-dx-head.yaml")
@@ -174,6 +189,8 @@ def _evaluate_run(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Command] = {
     "tasks": Command(_tasks_args, _tasks_run, "list the tasks in configs/tasks (--shards: and what a shard set offers)"),
     "finetune": Command(_finetune_args, _finetune_run, "train and evaluate a task's head and its baselines"),
+    "features": Command(_features_args, _features_run, "fill a task's feature cache (local or s3://), on "
+                        "features.workers Ray workers"),
     "sweep": Command(_sweep_args, _sweep_run, "Ray Tune sweep of a task's head (ASHA), best config to the run folder"),
     "study": Command(_study_args, _study_run, "a study grid with seeds (label-efficiency, transfer, robustness, "
                                               "multi-anatomy) ending in a report"),
