@@ -12,10 +12,11 @@ import pandas as pd
 import torch
 from torch import nn
 
+from pretrain.seg.loss import SparseDiceCELoss
 from shards.schema import STRUCTURES
 
 from .heads.baselines import Scratch3DSegmenter
-from .heads.segmentation import SegDecoder, SparseDiceCELoss, remap_structures
+from .heads.segmentation import SegDecoder, remap_structures
 from .inputs import PlaneData
 from .metrics import segmentation_scores
 from .train import fit, predict, seed_everything

@@ -93,13 +93,13 @@ class PretrainConfig:
             raise ConfigError(f"key 'precision': '{self.precision}' is not one of {PRECISIONS}")
         if self.zero_stage not in (0, 1, 2):
             raise ConfigError(f"key 'zero_stage': {self.zero_stage} must be 0, 1 or 2")
-        if self.objective == "diffusion" and self.joint not in JOINTS:
+        if self.objective in ("diffusion", "seg3d") and self.joint not in JOINTS:
             raise ConfigError(f"key 'joint': '{self.joint}' is not one of {JOINTS}")
         for joint, weight in self.joints.items():
             if joint not in JOINTS or not weight > 0:
                 raise ConfigError(f"key 'joints.{joint}': joints must be among {JOINTS} with weights > 0")
-        if self.objective != "diffusion" and (self.joints or self.data.max_studies):
-            raise ConfigError(f"keys 'joints' and 'data.max_studies' apply to the diffusion objective; objective "
+        if self.objective not in ("diffusion", "seg3d") and (self.joints or self.data.max_studies):
+            raise ConfigError(f"keys 'joints' and 'data.max_studies' apply to the diffusion and seg3d objectives; objective "
                               f"'{self.objective}' trains on its whole source (recon studies write subsets: "
                               "`pretrain recon-study`)")
         if self.data.max_studies < 0:

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from shards.config import ConfigError, lookup
 
 from .recon.objective import ReconObjective
+from .seg.objective import SegObjective
 
 
 def study_subset(cfg, plane: str, joints: dict[str, float]) -> list[str] | None:
@@ -134,7 +135,7 @@ class DiffusionObjective:
                                 metrics, overwrite=overwrite)
 
 
-OBJECTIVES = {"diffusion": DiffusionObjective, "recon": ReconObjective}
+OBJECTIVES = {"diffusion": DiffusionObjective, "recon": ReconObjective, "seg3d": SegObjective}
 
 
 def build_objective(cfg, unit: str, manifest: dict):

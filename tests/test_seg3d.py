@@ -1,0 +1,90 @@
+"""3D segmentation (issue 16): patches, sliding windows, encoder initialisation, scores, boxes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pretrain.seg.inference import predict_logits
+from pretrain.seg.labels import class_lut, to_classes, undeclared_values, union_structures
+from pretrain.seg.network import SegNetwork, backbone_unet_kwargs, load_encoder
+from pretrain.seg.patches import centre_on_foreground, sample_patches
+
+
+def _cube_volume():
+    image = torch.randn(1, 16, 32, 32)
+    label = torch.zeros(1, 16, 32, 32, dtype=torch.long)
+    label[0, 6:10, 14:18, 14:18] = 3  # 64 of 16384 voxels (0.4%) are foreground
+    return image, label
+
+
+@pytest.mark.parametrize("pos_fraction", [0.0, 0.33, 1.0])
+def test_patch_sampling_oversamples_foreground_at_the_configured_rate(pos_fraction):
+    image, label = _cube_volume()
+    _, labels = sample_patches(image, label, [8, 8, 8], pos_fraction, n=400, seed=7)
+    rate = centre_on_foreground(labels).mean()
+    background_share = (label > 0).float().mean().item()
+    expected = pos_fraction + (1 - pos_fraction) * background_share
+    assert abs(rate - expected) < 0.08, (rate, expected)
+    assert labels.shape == (400, 1, 8, 8, 8)
+
+
+def test_patch_sampling_is_seeded_and_pads_small_volumes():
+    image, label = _cube_volume()
+    a = sample_patches(image, label, [8, 8, 8], 0.5, n=4, seed=3)
+    b = sample_patches(image, label, [8, 8, 8], 0.5, n=4, seed=3)
+    c = sample_patches(image, label, [8, 8, 8], 0.5, n=4, seed=4)
+    assert torch.equal(a[0], b[0]) and not torch.equal(a[0], c[0])
+    small_img, small_lab = torch.ones(1, 4, 6, 6), torch.ones(1, 4, 6, 6, dtype=torch.long)
+    x, y = sample_patches(small_img, small_lab, [8, 8, 8], 1.0, n=2, seed=0)
+    assert x.shape == (2, 1, 8, 8, 8) and set(y.unique().tolist()) == {1, 255}  # padding is unlabelled
+
+
+def test_sliding_window_equals_full_volume_inference():
+    torch.manual_seed(0)
+    pointwise = torch.nn.Conv3d(1, 3, 1).eval()  # local model: overlapping Gaussian-weighted windows blend exactly
+    x = torch.randn(1, 1, 12, 20, 20)
+    torch.testing.assert_close(predict_logits(pointwise, x, [8, 8, 8], overlap=0.5), pointwise(x), atol=1e-5, rtol=1e-5)
+    net = SegNetwork(arch="dynunet", n_classes=4, filters=[4, 8, 8], patch=[8, 16, 16]).eval()
+    vol = torch.randn(1, 1, 8, 16, 16)  # one window covers the volume
+    with torch.no_grad():
+        torch.testing.assert_close(predict_logits(net, vol, [8, 16, 16]), net(vol), atol=1e-5, rtol=1e-5)
+    flipped = predict_logits(net, vol, [8, 16, 16], mirror_axes=[2])
+    assert not torch.allclose(flipped, net(vol).detach())  # mirroring is opt-in and changes the result
+
+
+def test_encoder_initialised_from_a_published_backbone(tmp_path):
+    from pretrain.models.diffusion import DiffusionBackbone
+
+    torch.manual_seed(5)
+    backbone = DiffusionBackbone(channels=(4, 8, 8), attention_levels=(False, False, False), num_res_blocks=1,
+                                 num_head_channels=8, norm_num_groups=4, schedule={"num_train_timesteps": 100})
+    backbone.save_pretrained(tmp_path / "bb", safe_serialization=True)
+    kwargs = backbone_unet_kwargs(str(tmp_path / "bb"))
+    torch.manual_seed(6)
+    seg = SegNetwork(arch="diffusion_unet", n_classes=5, unet=kwargs, deep_supervision=1)
+    loaded = load_encoder(seg, str(tmp_path / "bb"))
+    theirs = backbone.unet.state_dict()
+    ours = seg.net.state_dict()
+    assert any(k.startswith("down_blocks.1.") for k in loaded) and any(k.startswith("middle_block.") for k in loaded)
+    for k in loaded:
+        assert torch.equal(ours[k], theirs[k]), k
+    decoder = [k for k in ours if k.startswith("up_blocks.") and ours[k].shape == theirs[k].shape]
+    assert decoder and not any(k in loaded for k in decoder)
+    assert not all(torch.equal(ours[k], theirs[k]) for k in decoder)  # the decoder starts new
+    seg.train()
+    outs = seg(torch.randn(2, 1, 8, 16, 16))
+    assert len(outs) == 2 and all(o.shape == (2, 5, 8, 16, 16) for o in outs)  # deep supervision at 1/2
+    with pytest.raises(ValueError, match="does not fit"):
+        load_encoder(SegNetwork(arch="diffusion_unet", n_classes=5, filters=[8, 16, 16]), str(tmp_path / "bb"))
+
+
+def test_class_vocabulary_over_anatomies_and_undeclared_values():
+    tables = {"knee": ["background", "femur", "tibia"], "hip": ["background", "femur", "acetabulum"]}
+    classes = union_structures(tables)
+    assert classes == ["femur", "tibia", "acetabulum"]
+    seg = np.array([[[0, 1, 2, 7]]], np.uint8)
+    assert to_classes(seg, tables["hip"], classes).tolist() == [[[0, 1, 3, 255]]]
+    assert undeclared_values(seg, tables["hip"]) == [7]
+    assert class_lut(tables["knee"], ["tibia"])[1] == 0  # a declared structure outside the classes: background
