@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 from shards.config import ConfigError
 from shards.runs import default_folder
-from shards.schema import JOINTS
+from shards.schema import JOINTS, STRUCTURES
 from shards.tracking import WandbConfig
 
 LAUNCHERS = ("local", "torchrun", "ray")
@@ -93,11 +93,11 @@ class PretrainConfig:
             raise ConfigError(f"key 'precision': '{self.precision}' is not one of {PRECISIONS}")
         if self.zero_stage not in (0, 1, 2):
             raise ConfigError(f"key 'zero_stage': {self.zero_stage} must be 0, 1 or 2")
-        if self.objective in ("diffusion", "seg3d") and self.joint not in JOINTS:
+        if self.objective == "diffusion" and self.joint not in JOINTS:
             raise ConfigError(f"key 'joint': '{self.joint}' is not one of {JOINTS}")
         for joint, weight in self.joints.items():
-            if joint not in JOINTS or not weight > 0:
-                raise ConfigError(f"key 'joints.{joint}': joints must be among {JOINTS} with weights > 0")
+            if joint not in STRUCTURES or not weight > 0:
+                raise ConfigError(f"key 'joints.{joint}': joints must be among {tuple(STRUCTURES)} with weights > 0")
         if self.objective not in ("diffusion", "seg3d") and (self.joints or self.data.max_studies):
             raise ConfigError(f"keys 'joints' and 'data.max_studies' apply to the diffusion and seg3d objectives; objective "
                               f"'{self.objective}' trains on its whole source (recon studies write subsets: "

@@ -88,3 +88,38 @@ def test_class_vocabulary_over_anatomies_and_undeclared_values():
     assert to_classes(seg, tables["hip"], classes).tolist() == [[[0, 1, 3, 255]]]
     assert undeclared_values(seg, tables["hip"]) == [7]
     assert class_lut(tables["knee"], ["tibia"])[1] == 0  # a declared structure outside the classes: background
+
+
+def test_more_regions_are_opt_in_and_their_label_maps_agree_across_planes():
+    from shards.schema import STRUCTURES
+    from shards.synth import SynthConfig, generate_study, iter_study_refs
+
+    assert SynthConfig().joints == ["knee", "ankle", "shoulder"]  # the default build is unchanged
+    distinct = {n for names in STRUCTURES.values() for n in names if n != "background"}
+    assert len(STRUCTURES) >= 6 and len(distinct) >= 40
+    cfg = SynthConfig(seed=3, n_patients=9, joints=["hip", "elbow", "wrist"], joint_weights=[1, 1, 1],
+                      plane_missing_rate=0.0, shape={p: [16, 48, 48] for p in ("sag", "cor", "ax")})
+    done = set()
+    for plan, visit, key in iter_study_refs(cfg):
+        if plan.joint in done:
+            continue
+        done.add(plan.joint)
+        sample, _ = generate_study(cfg, plan, visit, key)
+        names = STRUCTURES[plan.joint]
+        assert sample["meta"]["structures"] == list(names)
+        checked = 0
+        voxel_mm3 = {p: float(np.prod(sample["meta"]["planes"][p]["spacing"])) for p in ("sag", "cor", "ax")}
+        for value, name in enumerate(names):
+            if name in ("background", "fat", "muscle", "fluid") or name.endswith(("_ligament", "_nerve", "cartilage")):
+                continue
+            masks = [sample[f"{p}.seg"] == value for p in ("sag", "cor", "ax")]
+            assert all(m.any() for m in masks), (plan.joint, name)
+            if any(m[[0, -1]].any() or m[:, [0, -1]].any() or m[:, :, [0, -1]].any() for m in masks):
+                continue  # cut by a field of view: planes cover different extents
+            mm3 = [float(m.sum()) * voxel_mm3[p] for m, p in zip(masks, ("sag", "cor", "ax"))]
+            if min(mm3) < 500:
+                continue  # thin structures: partial volume across thick slices differs by plane
+            checked += 1
+            assert max(mm3) / min(mm3) < 1.6, (plan.joint, name, mm3)  # one anatomy, seen by every plane
+        assert checked >= 3, plan.joint
+    assert done == {"hip", "elbow", "wrist"}
