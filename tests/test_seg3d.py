@@ -123,3 +123,63 @@ def test_more_regions_are_opt_in_and_their_label_maps_agree_across_planes():
             assert max(mm3) / min(mm3) < 1.6, (plan.joint, name, mm3)  # one anatomy, seen by every plane
         assert checked >= 3, plan.joint
     assert done == {"hip", "elbow", "wrist"}
+
+
+def test_box_jitter_is_reproducible_per_study_and_structure_and_clipped_boxes_are_named():
+    from downstream.seg3d.boxes import prompt_boxes
+
+    truth = np.zeros((8, 20, 20), np.int64)
+    truth[2:6, 5:12, 6:10] = 1
+    truth[0:8, 0:20, 15:20] = 2  # touches the volume's faces: jitter pushes its box out, so it is clipped
+    a, problems = prompt_boxes(truth, ["bone", "skin", "absent"], "study-1", jitter=0.2, seed=0)
+    b, _ = prompt_boxes(truth, ["bone", "skin", "absent"], "study-1", jitter=0.2, seed=0)
+    assert a == b and [x.structure for x in a] == ["bone", "skin"]  # no box for an absent structure
+    only_bone, _ = prompt_boxes(np.where(truth == 1, 1, 0), ["bone"], "study-1", jitter=0.2, seed=0)
+    assert only_bone[0] == a[0]  # a structure's box does not depend on the others
+    assert prompt_boxes(truth, ["bone", "skin"], "study-1", jitter=0.2, seed=1)[0] != a
+    assert prompt_boxes(truth, ["bone", "skin"], "study-2", jitter=0.2, seed=0)[0] != a
+    assert a[0].lo != (2, 5, 6) or a[0].hi != (6, 12, 10)  # jittered, not the tight box
+    assert all(0 <= lo < hi <= n for x in a for lo, hi, n in zip(x.lo, x.hi, truth.shape))
+    assert a[1].clipped and {"study": "study-1", "structure": "skin", "problem": "box clipped to the volume"} in problems
+    tight, _ = prompt_boxes(truth, ["bone"], "study-1", jitter=0.0, seed=0)
+    assert (tight[0].lo, tight[0].hi) == ((2, 5, 6), (6, 12, 10))
+
+
+def _case(joint, dice, present, predicted, site="A"):
+    return {"joint": joint, "site": site, "dice": np.array(dice, float), "hd95": np.array(dice, float) * 10,
+            "present": np.array(present), "predicted": np.array(predicted)}
+
+
+def test_internal_external_report_excludes_and_counts_absent_structures_and_names_undeclared_values():
+    from downstream.seg3d.evaluate import SegEvalConfig, TestSetConfig, check_hold_out
+    from downstream.seg3d.report import render_report
+    from downstream.seg3d.scores import summarise
+    from shards.config import UserError
+
+    classes = ["femur", "acl", "talus"]
+    regions = {"knee": ["femur", "acl"], "ankle": ["talus"]}
+    internal = [_case("knee", [0.9, 0.5, np.nan], [True, True, False], [True, True, False]),
+                _case("knee", [0.7, np.nan, np.nan], [True, False, False], [True, True, False]),  # acl absent, predicted
+                _case("ankle", [np.nan, np.nan, 0.8], [False, False, True], [False, False, True])]
+    external = [_case("knee", [0.6, 0.0, np.nan], [True, True, False], [True, False, False], site="D")]
+    sets = {"internal": summarise(internal, classes, regions, n_boot=50),
+            "external": summarise(external, classes, regions, n_boot=50)}
+    acl = sets["internal"]["per_structure"]["acl"]
+    assert acl["dice"]["mean"] == 0.5 and acl["dice"]["n"] == 1  # the absent case is neither 0 nor 1
+    assert (acl["n_present"], acl["n_absent"], acl["n_false_positive"]) == (1, 1, 1)
+    assert sets["internal"]["per_structure"]["talus"]["n_absent"] == 0  # knees do not hold a talus
+    assert sets["internal"]["per_region"]["knee"]["dice"]["mean"] == pytest.approx((0.7 + 0.7) / 2)
+    assert sets["external"]["per_structure"]["acl"]["n_missed"] == 1
+    d = sets["internal"]["per_structure"]["femur"]["dice"]
+    assert d["ci"][0] <= d["mean"] <= d["ci"][1] and d["n"] == 2
+    report = render_report({"model": "m", "sets": sets, "external": ["external"], "hold_out": {"site": ["D"]},
+                            "undeclared": [{"set": "internal", "study": "s-1", "values": [42]}]})
+    assert "| femur | 0.800 [" in report and "(n=1) |" in report
+    assert "s-1: values [42]" in report and "| internal | acl | 1 | 1 | 1 | 0 |" in report
+    cfg = SegEvalConfig(model="m", sets={"internal": TestSetConfig("x"), "external": TestSetConfig("y")},
+                        hold_out={"site": ["D"]})
+    check_hold_out(cfg, "external", external)
+    with pytest.raises(UserError, match="holds site"):
+        check_hold_out(cfg, "internal", external)
+    with pytest.raises(UserError, match="holds site"):
+        check_hold_out(cfg, "external", internal)
