@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from pretrain.seg.inference import predict_logits
-from pretrain.seg.labels import class_lut, to_classes, undeclared_values, union_structures
 from pretrain.seg.network import SegNetwork, backbone_unet_kwargs, load_encoder
 from pretrain.seg.patches import centre_on_foreground, sample_patches
+from shards.labelmaps import class_lut, to_classes, undeclared_values, union_structures
 
 
 def _cube_volume():
@@ -183,3 +185,99 @@ def test_internal_external_report_excludes_and_counts_absent_structures_and_name
         check_hold_out(cfg, "internal", external)
     with pytest.raises(UserError, match="holds site"):
         check_hold_out(cfg, "external", internal)
+
+
+REGIONS = ["knee", "ankle", "shoulder", "hip", "elbow", "wrist"]
+
+
+@pytest.fixture(scope="module")
+def region_shards(tmp_path_factory):
+    """Six regions, sagittal 8x32x32: sites A-C (training, internal test) and site D (external)."""
+    from shards.build import BuildConfig, build_shards
+    from shards.config import load_config
+
+    root = tmp_path_factory.mktemp("regions")
+    common = ["synth.planes=[sag]", "synth.kspace.enabled=false", f"synth.joints=[{','.join(REGIONS)}]",
+              f"synth.joint_weights=[{','.join(['1'] * len(REGIONS))}]", "synth.shape.sag=[8,32,32]",
+              "synth.plane_missing_rate=0.0"]
+    build_shards(load_config(BuildConfig, "configs/shards/tiny.yaml", [
+        f"out={root / 'internal'}", "synth.n_patients=18", "synth.sites=[A,B,C]", "splits.train=0.6",
+        "splits.val=0.1", "splits.test=0.3", *common]), progress=False)
+    build_shards(load_config(BuildConfig, "configs/shards/tiny.yaml", [
+        f"out={root / 'external'}", "synth.seed=1", "synth.n_patients=6", "synth.sites=[D]", "splits.train=0.0",
+        "splits.val=0.0", "splits.test=1.0", *common]), progress=False)
+    return root
+
+
+@pytest.mark.integration
+def test_many_structure_seg3d_end_to_end(region_shards, tmp_path):
+    """Six regions, one model: train on the engine (resumable), publish, score internal vs external on
+    native grids, export to nnU-Net's layout, run the box-prompt study against the prompt-free model."""
+    import json
+
+    from downstream.seg3d.evaluate import run_seg_eval
+    from downstream.seg3d.prompted import run_prompt_study
+    from pretrain.config import PretrainConfig
+    from pretrain.models.diffusion import DiffusionBackbone
+    from pretrain.objectives import build_objective
+    from pretrain.preprocess import spec_from_manifest
+    from pretrain.publish import publish_backbone
+    from pretrain.run import publish_run, train
+    from shards.config import load_config
+    from shards.manifest import load_manifest
+    from shards.nnunet import export_nnunet
+
+    internal, external = region_shards / "internal", region_shards / "external"
+    overrides = [f"data.source={internal}", f"run_root={tmp_path / 'runs'}", f"storage_path={tmp_path / 'ckpt'}",
+                 "joints={" + ",".join(f"{j}: 1.0" for j in REGIONS) + "}", "optim.total_steps=2"]
+    cfg = load_config(PretrainConfig, "configs/pretrain/seg3d-tiny.yaml", overrides)
+    assert train(cfg)["sag"]["steps"] == 2
+    resumed = load_config(PretrainConfig, "configs/pretrain/seg3d-tiny.yaml", overrides[:-1] + ["optim.total_steps=3"])
+    assert train(resumed)["sag"]["steps"] == 3  # resumes from step 2's checkpoint
+    log = (tmp_path / "runs" / "seg3d-tiny" / "sag" / "metrics.jsonl").read_text()
+    assert '"event": "resume", "step": 2' in log
+    url = publish_run(resumed, str(tmp_path / "hub"))["sag"]
+    labels = json.loads((tmp_path / "hub" / Path(url).name / "labels.json").read_text())
+    classes = json.loads((tmp_path / "hub" / Path(url).name / "config.json").read_text())["structures"]
+    assert set(labels["tables"]) == set(REGIONS) and len(classes) >= 40
+
+    result = run_seg_eval("configs/seg3d/eval-tiny.yaml", [
+        f"model={url}", f"sets.internal.source={internal}", f"sets.external.source={external}"],
+        run_dir=tmp_path / "eval")
+    sets = result["metrics"]["sets"]
+    assert sets["internal"]["meta"]["site"] != ["D"] and sets["external"]["meta"]["site"] == ["D"]
+    assert len(sets["internal"]["per_structure"]) == len(classes)
+    assert set(sets["internal"]["per_region"]) <= set(REGIONS) and len(sets["internal"]["per_region"]) >= 2
+    for res in sets.values():
+        for r in res["per_structure"].values():
+            assert r["dice"]["n"] == r["n_present"]  # only present structures are scored
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "| structure | internal | external |" in report and "**region" in report
+
+    raw = export_nnunet(str(internal), tmp_path / "nnunet", "sag", None, 502, "Regions")
+    dataset = json.loads((Path(raw["folder"]) / "dataset.json").read_text())
+    assert list(dataset["labels"].values()) == list(range(raw["classes"] + 1)) and raw["classes"] >= 40
+    assert dataset["numTraining"] == len(list((Path(raw["folder"]) / "labelsTr").glob("*.nii.gz"))) > 0
+    assert len(list((Path(raw["folder"]) / "imagesTr").glob("*_0000.nii.gz"))) == dataset["numTraining"]
+
+    manifest = load_manifest(str(internal))
+    torch.manual_seed(0)
+    backbone = DiffusionBackbone(channels=(4, 8, 8), attention_levels=(False, False, False), num_res_blocks=1,
+                                 num_head_channels=8, norm_num_groups=4, plane="sag",
+                                 preprocessing=spec_from_manifest(manifest, "sag").to_dict(),
+                                 schedule={"num_train_timesteps": 100})
+    publish_backbone(backbone, backbone.make_scheduler(), str(tmp_path / "hub" / "regions-sag"), {}, manifest, {})
+    init = load_config(PretrainConfig, "configs/pretrain/seg3d-tiny.yaml", overrides + [
+        "model.arch=diffusion_unet", f"model.init_from={tmp_path / 'hub' / 'regions-sag'}"])
+    seg = build_objective(init, "sag", manifest).build_model()
+    assert torch.equal(seg.net.down_blocks[1].resnets[0].conv1.conv.weight,
+                       backbone.unet.down_blocks[1].resnets[0].conv1.conv.weight)
+
+    prompt = run_prompt_study("configs/seg3d/prompt-tiny.yaml", [
+        f"backbone={tmp_path / 'hub' / 'regions-sag'}", f"shards={internal}", "source_joints=[knee,shoulder,hip]",
+        "target_joints=[ankle,elbow,wrist]", "train.epochs=1", "fine_tune.epochs=1", f"prompt_free={url}",
+        "blocks=[down.1,mid]"], run_dir=tmp_path / "prompt")
+    methods = prompt["metrics"]["methods"]
+    assert set(methods) == {"box", "zero_shot", "fine_tuned", "prompt_free"}
+    n = prompt["metrics"]["n_prompts"]
+    assert n > 0 and all(m["overall"]["n"] == n for m in methods.values())  # same prompts, same studies

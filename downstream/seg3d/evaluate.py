@@ -19,9 +19,9 @@ import torch
 from monai.transforms import NormalizeIntensity
 
 from pretrain.seg.inference import predict_labels
-from pretrain.seg.labels import to_classes, undeclared_values
 from pretrain.seg.publish import load_seg_model
 from shards.config import ConfigError, UserError, load_config
+from shards.labelmaps import to_classes, undeclared_values
 from shards.reader import iter_samples
 from shards.runs import default_folder, write_run
 

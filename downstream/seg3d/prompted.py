@@ -25,9 +25,9 @@ from torch.nn import functional as F
 
 from pretrain.preprocess import preprocess_volume
 from pretrain.publish import load_backbone
-from pretrain.seg.labels import structure_tables, to_classes, union_structures
 from pretrain.seg.publish import load_seg_model
 from shards.config import ConfigError, UserError, load_config
+from shards.labelmaps import structure_tables, to_classes, union_structures
 from shards.manifest import load_manifest
 from shards.reader import iter_samples
 from shards.runs import default_folder, write_run

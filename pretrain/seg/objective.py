@@ -19,9 +19,9 @@ import torch
 from monai.transforms import NormalizeIntensity
 
 from shards.config import ConfigError
+from shards.labelmaps import structure_tables, to_classes, union_structures
 
 from .config import SegConfig
-from .labels import structure_tables, to_classes, union_structures
 from .loss import SparseDiceCELoss
 from .network import SegNetwork, backbone_unet_kwargs, load_encoder
 from .patches import sample_patches

@@ -41,6 +41,7 @@ def hip(rng: np.random.Generator) -> Anatomy:
         ("labrum", Ring(j([-4, 0, 10]), 21 * s, 3 * s, "x")), ("ligamentum_teres", teres),
         ("sciatic_nerve", nerve),
     ]
+    # landmarks = findings and mimics anchors, named as their structures (mimic() paints on them)
     return Anatomy("hip", parts, {"iliopsoas": psoas, "gluteus_medius": glut, "sciatic_nerve": nerve,
                                   "ligamentum_teres": teres})
 
@@ -69,7 +70,7 @@ def elbow(rng: np.random.Generator) -> Anatomy:
         ("ucl", ucl), ("radial_collateral", rcl), ("biceps_tendon", biceps), ("triceps_tendon", triceps),
         ("common_extensor", extensor), ("common_flexor", flexor), ("ulnar_nerve", nerve),
     ]
-    return Anatomy("elbow", parts, {"ucl": ucl, "radial_collateral": rcl, "biceps": biceps, "triceps": triceps,
+    return Anatomy("elbow", parts, {"ucl": ucl, "radial_collateral": rcl, "biceps": biceps, "triceps_tendon": triceps,
                                     "common_extensor": extensor, "common_flexor": flexor})
 
 

@@ -45,7 +45,7 @@ def undeclared_values(seg: np.ndarray, declared: Sequence[str]) -> list[int]:
 
 def structure_tables(manifest: dict, joints: Sequence[str]) -> dict[str, list[str]]:
     """Per anatomy its structure names by label value (index = value, 0 = background)."""
-    from shards.schema import STRUCTURES
+    from .schema import STRUCTURES
 
     missing = [j for j in joints if j not in STRUCTURES]
     if missing:
