@@ -272,6 +272,12 @@ def test_many_structure_seg3d_end_to_end(region_shards, tmp_path):
     seg = build_objective(init, "sag", manifest).build_model()
     assert torch.equal(seg.net.down_blocks[1].resnets[0].conv1.conv.weight,
                        backbone.unet.down_blocks[1].resnets[0].conv1.conv.weight)
+    scratch = build_objective(load_config(PretrainConfig, "configs/pretrain/seg3d-tiny.yaml", overrides + [
+        "model.arch=diffusion_unet", f"model.init_from={tmp_path / 'hub' / 'regions-sag'}",
+        "model.load_weights=false"]), "sag", manifest).build_model()
+    assert [p.shape for p in scratch.parameters()] == [p.shape for p in seg.parameters()]  # same network
+    assert not torch.equal(scratch.net.down_blocks[1].resnets[0].conv1.conv.weight,
+                           backbone.unet.down_blocks[1].resnets[0].conv1.conv.weight)
 
     prompt = run_prompt_study("configs/seg3d/prompt-tiny.yaml", [
         f"backbone={tmp_path / 'hub' / 'regions-sag'}", f"shards={internal}", "source_joints=[knee,shoulder,hip]",

@@ -11,6 +11,7 @@ ARCHS = ("dynunet", "diffusion_unet")
 class SegConfig:
     arch: str = "dynunet"               # dynunet (MONAI, nnU-Net's network) | diffusion_unet (a backbone's U-Net)
     init_from: str = ""                 # diffusion_unet: published backbone whose encoder + bottleneck are loaded
+    load_weights: bool = True           # false: the backbone's architecture, random weights (the fair scratch arm)
     filters: list[int] = field(default_factory=lambda: [8, 16, 32])  # per level (diffusion_unet from scratch too)
     patch: list[int] = field(default_factory=lambda: [8, 32, 32])    # (slices, rows, cols) training/inference patch
     pos_fraction: float = 0.33          # patches centred on foreground (nnU-Net: oversample_foreground_percent)

@@ -51,7 +51,7 @@ class SegNetwork(ModelMixin, ConfigMixin):
                  filters: Sequence[int] = (8, 16, 32), patch: Sequence[int] = (8, 32, 32),
                  deep_supervision: int = 1, unet: dict | None = None, structures: Sequence[str] = (),
                  overlap: float = 0.5, mirror_axes: Sequence[int] = (), init_from: str = "",
-                 plane: str = "sag"):
+                 pretrained: bool = False, plane: str = "sag"):
         super().__init__()
         self.arch = arch
         if arch == "dynunet":

@@ -90,8 +90,8 @@ class SegObjective:
         model = SegNetwork(arch=s.arch, n_classes=len(self.classes) + 1, filters=list(s.filters), patch=list(s.patch),
                            deep_supervision=s.deep_supervision, unet=self.unet, structures=self.classes,
                            overlap=s.overlap, mirror_axes=list(s.mirror_axes), init_from=s.init_from,
-                           plane=self.plane)
-        if s.init_from and not next(model.parameters()).is_meta:  # the driver's check builds on 'meta'
+                           pretrained=bool(s.init_from and s.load_weights), plane=self.plane)
+        if s.init_from and s.load_weights and not next(model.parameters()).is_meta:  # the driver's check builds on 'meta'
             load_encoder(model, s.init_from)
         return model
 

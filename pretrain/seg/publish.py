@@ -38,7 +38,8 @@ def publish_seg_model(model: SegNetwork, out_url: str, train_config: dict, manif
         (folder / "README.md").write_text(CARD.format(
             arch=c.arch, n=len(c.structures), classes=", ".join(c.structures), joints=", ".join(labels["tables"]),
             plane=c.plane, patch=list(c.patch), overlap=c.overlap, mirror=list(c.mirror_axes) or "off",
-            init=f"encoder and bottleneck from {c.init_from}" if c.init_from else "random (from scratch)",
+            init=(f"encoder and bottleneck from {c.init_from}" if c.pretrained
+                  else f"random, architecture of {c.init_from}" if c.init_from else "random (from scratch)"),
             steps=metrics.get("steps"), loss=metrics.get("final_loss"),
             studies=metrics.get("n_studies", "all train studies")))
         put_folder(folder, str(out_url), overwrite)
