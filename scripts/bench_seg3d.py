@@ -3,14 +3,17 @@
 of labelled volumes, the nnU-Net-like DynUNet beside them, internal (sites A-C) vs external (site D).
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python scripts/bench_seg3d.py [--out runs/bench-seg3d] [--labelled 12,0]
+        [--arms pretrained,scratch,dynunet]   # several processes may split the arms (same --out)
+    python scripts/bench_seg3d.py --out runs/bench-seg3d --report      # merge results-*.json, draw the figure
 
 1. builds the cohort (configs/shards/seg3d-bench.yaml) and its external site (seed 1, site D);
 2. pretrains the diffusion backbone on the unlabelled `pretrain` split (configs/pretrain/seg3d-bench-backbone.yaml)
    with the engine and publishes it;
 3. trains each arm with the engine (configs/pretrain/seg3d-bench.yaml; 0 labelled = all train studies),
    publishes it, and scores it with ``downstream seg3d-eval`` (configs/seg3d/eval-bench.yaml);
-4. writes results.json, a markdown table and a figure (Dice vs labelled volumes) under --out, with the
-   load average read before and after (the machine is shared: timings are under that load).
+4. writes results-<arms>.json per process and, with --report, results.json, a markdown table and a
+   figure (Dice vs labelled volumes) under --out, with the load average read at each arm (the machine is
+   shared: timings are under that load).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+REGIONS = ("knee", "ankle", "shoulder", "hip", "elbow", "wrist")
 
 
 def load() -> str:
@@ -61,17 +65,26 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench-seg3d")
     ap.add_argument("--labelled", default="12,0", help="labelled training volumes per arm (0 = all)")
     ap.add_argument("--steps", type=int, default=None, help="override the segmentation runs' steps")
+    ap.add_argument("--arms", default="pretrained,scratch,dynunet", help="which arms this process runs")
+    ap.add_argument("--report", action="store_true", help="only merge the results and draw the figure")
     args = ap.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if args.report:
+        report(out)
+        return
     record = {"load_start": load(), "arms": []}
     internal, external = build(out)
-    bb_url, bb_s, bb = train_and_publish("configs/pretrain/seg3d-bench-backbone.yaml", [f"data.source={internal}"], out)
-    record["backbone"] = {"url": bb_url, "seconds": round(bb_s, 1), "final_loss": bb["final_loss"]}
+    bb_url = str(out / "hub" / f"{'+'.join(REGIONS)}-sag")
+    if not (Path(bb_url) / "config.json").is_file():
+        bb_url, bb_s, bb = train_and_publish("configs/pretrain/seg3d-bench-backbone.yaml", [f"data.source={internal}"], out)
+        record["backbone"] = {"url": bb_url, "seconds": round(bb_s, 1), "final_loss": bb["final_loss"]}
     arms = [("pretrained", n, ["model.arch=diffusion_unet", f"model.init_from={bb_url}"]) for n in args.labelled.split(",")]
     arms += [("scratch", n, ["model.arch=diffusion_unet", f"model.init_from={bb_url}", "model.load_weights=false"])
              for n in args.labelled.split(",")]
     arms += [("dynunet", "0", ["model.arch=dynunet", "model.filters=[8,16,32]"])]
+    arms = [a for a in arms if a[0] in args.arms.split(",")]
+    results = out / f"results-{args.arms.replace(',', '+')}.json"
     from downstream.seg3d.evaluate import run_seg_eval
 
     for init, n, extra in arms:
@@ -91,11 +104,32 @@ def main() -> None:
             "report": str(out / "eval" / name / "report.md"), "load": load(),
             **{f"{s}_dice": sets[s]["overall"]["dice"] for s in sets},
             **{f"{s}_regions": {r: v["dice"] for r, v in sets[s]["per_region"].items()} for s in sets}})
-        (out / "results.json").write_text(json.dumps(record, indent=1))
+        results.write_text(json.dumps(record, indent=1))
         print(json.dumps(record["arms"][-1]), flush=True)
     record["load_end"] = load()
+    results.write_text(json.dumps(record, indent=1))
+
+
+def report(out: Path) -> None:
+    """Merge the processes' results, write results.json, table.md and the figure."""
+    parts = [json.loads(p.read_text()) for p in sorted(out.glob("results-*.json"))]
+    record = {"arms": [a for p in parts for a in p["arms"]], "backbone": next((p["backbone"] for p in parts if "backbone" in p), None),
+              "load": [p["load_start"] for p in parts] + [p.get("load_end") for p in parts]}
+    log = out / "runs" / "seg3d-bench-backbone" / "sag" / "metrics.jsonl"
+    if record["backbone"] is None and log.is_file():  # trained by a process that did not finish
+        events = {r["event"]: r for r in map(json.loads, log.read_text().splitlines()) if "event" in r}
+        record["backbone"] = {"seconds": round(events["done"]["time"] - events["start"]["time"], 1),
+                              "final_loss": events["done"]["final_loss"], "steps": events["done"]["steps"]}
     (out / "results.json").write_text(json.dumps(record, indent=1))
     figure(record, out / "dice_vs_labelled.png")
+    lines = ["| arm | labelled | internal Dice | external Dice | train s | eval s | state bytes | load |", "|---|---|---|---|---|---|---|---|"]
+    for a in sorted(record["arms"], key=lambda a: (a["arm"], a["labelled"] or 10**6)):
+        d = {t: f"{a[t + '_dice']['mean']:.3f} [{a[t + '_dice']['ci'][0]:.3f}, {a[t + '_dice']['ci'][1]:.3f}]"
+             for t in ("internal", "external")}
+        lines.append(f"| {a['arm']} | {a['labelled'] or 'all'} | {d['internal']} | {d['external']} | {a['train_seconds']} | "
+                     f"{a['eval_seconds']} | {a['state_bytes']} | {a['load']} |")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def figure(record: dict, path: Path) -> None:

@@ -287,3 +287,38 @@ def test_many_structure_seg3d_end_to_end(region_shards, tmp_path):
     assert set(methods) == {"box", "zero_shot", "fine_tuned", "prompt_free"}
     n = prompt["metrics"]["n_prompts"]
     assert n > 0 and all(m["overall"]["n"] == n for m in methods.values())  # same prompts, same studies
+
+
+def test_undeclared_label_values_are_named_by_the_export_and_the_evaluation(tmp_path):
+    import json
+
+    import nibabel as nib
+
+    from downstream.seg3d.evaluate import SegEvalConfig, TestSetConfig, evaluate_sets
+    from shards.nnunet import export_nnunet
+    from shards.schema import STRUCTURES
+    from shards.writer import ShardWriter
+
+    rng = np.random.default_rng(0)
+    knee = list(STRUCTURES["knee"])
+    with ShardWriter(tmp_path / "shards", kind="study", info={"source": "synthetic"}) as writer:
+        for i, split in enumerate(["train", "test"]):
+            seg = np.zeros((8, 16, 16), np.uint8)
+            seg[2:5, 4:9, 4:9] = 1
+            seg[6, 1, 1] = 99  # not a knee structure
+            writer.write({"__key__": f"s-{i}", "sag": rng.random((8, 16, 16)).astype(np.float32), "sag.seg": seg,
+                          "meta": {"joint": "knee", "patient": f"p{i}", "site": "A", "field_strength": 3.0,
+                                   "vendor": "v", "structures": knee,
+                                   "planes": {"sag": {"spacing": [3.0, 1.0, 1.0], "shape": [8, 16, 16]}}}}, split)
+    raw = export_nnunet(str(tmp_path / "shards"), tmp_path / "raw", "sag", ["knee"], 7, "Bad")
+    assert raw["undeclared"] == [{"study": "s-0", "values": [99]}, {"study": "s-1", "values": [99]}]
+    dataset = json.loads((Path(raw["folder"]) / "dataset.json").read_text())
+    assert dataset["labels"]["ignore"] == len(knee)  # nnU-Net's ignore label: the highest value
+    label = np.asarray(nib.load(Path(raw["folder"]) / "labelsTr" / "s-0.nii.gz").dataobj)
+    assert label[6, 1, 1] == len(knee) and label[3, 5, 5] == 1
+
+    model = SegNetwork(arch="dynunet", n_classes=len(knee), filters=[4, 8, 8], patch=[8, 16, 16],
+                       structures=knee[1:], plane="sag").eval()
+    cfg = SegEvalConfig(model="m", sets={"internal": TestSetConfig(str(tmp_path / "shards"), "test")}, bootstrap=10)
+    result = evaluate_sets(cfg, model, {"tables": {"knee": knee}})
+    assert result["undeclared"] == [{"set": "internal", "study": "s-1", "values": [99]}]
