@@ -86,12 +86,17 @@ def main() -> None:
     arms = [a for a in arms if a[0] in args.arms.split(",")]
     results = out / f"results-{args.arms.replace(',', '+')}.json"
     from downstream.seg3d.evaluate import run_seg_eval
+    from shards.config import ConfigError
 
     for init, n, extra in arms:
         name = f"seg3d-bench-{init}-{n}"
         steps = [f"optim.total_steps={args.steps}"] if args.steps else []
-        url, seconds, result = train_and_publish("configs/pretrain/seg3d-bench.yaml", [
-            f"name={name}", f"data.source={internal}", f"data.max_studies={n}", *extra, *steps], out)
+        try:
+            url, seconds, result = train_and_publish("configs/pretrain/seg3d-bench.yaml", [
+                f"name={name}", f"data.source={internal}", f"data.max_studies={n}", *extra, *steps], out)
+        except ConfigError as exc:  # e.g. a subset without a study of some region: say so, go on
+            print(f"{name}: skipped: {exc}", flush=True)
+            continue
         t0 = time.perf_counter()
         ev = run_seg_eval(ROOT / "configs/seg3d/eval-bench.yaml", [
             f"name={name}", f"model={url}", f"sets.internal.source={internal}", f"sets.external.source={external}"],
