@@ -26,7 +26,7 @@ bench-label-efficiency: $(STAMP)
 	PYTHON=$(CURDIR)/$(BIN)/python bash scripts/bench_label_efficiency.sh
 
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -q -ra --durations=15
+	$(BIN)/python -m pytest -q -ra --durations=15 -n 2 --dist loadgroup
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

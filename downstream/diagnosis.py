@@ -63,8 +63,11 @@ def train_predict(task, build, batcher, y: np.ndarray, rows: dict[str, np.ndarra
         build, batcher, rows["train"], rows["select"], loss, epochs=epochs or t.epochs, lr=lr or t.lr,
         weight_decays=weight_decays or [t.weight_decay], patience=t.patience, batch_size=t.batch_size, seed=t.seed,
         param_groups=param_groups, desc=desc, device=task.device)
+    chosen = asdict(selection)
+    if chosen["per_label"] is not None:
+        chosen["per_label"] = dict(zip(task.labels, chosen["per_label"]))
     return {"probs": _probs(model, batcher, rows["eval"], task.device), "history": history, "model": model,
-            "select_probs": _probs(model, batcher, rows["select"], task.device), "selection": asdict(selection)}
+            "select_probs": _probs(model, batcher, rows["select"], task.device), "selection": chosen}
 
 
 def _image_model(task, channels: dict[str, list[int]]):

@@ -132,12 +132,79 @@ def mean_loss(model: torch.nn.Module, get_batch: GetBatch, rows: Sequence[int], 
 @dataclass
 class Selection:
     """What model selection chose, on the selection split only: per weight decay its best epoch and
-    selection loss; ``weight_decay``/``epoch``/``loss`` of the chosen candidate."""
+    selection loss; ``weight_decay``/``epoch``/``loss`` of the chosen candidate; ``per_label`` (in
+    label order) the weight decay, epoch and loss each label's own row was taken from, for models whose
+    labels train independently (:func:`label_rows`), else None."""
 
     weight_decay: float
     epoch: int
     loss: float | None
     candidates: list[dict] = field(default_factory=list)
+    per_label: list[dict] | None = None
+
+
+def label_rows(model: torch.nn.Module) -> list[str] | None:
+    """Names of the trainable parameters when they are only those of a final linear classifier ``head``
+    (one row per label): the labels then train independently, so each can keep the epoch and weight
+    decay that suit it, as a per-label regularisation (the reference probe's C per label) does. None
+    for any model with shared trainable parts (learned pooling, projections, hidden layers)."""
+    head = getattr(model, "head", None)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if not isinstance(head, torch.nn.Linear) or trainable != {"head.weight", "head.bias"}:
+        return None
+    return sorted(trainable)
+
+
+class LabelTracker:
+    """Per label the lowest selection loss over every epoch of every weight decay and the classifier
+    rows of that moment; :meth:`apply` writes each label's rows into the returned model."""
+
+    def __init__(self, names: list[str], n_labels: int):
+        self.names, self.n = names, n_labels
+        self.best: list[dict | None] = [None] * n_labels
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, losses: np.ndarray, wd: float, epoch: int) -> bool:
+        """Keep the rows of every label whose loss improved; True when any did."""
+        params = dict(model.named_parameters())
+        improved = False
+        for j, loss in enumerate(losses):
+            if np.isfinite(loss) and (self.best[j] is None or loss < self.best[j]["loss"]):
+                self.best[j] = {"weight_decay": float(wd), "epoch": epoch, "loss": float(loss),
+                                "rows": {n: params[n][j].detach().clone() for n in self.names}}
+                improved = True
+        return improved
+
+    @torch.no_grad()
+    def apply(self, model: torch.nn.Module, fallback: dict) -> list[dict]:
+        """Copy each label's kept rows into ``model``; a label without selection targets keeps the
+        jointly chosen rows (``fallback`` describes them). Returns the per-label choices."""
+        params = dict(model.named_parameters())
+        chosen = []
+        for j, best in enumerate(self.best):
+            if best is None:
+                chosen.append(dict(fallback))
+                continue
+            for n in self.names:
+                params[n][j] = best["rows"][n]
+            chosen.append({k: best[k] for k in ("weight_decay", "epoch", "loss")})
+        return chosen
+
+
+@torch.no_grad()
+def label_losses(model: torch.nn.Module, get_batch: GetBatch, rows: np.ndarray, loss_fn: Callable,
+                 device: str = "cpu") -> np.ndarray:
+    """``loss_fn`` per label on ``rows`` (the other labels' targets masked as unknown); NaN for a label
+    with no known target there."""
+    logits = predict(model, get_batch, rows, device=device)
+    target = torch.cat([get_batch(rows[s:s + 64])[1] for s in range(0, len(rows), 64)])
+    out = np.full(target.shape[1], np.nan)
+    for j in range(target.shape[1]):
+        only = torch.full_like(target, float("nan"))
+        only[:, j] = target[:, j]
+        if torch.isfinite(only[:, j]).any():
+            out[j] = float(loss_fn(logits, only))
+    return out
 
 
 def fit_selected(build: Callable[[], torch.nn.Module], get_batch: GetBatch, train_rows: Sequence[int],
@@ -148,23 +215,35 @@ def fit_selected(build: Callable[[], torch.nn.Module], get_batch: GetBatch, trai
     """Train one model per weight decay (``build()`` makes it, seeded alike) on ``train_rows``; keep each
     one's state at its lowest ``loss_fn`` on ``select_rows`` (stopping after ``patience`` epochs without
     improvement, 0 = never) and return the candidate with the lowest, its loss history and the
-    :class:`Selection`. Without selection rows: the last epoch of the first weight decay."""
+    :class:`Selection`. Without selection rows: the last epoch of the first weight decay.
+
+    For a linear classifier on fixed features (:func:`label_rows`) each label is selected on its own
+    loss: its row comes from the weight decay and epoch where that label's selection loss was lowest,
+    and training stops when no label has improved for ``patience`` epochs. One shared epoch would stop
+    at the noisy labels' minimum (often the first epochs) before a clear finding is learned."""
     select_rows = np.asarray(select_rows)
     best: tuple | None = None
     candidates = []
+    tracker: LabelTracker | None = None
     for wd in (weight_decays if len(select_rows) else list(weight_decays)[:1]):
         seed_everything(seed)
         model = build()
+        names = label_rows(model) if len(select_rows) else None
+        if names and tracker is None:
+            tracker = LabelTracker(names, dict(model.named_parameters())[names[0]].shape[0])
         state: dict = {"loss": float("inf"), "epoch": 0, "weights": None, "since": 0}
 
-        def keep_best(epoch: int, _loss: float, model=model, state=state) -> bool:
+        def keep_best(epoch: int, _loss: float, model=model, state=state, wd=wd, tracker=tracker) -> bool:
             if not len(select_rows):
                 return False
             val = mean_loss(model, get_batch, select_rows, loss_fn, device=device)
-            if val < state["loss"]:
-                state.update(loss=val, epoch=epoch, since=0, weights=copy.deepcopy(model.state_dict()))
-            else:
-                state["since"] += 1
+            improved = val < state["loss"]
+            if improved:
+                state.update(loss=val, epoch=epoch, weights=copy.deepcopy(model.state_dict()))
+            if tracker is not None:
+                improved = tracker.update(model, label_losses(model, get_batch, select_rows, loss_fn, device),
+                                          wd, epoch) or improved
+            state["since"] = 0 if improved else state["since"] + 1
             return bool(patience) and state["since"] >= patience
 
         history = fit(model, get_batch, train_rows, loss_fn, epochs=epochs, lr=lr, weight_decay=wd,
@@ -179,6 +258,9 @@ def fit_selected(build: Callable[[], torch.nn.Module], get_batch: GetBatch, trai
             best = (model, history, Selection(float(wd), candidates[-1]["epoch"], loss))
     model, history, chosen = best
     chosen.candidates = candidates
+    if tracker is not None:
+        chosen.per_label = tracker.apply(model, {"weight_decay": chosen.weight_decay, "epoch": chosen.epoch,
+                                                 "loss": None})
     model.eval()
     return model, history, chosen
 

@@ -1,7 +1,7 @@
 """Two lines that say what the demo's final table means, read from its run folder's metrics.json.
 
-The verdict is on the reference probe on the pretrained features ('probe') when the run has one,
-else on the task's head ('diffusion'): a fixed rule, never the better of the two on the test split.
+The verdict is on the task's head on the pretrained features ('diffusion') against the same head on a
+random-init copy ('random_backbone'): a fixed rule, never the best model on the test split.
 
     python scripts/demo_reading.py runs/finetune/demo-knee-dx [--label effusion]
 """
@@ -25,12 +25,12 @@ def cell(m: dict) -> str:
 def reading(metrics: dict, label: str) -> list[str]:
     models = metrics["metrics"]
     head = models[PRETRAINED]
-    judged = PROBE if PROBE in models else PRETRAINED
+    judged = PRETRAINED
     n_pat = head["n_patients"]
     lo = models[judged]["per_label"][label].get("ci", {}).get("auroc", [math.nan])[0]
     verdict = "above chance (interval above 0.5)" if lo > 0.5 else "NOT shown above chance (interval reaches 0.5)"
     per_model = "; ".join(f"{name} {cell(m['per_label'][label])}" for name, m in models.items())
-    base = "random_backbone_probe" if judged == PROBE else "random_backbone"
+    base = "random_backbone"
     if base in models:
         b = models[base]["per_label"][label]
         hi = b.get("ci", {}).get("auroc", [math.nan, math.nan])[1]
@@ -41,7 +41,7 @@ def reading(metrics: dict, label: str) -> list[str]:
     return [f"Reading: AUROC per model on {n_pat} test patients ({metrics['n_eval']} studies) after training on "
             f"{metrics['n_train']} studies; 0.5 = chance, 1 = perfect, [lo, hi] = 95% bootstrap interval over patients. "
             f"'{PRETRAINED}' is the head on the pretrained backbone's frozen features"
-            + (", 'probe' the reference logistic probe on them" if "probe" in models else "")
+            + (f", {PROBE!r} the reference logistic probe on them" if PROBE in models else "")
             + "; random_backbone is the same head on a random-init copy; scratch_cnn and mrnet_2d learn from the pixels.",
             f"{label} (a conspicuous finding): {per_model} -> on the pretrained features '{judged}' is {verdict}. "
             f"Macro AUROC over {len(head['per_label'])} labels: {macro}; subtle findings stay near chance at "

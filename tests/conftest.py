@@ -20,6 +20,18 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TINY_SHARDS_CONFIG = ROOT / "configs" / "shards" / "tiny.yaml"
+# Modules whose tests start Ray (a local cluster, Ray Train, Ray Tune or `cluster up`): under
+# pytest-xdist (`make test` runs two workers) they share one worker, so two Ray clusters never start
+# side by side on the same ports and cores.
+RAY_MODULES = {"test_bench_label_efficiency", "test_cli", "test_cluster", "test_integrity", "test_pretrain",
+               "test_recon_e2e", "test_studies", "test_sweeps", "test_readme"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        if module in RAY_MODULES or "ray_local" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("ray"))
 
 
 @pytest.fixture(scope="session")

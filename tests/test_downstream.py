@@ -347,7 +347,8 @@ def test_finetune_ehr_and_backbone_blocks(tiny_shards, tiny_hub, tmp_path):
     assert set(res["metrics"]) == {"diffusion", "probe", "ehr_only", "diffusion+ehr"}
     w = pd.read_csv(tmp_path / "ehr" / "fusion_weights_diffusion_ehr.csv")
     assert np.allclose(w.groupby("label")["weight"].sum(), 1.0)
-    tuned = run_finetune("knee-dx", args + ["head.finetune_blocks=[mid]", "train.epochs=2"], run_dir=tmp_path / "ft")
+    tuned = run_finetune("knee-dx", args + ["head.finetune_blocks=[mid]", "train.epochs=2", "train.lr=0.003"],
+                         run_dir=tmp_path / "ft")  # fine-tuning: a lower rate than the frozen head's 0.02
     assert tuned["history"]["diffusion"][-1] < tuned["history"]["diffusion"][0]
     _predict_reproduces(tmp_path / "ft", tiny_shards, tiny_hub, tmp_path / "pred")  # tuned backbone copies
 

@@ -22,7 +22,7 @@ from downstream.heads.probe import LogisticProbe, fit_probe
 from downstream.pooling import Pooler
 from downstream.finetune import run_finetune
 from downstream.tasks import load_task
-from downstream.train import fit, fit_selected, masked_bce, mean_loss, pos_weights, predict
+from downstream.train import fit, fit_selected, label_losses, label_rows, masked_bce, mean_loss, pos_weights, predict
 from tests.test_downstream import task_args
 
 
@@ -111,6 +111,29 @@ def test_fit_selected_keeps_the_best_epoch_and_weight_decay_on_selection_rows():
     _, hist, none = fit_selected(lambda: PlaneHead("sag", [3, 2], 2, "linear", "avg"), batcher, train, [],
                                  masked_bce, epochs=5, lr=1e-2, weight_decays=[0.0, 0.3], seed=0)
     assert none.loss is None and none.epoch == 5 and len(none.candidates) == 1
+
+
+def test_linear_heads_select_each_label_on_its_own_selection_loss():
+    """A clear label and a pure-noise label: the noise label's selection loss is lowest in the first
+    epochs, the clear one's late. Each row is taken from its own label's best epoch and weight decay,
+    and the chosen rows reproduce those losses; heads with shared trained parts keep one joint choice."""
+    rng = np.random.default_rng(0)
+    n = 120
+    signal = rng.normal(0, 1, (n, 2, 1, 2, 2)).astype(np.float32)
+    clear = (signal[:, 0].mean(axis=(1, 2, 3)) > 0).astype(np.float32)
+    y = np.stack([clear, rng.integers(0, 2, n).astype(np.float32)], axis=1)
+    batcher = feature_batcher({"sag": {"t1/mid": signal}}, y)
+    train, select = np.arange(60), np.arange(60, 120)
+    build = lambda: PlaneHead("sag", [2], 2, "linear", "avg")  # noqa: E731
+    model, _, sel = fit_selected(build, batcher, train, select, masked_bce, epochs=40, lr=3e-2,
+                                 weight_decays=[1e-4, 1e-1], patience=0, seed=0)
+    assert label_rows(model) == ["head.bias", "head.weight"]
+    clear_pick, noise_pick = sel.per_label
+    assert clear_pick["epoch"] > noise_pick["epoch"]
+    assert label_losses(model, batcher, select, masked_bce) == pytest.approx(
+        [clear_pick["loss"], noise_pick["loss"]], rel=1e-5)
+    assert label_rows(PlaneHead("sag", [2], 2, "linear", "attention")) is None
+    assert label_rows(PlaneHead("sag", [2], 2, "mlp", "avg")) is None
 
 
 def pooled_reference(maps: dict, rows: np.ndarray) -> np.ndarray:

@@ -55,9 +55,9 @@ def test_bad_space_is_refused():
 def test_scheduler_is_checked_against_the_task_before_ray(tmp_path):
     from downstream.sweep import run_sweep
 
-    cfg = load_sweep(ROOT / "configs/sweeps/knee-dx-head.yaml", "knee-dx", ["scheduler.grace_period=10"])
-    with pytest.raises(ConfigError, match=r"'scheduler.grace_period' \(10 reports\) must lie in \[1, 8\]: "
-                                          r"'train.epochs' 40 epochs / 'scheduler.report_every' 5"):
+    cfg = load_sweep(ROOT / "configs/sweeps/knee-dx-head.yaml", "knee-dx", ["scheduler.grace_period=20"])
+    with pytest.raises(ConfigError, match=r"'scheduler.grace_period' \(20 reports\) must lie in \[1, 16\]: "
+                                          r"'train.epochs' 80 epochs / 'scheduler.report_every' 5"):
         run_sweep(cfg, tmp_path / "run")  # the demo shards and backbones need not exist: refused first
     assert not (tmp_path / "run").exists()
     with pytest.raises(ConfigError, match="'scheduler.max_t' 4 epochs"):
