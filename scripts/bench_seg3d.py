@@ -46,7 +46,7 @@ def build(out: Path) -> tuple[Path, Path]:
     return internal, external
 
 
-def train_and_publish(config: str, overrides: list[str], out: Path) -> tuple[str, float, dict]:
+def train_and_publish(config: str, overrides: list[str], out: Path, hub: str = "hub") -> tuple[str, float, dict]:
     from pretrain.config import PretrainConfig
     from pretrain.run import publish_run, train
     from shards.config import load_config
@@ -56,7 +56,7 @@ def train_and_publish(config: str, overrides: list[str], out: Path) -> tuple[str
     t0 = time.perf_counter()
     result = train(cfg)["sag"]
     seconds = time.perf_counter() - t0
-    url = publish_run(cfg, str(out / "hub"), overwrite=True)["sag"]
+    url = publish_run(cfg, str(out / hub), overwrite=True)["sag"]
     return url, seconds, result
 
 
@@ -93,7 +93,8 @@ def main() -> None:
         steps = [f"optim.total_steps={args.steps}"] if args.steps else []
         try:
             url, seconds, result = train_and_publish("configs/pretrain/seg3d-bench.yaml", [
-                f"name={name}", f"data.source={internal}", f"data.max_studies={n}", *extra, *steps], out)
+                f"name={name}", f"data.source={internal}", f"data.max_studies={n}", *extra, *steps], out,
+                f"hub/{name}")  # one folder per arm: processes running side by side never share one
         except ConfigError as exc:  # e.g. a subset without a study of some region: say so, go on
             print(f"{name}: skipped: {exc}", flush=True)
             continue
