@@ -145,16 +145,19 @@ def figure(record: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for arm, colour in (("pretrained", "C0"), ("scratch", "C1"), ("dynunet", "C2")):
+    sizes = sorted({r["labelled"] for r in record["arms"]}, key=lambda n: n or 10**6)
+    for i, (arm, colour) in enumerate((("pretrained", "C0"), ("scratch", "C1"), ("dynunet", "C2"))):
         rows = sorted((r for r in record["arms"] if r["arm"] == arm), key=lambda r: r["labelled"] or 10**6)
-        for test, style in (("internal", "-o"), ("external", "--s")):
-            xs = [r["labelled"] or max(1, max(q["labelled"] for q in record["arms"]) * 2) for r in rows]
+        for test, style, shift in (("internal", "-o", -0.05), ("external", "--s", 0.05)):
+            xs = [sizes.index(r["labelled"]) + shift + 0.02 * i for r in rows]
             ys = [r[f"{test}_dice"]["mean"] for r in rows]
             lo = [r[f"{test}_dice"]["ci"][0] for r in rows]
             hi = [r[f"{test}_dice"]["ci"][1] for r in rows]
             ax.errorbar(xs, ys, yerr=[[y - a for y, a in zip(ys, lo)], [b - y for y, b in zip(ys, hi)]], fmt=style,
                         color=colour, capsize=3, label=f"{arm} {test}")
-    ax.set_xlabel("labelled training volumes (rightmost: all)")
+    ax.set_xticks(range(len(sizes)), [str(n or "all") for n in sizes])
+    ax.set_xlim(-0.5, len(sizes) - 0.5)
+    ax.set_xlabel("labelled training volumes")
     ax.set_ylabel("mean Dice (95% bootstrap CI)")
     ax.legend(fontsize=7)
     fig.tight_layout()
