@@ -186,6 +186,34 @@ def _evaluate_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seg3d_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="evaluation config, e.g. configs/seg3d/eval-demo.yaml")
+    p.add_argument("--run-dir", default=None, help="run folder (default runs/seg3d/<name>)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model=hub/seg3d-knee-sag")
+
+
+def _seg3d_run(args: argparse.Namespace) -> int:
+    from .seg3d.evaluate import run_seg_eval
+
+    result = run_seg_eval(args.config, args.overrides, args.run_dir)
+    print(f"{result['run_dir']}/report.md")
+    return 0
+
+
+def _prompt_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="box-prompt study config, e.g. configs/seg3d/prompt-tiny.yaml")
+    p.add_argument("--run-dir", default=None, help="run folder (default runs/seg3d/<name>)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. jitter=0.1")
+
+
+def _prompt_run(args: argparse.Namespace) -> int:
+    from .seg3d.prompted import run_prompt_study
+
+    result = run_prompt_study(args.config, args.overrides, args.run_dir)
+    print(f"{result['run_dir']}/report.md")
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "tasks": Command(_tasks_args, _tasks_run, "list the tasks in configs/tasks (--shards: and what a shard set offers)"),
     "finetune": Command(_finetune_args, _finetune_run, "train and evaluate a task's head and its baselines"),
@@ -200,6 +228,10 @@ COMMANDS: dict[str, Command] = {
     "evaluate": Command(_evaluate_args, _evaluate_run, "metrics with intervals of a task model on another labelled "
                                                        "shard set (external test), no retraining"),
     **RECON_COMMANDS,
+    "seg3d-eval": Command(_seg3d_args, _seg3d_run, "score a 3D segmentation model on internal and external test "
+                                                  "sets (native grid, per structure and region, intervals)"),
+    "prompt-seg": Command(_prompt_args, _prompt_run, "box-prompted segmentation study (SAM protocol): zero-shot vs "
+                                                     "fine-tuned vs prompt-free on the same test studies"),
 }
 
 
