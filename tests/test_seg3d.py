@@ -242,7 +242,7 @@ def test_many_structure_seg3d_end_to_end(region_shards, tmp_path):
     assert set(labels["tables"]) == set(REGIONS) and len(classes) >= 40
 
     result = run_seg_eval("configs/seg3d/eval-tiny.yaml", [
-        f"model={url}", f"sets.internal.source={internal}", f"sets.external.source={external}"],
+        f"model={url}", f"sets.internal.source={internal}", f"sets.external.source={external}", "bootstrap=20"],
         run_dir=tmp_path / "eval")
     sets = result["metrics"]["sets"]
     assert sets["internal"]["meta"]["site"] != ["D"] and sets["external"]["meta"]["site"] == ["D"]
@@ -282,7 +282,7 @@ def test_many_structure_seg3d_end_to_end(region_shards, tmp_path):
     prompt = run_prompt_study("configs/seg3d/prompt-tiny.yaml", [
         f"backbone={tmp_path / 'hub' / 'regions-sag'}", f"shards={internal}", "source_joints=[knee,shoulder,hip]",
         "target_joints=[ankle,elbow,wrist]", "train.epochs=1", "fine_tune.epochs=1", f"prompt_free={url}",
-        "blocks=[down.1,mid]"], run_dir=tmp_path / "prompt")
+        "blocks=[down.1,mid]", "bootstrap=20"], run_dir=tmp_path / "prompt")
     methods = prompt["metrics"]["methods"]
     assert set(methods) == {"box", "zero_shot", "fine_tuned", "prompt_free"}
     n = prompt["metrics"]["n_prompts"]
