@@ -92,6 +92,22 @@ def test_class_vocabulary_over_anatomies_and_undeclared_values():
     assert class_lut(tables["knee"], ["tibia"])[1] == 0  # a declared structure outside the classes: background
 
 
+def test_structure_tables_come_from_the_manifest_declaration_and_gaps_are_undeclared():
+    from shards.dataset import AnatomySpec, DatasetDeclaration
+    from shards.labelmaps import structure_tables
+
+    decl = DatasetDeclaration("site", anatomies={"hip": AnatomySpec(structures={"femur": 1, "labrum": 3})})
+    manifest = {"dataset": decl.to_dict()}
+    tables = structure_tables(manifest, ["hip"])
+    assert tables == {"hip": ["background", "femur", None, "labrum"]}
+    seg = np.array([[[0, 1, 2, 3, 5]]], np.uint8)
+    assert undeclared_values(seg, tables["hip"]) == [2, 5]  # a gap in the numbering is not a structure
+    assert to_classes(seg, tables["hip"], union_structures(tables)).tolist() == [[[0, 1, 255, 2, 255]]]
+    with pytest.raises(ValueError, match="knee"):
+        structure_tables(manifest, ["knee"])  # the declaration, not the generator's tables, decides
+    assert structure_tables({}, ["knee"])["knee"][1] == "femur"  # v1 manifests: the synthetic vocabulary
+
+
 def test_more_regions_are_opt_in_and_their_label_maps_agree_across_planes():
     from shards.synth.vocab import STRUCTURES
     from shards.synth import SynthConfig, generate_study, iter_study_refs
