@@ -61,6 +61,21 @@ def _finetune_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _features_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", required=True, help="task name (configs/tasks/<name>.yaml) or a YAML path")
+    p.add_argument("--run-dir", default=None, help="run folder (default runs/features/<task>)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. features.workers=4 cache_dir=s3://b/cache")
+
+
+def _features_run(args: argparse.Namespace) -> int:
+    from .extract import run_features
+
+    s = run_features(args.task, args.overrides, args.run_dir)
+    print(f"task {s['task']}: {s['studies']} studies, {s['cache_misses']} cache entries computed "
+          f"({s['parts_written']} parts on {s['workers']} workers) in {s['seconds']:.1f} s -> {s['run_dir']}")
+    return 0
+
+
 def _sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, help="task name (configs/tasks/<name>.yaml) or a YAML path")
     p.add_argument("--space", required=True, help="sweep config, e.g. configs/sweeps/knee-dx-head.yaml")
@@ -171,9 +186,39 @@ def _evaluate_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seg3d_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="evaluation config, e.g. configs/seg3d/eval-demo.yaml")
+    p.add_argument("--run-dir", default=None, help="run folder (default runs/seg3d/<name>)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model=hub/seg3d-knee-sag")
+
+
+def _seg3d_run(args: argparse.Namespace) -> int:
+    from .seg3d.evaluate import run_seg_eval
+
+    result = run_seg_eval(args.config, args.overrides, args.run_dir)
+    print(f"{result['run_dir']}/report.md")
+    return 0
+
+
+def _prompt_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="box-prompt study config, e.g. configs/seg3d/prompt-tiny.yaml")
+    p.add_argument("--run-dir", default=None, help="run folder (default runs/seg3d/<name>)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. jitter=0.1")
+
+
+def _prompt_run(args: argparse.Namespace) -> int:
+    from .seg3d.prompted import run_prompt_study
+
+    result = run_prompt_study(args.config, args.overrides, args.run_dir)
+    print(f"{result['run_dir']}/report.md")
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "tasks": Command(_tasks_args, _tasks_run, "list the tasks in configs/tasks (--shards: and what a shard set offers)"),
     "finetune": Command(_finetune_args, _finetune_run, "train and evaluate a task's head and its baselines"),
+    "features": Command(_features_args, _features_run, "fill a task's feature cache (local or s3://), on "
+                        "features.workers Ray workers"),
     "sweep": Command(_sweep_args, _sweep_run, "Ray Tune sweep of a task's head (ASHA), best config to the run folder"),
     "study": Command(_study_args, _study_run, "a study grid with seeds (label-efficiency, transfer, robustness, "
                                               "multi-anatomy) ending in a report"),
@@ -183,6 +228,10 @@ COMMANDS: dict[str, Command] = {
     "evaluate": Command(_evaluate_args, _evaluate_run, "metrics with intervals of a task model on another labelled "
                                                        "shard set (external test), no retraining"),
     **RECON_COMMANDS,
+    "seg3d-eval": Command(_seg3d_args, _seg3d_run, "score a 3D segmentation model on internal and external test "
+                                                  "sets (native grid, per structure and region, intervals)"),
+    "prompt-seg": Command(_prompt_args, _prompt_run, "box-prompted segmentation study (SAM protocol): zero-shot vs "
+                                                     "fine-tuned vs prompt-free on the same test studies"),
 }
 
 

@@ -8,6 +8,7 @@ same architecture, cached the same way.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 
@@ -18,7 +19,8 @@ from pretrain.preprocess import spec_from_manifest
 from pretrain.publish import load_backbone
 from shards.config import ConfigError
 
-from .features import FeatureCache, backbone_identity, cached_features, cached_volumes, manifest_identity
+from .features import (FeatureCache, backbone_identity, cached_features, cached_volumes, digest, manifest_identity,
+                       stored_parts, volume_parts)
 from .tasks import TaskConfig
 
 log = logging.getLogger(__name__)
@@ -70,28 +72,48 @@ def load_backbones(task: TaskConfig) -> dict[str, tuple]:
     return out
 
 
-def prepare_planes(task: TaskConfig, keys: list[str], manifest: dict, cache: FeatureCache) -> dict[str, PlaneData]:
+def prepare_planes(task: TaskConfig, keys: list[str], manifest: dict, cache: FeatureCache,
+                   pool=None) -> dict[str, PlaneData]:
+    """Each plane's backbone, volumes and features; missing cache entries are computed in this process,
+    or with ``features.workers`` > 0 on Ray workers (``pool``, a :class:`downstream.extract.RayExtraction`
+    of ``cache``, or one made here)."""
+    from .extract import RayExtraction
+
     manifest_id = manifest_identity(manifest)
     need_random = "random_backbone" in task.baselines.names
     backbones = load_backbones(task)
     out = {}
-    for plane in task.planes:
-        url = task.backbones[plane]
-        model, pre = backbones[plane]
-        spec = (pre.to_dict() if pre is not None else spec_from_manifest(manifest, plane).to_dict())
-        hits = cache.hits
-        vols = cached_volumes(cache, task.shards, manifest_id, task.joint, plane, spec, keys,
-                              with_seg=task.kind == "segmentation")
-        feat = task.features.for_plane(plane)
-        feats = cached_features(cache, model, backbone_identity(model), vols["image"], spec, feat,
-                                manifest_id, task.joint, plane, keys, task.device)
-        data = PlaneData(plane, url, model, spec, vols["image"], feats, vols.get("seg"))
-        if need_random:
-            rnd = random_copy(model, task.train.seed)
-            data.random_features = cached_features(cache, rnd, backbone_identity(rnd), vols["image"], spec,
-                                                   feat, manifest_id, task.joint, plane, keys, task.device)
-        data.cache = {"lookups": 2 + need_random, "hits": cache.hits - hits}
-        log.info("plane %s: backbone %s, features %s (cache hits %d/%d)", plane, url,
-                 {k: tuple(v.shape[1:]) for k, v in feats.items()}, data.cache["hits"], data.cache["lookups"])
-        out[plane] = data
+    with pool or RayExtraction(cache, task.features) as pool:
+        workers = pool if task.features.workers else None
+        for plane in task.planes:
+            url = task.backbones[plane]
+            model, pre = backbones[plane]
+            spec = (pre.to_dict() if pre is not None else spec_from_manifest(manifest, plane).to_dict())
+            hits = cache.hits
+            feat = task.features.for_plane(plane)
+            vargs = (task.shards, manifest_id, task.joint, plane, spec, keys, task.kind == "segmentation",
+                     feat.volume_dtype)
+            vols = cached_volumes(cache, *vargs, workers=workers)
+            source = {"url": url, "random_seed": None, "volumes": volumes_url(cache, vargs)}
+            feats = cached_features(cache, model, backbone_identity(model), vols["image"], spec, feat,
+                                    manifest_id, task.joint, plane, keys, task.device, workers, source)
+            data = PlaneData(plane, url, model, spec, vols["image"], feats, vols.get("seg"))
+            if need_random:
+                rnd = random_copy(model, task.train.seed)
+                data.random_features = cached_features(
+                    cache, rnd, backbone_identity(rnd), vols["image"], spec, feat, manifest_id, task.joint, plane,
+                    keys, task.device, workers, source | {"random_seed": task.train.seed})
+            data.cache = {"lookups": 2 + need_random, "hits": cache.hits - hits}
+            log.info("plane %s: backbone %s, features %s (cache hits %d/%d)", plane, url,
+                     {k: tuple(v.shape[1:]) for k, v in feats.items()}, data.cache["hits"], data.cache["lookups"])
+            out[plane] = data
     return out
+
+
+def volumes_url(cache: FeatureCache, vargs: tuple) -> str:
+    """URL of the ``image`` array of the volumes entry ``cached_volumes(cache, *vargs)`` made."""
+    shards, manifest_id, joint, plane, spec, keys, with_seg, dtype = vargs
+    parts = stored_parts(volume_parts(manifest_id, joint, plane, spec, with_seg), dtype)
+    local = cache.path(parts | {"studies": digest(list(keys))})
+    names = json.loads((local / "names.json").read_text())
+    return f"{cache.entry_url(parts, keys)}/{names.index('image')}.npy"

@@ -12,11 +12,12 @@ import pandas as pd
 import torch
 from torch import nn
 
+from pretrain.seg.loss import SparseDiceCELoss
 from shards.dataset import dataset_of
 from shards.manifest import load_manifest
 
 from .heads.baselines import Scratch3DSegmenter
-from .heads.segmentation import SegDecoder, SparseDiceCELoss, remap_structures
+from .heads.segmentation import SegDecoder, remap_structures
 from .inputs import PlaneData
 from .metrics import segmentation_scores
 from .train import fit, predict, seed_everything

@@ -26,6 +26,7 @@ TASKS_DIR = Path(__file__).resolve().parents[1] / "configs" / "tasks"
 KINDS = ("diagnosis", "segmentation")
 HEADS = {"diagnosis": ("linear", "mlp", "logistic"), "segmentation": ("decoder",)}
 FUSIONS = ("concat", "projected_sum", "cross_attention", "label_level", "experts")
+STORAGE_DTYPES = ("float32", "float16")
 DOMAIN_KEYS = ("", "site", "vendor", "field_strength")
 BASELINES = {"diagnosis": ("random_backbone", "scratch_cnn", "mrnet_2d"),
              "segmentation": ("random_backbone", "scratch_cnn")}
@@ -52,6 +53,13 @@ class FeatureSpec:
     pooling: str = "attention"
     batch_size: int = 4
     per_plane: dict[str, PlaneFeatures] = field(default_factory=dict)
+    # missing cache entries: 0 = computed in this process; N = on N Ray actors (downstream/extract.py)
+    workers: int = 0
+    worker_threads: int = 1           # torch threads (and Ray CPUs) per worker
+    chunk_rows: int = 64              # studies per feature unit (a multiple of batch_size)
+    worker_env: dict[str, str] = field(default_factory=dict)  # env of the workers, e.g. AWS_ENDPOINT_URL
+    volume_dtype: str = "float32"     # storage of preprocessed volumes: float32 or float16
+    feature_dtype: str = "float32"    # storage of features: float32 or float16 (docs/perf/scale.md: the loss)
 
     def for_plane(self, plane: str) -> "FeatureSpec":
         """The spec one plane's features are computed (and cached) with."""
@@ -215,6 +223,13 @@ class TaskConfig:
                               f"(fusion.kind=experts) are several: use concat, projected_sum or label_level")
         if not self.features.timesteps or not self.features.blocks or self.features.noise_draws < 1:
             raise ConfigError(f"{where}: features need timesteps, blocks and noise_draws >= 1")
+        f = self.features
+        if f.workers < 0 or f.worker_threads < 0 or f.chunk_rows < 1 or f.chunk_rows % f.batch_size:
+            raise ConfigError(f"{where}: features.workers and features.worker_threads must be >= 0 and "
+                              f"features.chunk_rows a positive multiple of features.batch_size ({f.batch_size}), "
+                              f"got {f.workers}, {f.worker_threads}, {f.chunk_rows}")
+        _one_of(f.volume_dtype, STORAGE_DTYPES, f"{where}: features.volume_dtype")
+        _one_of(f.feature_dtype, STORAGE_DTYPES, f"{where}: features.feature_dtype")
         extra = sorted(set(self.features.per_plane) - set(self.planes))
         if extra:
             raise ConfigError(f"{where}: features.per_plane has planes {extra} that are not task planes {self.planes}")

@@ -97,8 +97,8 @@ class PretrainConfig:
         for joint, weight in self.joints.items():
             if not weight > 0:
                 raise ConfigError(f"key 'joints.{joint}': joint weights must be > 0")
-        if self.objective != "diffusion" and (self.joints or self.data.max_studies):
-            raise ConfigError(f"keys 'joints' and 'data.max_studies' apply to the diffusion objective; objective "
+        if self.objective not in ("diffusion", "seg3d") and (self.joints or self.data.max_studies):
+            raise ConfigError(f"keys 'joints' and 'data.max_studies' apply to the diffusion and seg3d objectives; objective "
                               f"'{self.objective}' trains on its whole source (recon studies write subsets: "
                               "`pretrain recon-study`)")
         if self.data.max_studies < 0:

@@ -34,6 +34,7 @@ from shards.config import ConfigError, lookup
 
 from .recon.multitask import ReconSegObjective
 from .recon.objective import ReconObjective
+from .seg.objective import SegObjective
 
 
 def study_subset(cfg, plane: str, joints: dict[str, float]) -> list[str] | None:
@@ -135,7 +136,8 @@ class DiffusionObjective:
                                 metrics, overwrite=overwrite)
 
 
-OBJECTIVES = {"diffusion": DiffusionObjective, "recon": ReconObjective, "recon_seg": ReconSegObjective}
+OBJECTIVES = {"diffusion": DiffusionObjective, "recon": ReconObjective, "recon_seg": ReconSegObjective,
+              "seg3d": SegObjective}
 
 
 def build_objective(cfg, unit: str, manifest: dict):

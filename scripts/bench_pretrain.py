@@ -9,9 +9,12 @@ step, and the data-wait fraction; writes a markdown table (``--out``).
 
     python scripts/bench_pretrain.py --shards data/shards/demo --out docs/perf/pretrain.md
 
-GPU variant (``--gpu``): bf16 autocast, channels-last 3D, torch.compile on a ~35M-parameter
-U-Net at 16x256x256, vs fp32 eager; samples/s and TFLOP/s (FLOPs counted by
-torch.utils.flop_counter). Needs only torch, MONAI and diffusers (no Ray, no DeepSpeed).
+GPU variant (``--gpu``, :mod:`gpu_bench` beside this file): OrthoDiffusion's 34.5M-parameter U-Net at
+16x256x256 in one process, fp32 eager vs bf16, channels-last 3D, torch.compile, flash attention;
+samples/s, voxels/s, data wait, peak memory, MFU. No Ray, no DeepSpeed (``scripts/gpu_bench_bundle.sh``
+for a bare torch machine)::
+
+    python scripts/bench_pretrain.py --gpu --steps 20 --warmup 5 --out docs/perf/pretrain-gpu.md
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+import gpu_bench  # noqa: E402  (beside this file; imports only torch at module level)
 
 # CPU benchmark model: the demo U-Net at 8x32x32 (see configs/pretrain/demo-knee.yaml)
 CPU_OVERRIDES = ["planes=[sag]", "ray.max_failures=0", "log_every=1", "data.num_workers=1",
@@ -126,76 +131,18 @@ def cpu_bench(args) -> list[tuple[str, dict]]:
     return rows
 
 
-def gpu_bench(args) -> list[tuple[str, dict]]:
-    """bf16 + channels-last 3D + torch.compile vs fp32 eager on one GPU (no Ray, no DeepSpeed)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from pretrain.models import DiffusionBackbone
-
-    dev = torch.device("cuda")
-    shape, batch = (16, 256, 256), args.gpu_batch
-
-    def make():
-        torch.manual_seed(0)
-        return DiffusionBackbone(channels=(32, 64, 128, 224), attention_levels=(False, False, False, True),
-                                 num_res_blocks=2, num_head_channels=32, norm_num_groups=32).to(dev)
-
-    def run(model, bf16: bool, compiled: bool, steps: int):
-        if bf16:
-            model = model.to(memory_format=torch.channels_last_3d)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-        fwd = torch.compile(model) if compiled else model
-        x = torch.randn(batch, 1, *shape, device=dev)
-        if bf16:
-            x = x.to(memory_format=torch.channels_last_3d)
-        t = torch.randint(0, 1000, (batch,), device=dev)
-
-        def step():
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-                loss = (fwd(x, t).float() - x).pow(2).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-        return (time.perf_counter() - t0) / steps
-
-    model = make()
-    n_params = sum(p.numel() for p in model.parameters())
-    with FlopCounterMode(display=False) as counter:
-        x = torch.randn(batch, 1, *shape, device=dev)
-        model(x, torch.zeros(batch, dtype=torch.long, device=dev)).pow(2).mean().backward()
-    flops = counter.get_total_flops()
-    rows = []
-    for label, bf16, compiled in (("fp32 eager", False, False), ("bf16 + channels-last + compile", True, True)):
-        sec = run(make(), bf16, compiled, args.steps)
-        rows.append((f"{label} ({n_params / 1e6:.1f}M params, {batch}x1x16x256x256)",
-                     {"samples_per_s": batch / sec, "tflops": flops / sec / 1e12}))
-    return rows
-
-
 def write_markdown(rows, args, path: Path) -> str:
     floor = rows[0][1]["samples_per_s"]
     lines = [f"Command: `python scripts/{Path(__file__).name} {' '.join(sys.argv[1:])}`", "",
              f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}; {args.steps} timed steps "
              f"after {args.warmup} warm-up steps; {THREADS} torch thread per training process; "
              f"load average at start {os.getloadavg()[0]:.1f}.", ""]
-    if args.gpu:
-        lines += ["| variant | samples/s | TFLOP/s |", "|---|---|---|"]
-        lines += [f"| {n} | {r['samples_per_s']:.2f} | {r['tflops']:.1f} |" for n, r in rows]
-    else:
-        lines += ["| variant | samples/s | vs plain | command start -> first step (s) | data wait |",
-                  "|---|---|---|---|---|"]
-        for n, r in rows:
-            first = f"{r['first_step_s']:.1f}" if r.get("first_step_s") else "n/a"
-            lines.append(f"| {n} | {r['samples_per_s']:.2f} | {r['samples_per_s'] / floor:.2f}x | {first} | "
-                         f"{100 * r['data_wait_frac']:.1f}% |")
+    lines += ["| variant | samples/s | vs plain | command start -> first step (s) | data wait |",
+              "|---|---|---|---|---|"]
+    for n, r in rows:
+        first = f"{r['first_step_s']:.1f}" if r.get("first_step_s") else "n/a"
+        lines.append(f"| {n} | {r['samples_per_s']:.2f} | {r['samples_per_s'] / floor:.2f}x | {first} | "
+                     f"{100 * r['data_wait_frac']:.1f}% |")
     text = "\n".join(lines) + "\n"
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -209,11 +156,18 @@ def main() -> None:
     p.add_argument("--shards", default="data/shards/demo")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--gpu", action="store_true", help="the GPU variant (needs CUDA)")
-    p.add_argument("--gpu-batch", type=int, default=2)
+    p.add_argument("--gpu", action="store_true", help="the GPU benchmark at the paper size (scripts/gpu_bench.py)")
     p.add_argument("--out", type=Path, default=None, help="write the markdown table here")
     p.add_argument("--plain-only", action="store_true", help=argparse.SUPPRESS)
+    gpu_bench.add_arguments(p)
     args = p.parse_args()
+    if args.gpu:
+        text = gpu_bench.main(args)
+        print(text)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(f"Command: `python scripts/{Path(__file__).name} {' '.join(sys.argv[1:])}`\n\n{text}")
+        return
     if args.plain_only:
         print(json.dumps(plain_step_rate(plain_config(args), args.steps, args.warmup)))
         return

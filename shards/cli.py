@@ -126,6 +126,27 @@ def _scan_phi_args(p) -> None:
     p.add_argument("--json", help="also write the result (no values, only where and what kind) here")
 
 
+def cmd_export_nnunet(args) -> int:
+    from .nnunet import export_nnunet
+
+    joints = [j for j in (args.joints or "").split(",") if j] or None
+    summary = export_nnunet(args.shards, args.out, args.plane, joints, args.dataset_id, args.name)
+    print(f"wrote {summary['training']} training and {summary['test']} test cases, {summary['classes']} classes, "
+          f"to {summary['folder']}")
+    for u in summary["undeclared"]:
+        print(f"  study {u['study']}: undeclared label values {u['values']} exported as 'ignore'")
+    return 0
+
+
+def _export_nnunet_args(p) -> None:
+    p.add_argument("shards", help="shard folder or URL")
+    p.add_argument("--out", required=True, help="nnU-Net raw folder (nnUNet_raw); Dataset<id>_<name>/ is written in it")
+    p.add_argument("--plane", default="sag", choices=("sag", "cor", "ax"))
+    p.add_argument("--joints", default=None, help="comma-separated anatomies (default: all in the manifest)")
+    p.add_argument("--dataset-id", type=int, default=501)
+    p.add_argument("--name", default="MSKSynth")
+
+
 def _info_args(p) -> None:
     p.add_argument("shards")
     p.add_argument("--json", action="store_true")
@@ -138,6 +159,8 @@ COMMANDS: dict[str, Command] = {
     "verify": Command(_verify_args, cmd_verify, "check every shard's size and sha256 against the manifest"),
     "scan-phi": Command(_scan_phi_args, cmd_scan_phi, "look for the source export's identifying values in the shards"),
     "info": Command(_info_args, cmd_info, "print a dataset summary from the manifest"),
+    "export-nnunet": Command(_export_nnunet_args, cmd_export_nnunet,
+                             "write a plane of the shards in nnU-Net v2's raw layout (imagesTr, labelsTr, dataset.json)"),
 }
 
 

@@ -19,11 +19,12 @@ from downstream.finetune import run_finetune
 from downstream.heads.ehr import EHRFusion, EHRHead, encode_tabular, fit_tabular
 from downstream.heads.fusion import FeatureFusion, GatingNetwork, LabelLevelFusion
 from downstream.heads.linear import PlaneHead
-from downstream.heads.segmentation import SegDecoder, SparseDiceCELoss
+from downstream.heads.segmentation import SegDecoder
 from downstream.metrics import (diagnosis_metrics, interval, segmentation_metrics, segmentation_scores,
                                 select_thresholds)
 from downstream.tasks import FeatureSpec, check_vocabulary, describe_tasks, load_task, task_registry
 from downstream.train import fit, masked_bce
+from pretrain.seg.loss import SparseDiceCELoss
 from shards.config import ConfigError
 from shards.manifest import load_manifest
 from shards.synth.vocab import synth_declaration

@@ -312,3 +312,27 @@ def test_paper_size_config_builds_and_trains_one_cpu_step(tiny_shards, tmp_path)
     print(f"orthodiffusion-knee, one CPU step at batch 1: {step}")
     assert math.isfinite(step["loss"]) and step["changed"]
     assert step["peak_rss_gib"] < 12
+
+
+def test_attention_is_guided_diffusions_legacy_order_and_runs_on_the_flash_kernel():
+    """AttentionBlock = guided-diffusion's QKVAttentionLegacy (written out here), also under the fused
+    flash kernel of scaled_dot_product_attention, which refuses the 3-D inputs the block once gave it."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from pretrain.models.orthodiffusion import AttentionBlock
+
+    torch.manual_seed(0)
+    block = AttentionBlock(16, heads=2, groups=4).eval()
+    torch.nn.init.normal_(block.proj_out.weight)                   # zero-initialised: make it count
+    x = torch.randn(2, 16, 2, 3, 4)
+    with torch.no_grad():
+        flat = x.reshape(2, 16, -1)
+        q, k, v = block.qkv(block.norm(flat)).reshape(2 * 2, 3 * 8, -1).split(8, dim=1)
+        scale = 1 / math.sqrt(math.sqrt(8))
+        weight = torch.softmax(torch.einsum("bct,bcs->bts", q * scale, k * scale), dim=-1)
+        legacy = flat + block.proj_out(torch.einsum("bts,bcs->bct", weight, v).reshape(2, 16, -1))
+        default = block(x)
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            flash = block(x)
+    assert torch.allclose(default, legacy.reshape(x.shape), atol=1e-5)
+    assert torch.allclose(flash, default, atol=1e-5)

@@ -93,9 +93,11 @@ class AttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, *spatial = x.shape
         flat = x.reshape(b, c, -1)
-        qkv = self.qkv(self.norm(flat)).reshape(b * self.heads, 3 * c // self.heads, -1)
-        q, k, v = qkv.transpose(1, 2).chunk(3, dim=-1)              # (b*heads, voxels, c/heads) each
-        h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, c, -1)
+        # (batch, heads, voxels, c/heads) each, 4-D with unit stride in the last dimension: what the
+        # fused (flash, memory-efficient) kernels of scaled_dot_product_attention need
+        qkv = self.qkv(self.norm(flat)).reshape(b, self.heads, 3 * c // self.heads, -1)
+        q, k, v = qkv.transpose(2, 3).contiguous().chunk(3, dim=-1)
+        h = F.scaled_dot_product_attention(q, k, v).transpose(2, 3).reshape(b, c, -1)
         return (flat + self.proj_out(h)).reshape(b, c, *spatial)
 
 

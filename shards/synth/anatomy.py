@@ -28,6 +28,16 @@ TISSUE = {
     "cfl": "fibrous", "achilles": "fibrous", "supraspinatus": "fibrous", "infraspinatus": "fibrous",
     "subscapularis": "fibrous", "biceps_tendon": "fibrous",
     "fluid": "fluid", "bursa": "fluid", "fat": "fat", "muscle": "muscle",
+    # hip, elbow, wrist (regions.py); nerves image like cartilage
+    **{n: "marrow" for n in ("femoral_head", "acetabulum", "ilium", "ischium", "pubis", "greater_trochanter",
+                             "capitellum", "trochlea", "radius", "ulna", "scaphoid", "lunate", "triquetrum",
+                             "capitate", "hamate", "trapezium", "metacarpals")},
+    **{n: "cartilage" for n in ("femoral_head_cartilage", "acetabular_cartilage", "sciatic_nerve", "ulnar_nerve",
+                                "median_nerve")},
+    **{n: "fibrous" for n in ("ligamentum_teres", "ucl", "radial_collateral", "annular_ligament", "triceps_tendon",
+                              "common_extensor", "common_flexor", "tfcc", "scapholunate_ligament", "flexor_tendons",
+                              "extensor_tendons")},
+    "iliopsoas": "muscle", "gluteus_medius": "muscle",
 }
 
 # Relative signal of each tissue per contrast (fat-suppressed sequences darken fat and marrow).

@@ -47,7 +47,8 @@ RISK = {
     "subacromial_bursa": {"supraspinatus": 1.0, "overuse": 0.3},
 }
 
-AGE = {"knee": (40.0, 15.0), "ankle": (38.0, 15.0), "shoulder": (52.0, 14.0)}
+AGE = {"knee": (40.0, 15.0), "ankle": (38.0, 15.0), "shoulder": (52.0, 14.0),
+       "hip": (55.0, 15.0), "elbow": (42.0, 14.0), "wrist": (38.0, 15.0)}
 
 
 def draw_ehr(rng: np.random.Generator, joint: str) -> dict:

@@ -21,6 +21,12 @@ PROTOCOLS = {
               "ax": ("T2_FS", "PD_FS", "T2_FS", "PD")},
     "shoulder": {"sag": ("T2_FS", "T1", "T2_FS", "T1"), "cor": ("PD_FS", "PD_FS", "T2_FS", "PD_FS"),
                  "ax": ("PD_FS", "T2_FS", "PD_FS", "PD_FS")},
+    "hip": {"sag": ("PD_FS", "T1", "PD_FS", "T2_FS"), "cor": ("T1", "PD_FS", "T2_FS", "T1"),
+            "ax": ("PD_FS", "T2_FS", "PD", "PD_FS")},
+    "elbow": {"sag": ("PD_FS", "PD", "T2_FS", "PD_FS"), "cor": ("PD_FS", "T1", "PD_FS", "T2_FS"),
+              "ax": ("T2_FS", "PD_FS", "PD", "T1")},
+    "wrist": {"sag": ("PD_FS", "T1", "PD_FS", "PD"), "cor": ("T1", "PD_FS", "T2_FS", "PD_FS"),
+              "ax": ("PD_FS", "T2_FS", "PD_FS", "T1")},
 }
 
 

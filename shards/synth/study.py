@@ -15,11 +15,11 @@ import numpy as np
 
 from ..config import ConfigError
 from ..schema import PLANES
-from .anatomy import BUILDERS
 from .findings import VISIBILITY, draw_params, hosts, lesion, mimic
 from .geometry import PlaneGrid
 from .kspace import simulate_kspace
 from .population import draw_ehr, draw_labels
+from .regions import BUILDERS
 from .render import SITES, Scanner, protocol_contrast, render_plane
 from .vocab import JOINTS, LABELS, STRUCTURES
 
@@ -55,8 +55,8 @@ class SynthConfig:
 
     def validate(self) -> None:
         for j in self.joints:
-            if j not in JOINTS:
-                raise ConfigError(f"synth.joints: unknown joint '{j}'; known: {', '.join(JOINTS)}")
+            if j not in BUILDERS:
+                raise ConfigError(f"synth.joints: unknown joint '{j}'; known: {', '.join(BUILDERS)}")
         if len(self.joint_weights) != len(self.joints):
             raise ConfigError("synth.joint_weights must have one weight per entry of synth.joints")
         for p in self.planes:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ..dataset import AnatomySpec, DatasetDeclaration, EHRField, LabelSpec
 
-JOINTS = ("knee", "ankle", "shoulder")
+JOINTS = ("knee", "ankle", "shoulder")   # the default build; hip, elbow, wrist are opt-in (synth.joints)
 
 LABELS: dict[str, tuple[str, ...]] = {
     "knee": ("acl", "pcl", "medial_meniscus", "lateral_meniscus", "mcl", "lcl",
@@ -16,6 +16,7 @@ LABELS: dict[str, tuple[str, ...]] = {
     "ankle": ("atfl", "cfl", "achilles", "osteochondral"),
     "shoulder": ("supraspinatus", "infraspinatus", "subscapularis", "biceps_long_head",
                  "ac_joint", "glenohumeral", "biceps_effusion", "subacromial_bursa"),
+    "hip": (), "elbow": (), "wrist": (),
 }
 
 # Label-map structures per joint; index 0 is background. Order = integer value in ``<plane>.seg``.
@@ -28,6 +29,16 @@ STRUCTURES: dict[str, tuple[str, ...]] = {
     "shoulder": ("background", "humerus", "glenoid", "acromion", "clavicle",
                  "humeral_cartilage", "labrum", "supraspinatus", "infraspinatus",
                  "subscapularis", "biceps_tendon", "bursa", "fluid", "fat", "muscle"),
+    # more regions (label maps only, no diagnosis labels; opt-in, not in JOINTS: shards/synth/regions.py)
+    "hip": ("background", "femur", "femoral_head", "femoral_head_cartilage", "acetabulum", "acetabular_cartilage",
+            "ilium", "ischium", "pubis", "greater_trochanter", "labrum", "ligamentum_teres", "iliopsoas",
+            "gluteus_medius", "sciatic_nerve", "fluid", "fat", "muscle"),
+    "elbow": ("background", "humerus", "capitellum", "trochlea", "radius", "ulna", "humeral_cartilage", "ucl",
+              "radial_collateral", "annular_ligament", "biceps_tendon", "triceps_tendon", "common_extensor",
+              "common_flexor", "ulnar_nerve", "fluid", "fat", "muscle"),
+    "wrist": ("background", "radius", "ulna", "tfcc", "scaphoid", "lunate", "triquetrum", "capitate", "hamate",
+              "trapezium", "metacarpals", "scapholunate_ligament", "flexor_tendons", "extensor_tendons",
+              "median_nerve", "fluid", "fat", "muscle"),
 }
 
 PATIENT_TYPES = ("outpatient", "emergency", "inpatient")
