@@ -87,7 +87,10 @@ def read_rows(url: str, start: int, stop: int) -> np.ndarray:
     """Rows ``start:stop`` of a stored ``.npy`` (local or remote), reading only their bytes."""
     with fsspec.open(url, "rb") as f:
         version = np.lib.format.read_magic(f)
-        shape, fortran, dtype = np.lib.format._read_array_header(f, version)
+        header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in header:
+            raise FeatureError(f"{url}: .npy format version {version} is not one the cache writes (1.0 or 2.0)")
+        shape, fortran, dtype = header[version](f)
         if fortran:
             raise FeatureError(f"{url}: Fortran-ordered array; cache entries are C-ordered")
         row = int(np.prod(shape[1:])) * dtype.itemsize

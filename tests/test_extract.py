@@ -11,7 +11,7 @@ import torch
 
 from downstream.data import load_studies
 from downstream.errors import FeatureError
-from downstream.extract import RayExtraction, run_features
+from downstream.extract import RayExtraction, read_rows, run_features
 from downstream.features import FeatureCache, _writer
 from downstream.inputs import prepare_planes
 from downstream.tasks import load_task
@@ -136,3 +136,18 @@ def test_float16_overflow_and_bad_settings_refused(tmp_path, tiny_shards, tiny_h
         load_task("knee-dx", _args(tiny_shards, tiny_hub, tmp_path, "features.chunk_rows=3"))
     with pytest.raises(ConfigError, match="features.feature_dtype 'bfloat16' is unknown"):
         load_task("knee-dx", _args(tiny_shards, tiny_hub, tmp_path, "features.feature_dtype=bfloat16"))
+
+
+def test_read_rows_reads_a_row_range_of_cache_arrays(tmp_path):
+    write, close = _writer(tmp_path, 5, "float16")                # the cache's own files (format 1.0)
+    rows = np.arange(5 * 6, dtype=np.float32).reshape(5, 2, 3)
+    for i, row in enumerate(rows):
+        write(i, {"f": row})
+    close()
+    np.testing.assert_array_equal(read_rows(str(tmp_path / "0.npy"), 1, 4), rows[1:4].astype(np.float16))
+    with open(tmp_path / "v2.npy", "wb") as f:                   # format 2.0 (large headers)
+        np.lib.format.write_array(f, rows, version=(2, 0))
+    np.testing.assert_array_equal(read_rows(str(tmp_path / "v2.npy"), 4, 5), rows[4:5])
+    np.save(tmp_path / "fortran.npy", np.asfortranarray(rows))
+    with pytest.raises(FeatureError, match="fortran.npy: Fortran-ordered"):
+        read_rows(str(tmp_path / "fortran.npy"), 0, 1)
