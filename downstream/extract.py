@@ -26,11 +26,13 @@ import fsspec
 import numpy as np
 import torch
 
+from pretrain.publish import load_backbone
 from shards.manifest import load_manifest, sha256_of
 
 from .errors import FeatureError
 from .features import (CHECKSUMS, FeatureCache, _writer, backbone_identity, digest, entry_problem,
                        extract_features, preprocess_plane)
+from .inputs import random_copy
 
 log = logging.getLogger(__name__)
 
@@ -125,10 +127,6 @@ class ExtractWorker:
 
     def backbone(self, url: str, random_seed: int | None, expected: str) -> torch.nn.Module:
         if (url, random_seed) not in self.models:
-            from pretrain.publish import load_backbone
-
-            from .inputs import random_copy
-
             model = load_backbone(url)[0]
             model = random_copy(model, random_seed) if random_seed is not None else model
             if backbone_identity(model) != expected:

@@ -268,7 +268,7 @@ def main() -> None:
     p.add_argument("--sections", default=",".join(SECTIONS))
     p.add_argument("--studies", type=int, default=8, help="patients of the storage sample")
     p.add_argument("--feature-studies", type=int, default=2)
-    p.add_argument("--extract-patients", type=int, default=24)
+    p.add_argument("--extract-patients", type=int, default=96)
     p.add_argument("--extract-shape", default="16,64,64")
     p.add_argument("--repeat", type=int, default=9)
     args = p.parse_args()
