@@ -28,6 +28,7 @@ import torch
 
 from pretrain.publish import load_backbone
 from shards.manifest import load_manifest, sha256_of
+from shards.schema import NPY_HEADERS
 
 from .errors import FeatureError
 from .features import (CHECKSUMS, FeatureCache, _writer, backbone_identity, digest, entry_problem,
@@ -89,10 +90,9 @@ def read_rows(url: str, start: int, stop: int) -> np.ndarray:
     """Rows ``start:stop`` of a stored ``.npy`` (local or remote), reading only their bytes."""
     with fsspec.open(url, "rb") as f:
         version = np.lib.format.read_magic(f)
-        header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-        if version not in header:
+        if version not in NPY_HEADERS:
             raise FeatureError(f"{url}: .npy format version {version} is not one the cache writes (1.0 or 2.0)")
-        shape, fortran, dtype = header[version](f)
+        shape, fortran, dtype = NPY_HEADERS[version](f)
         if fortran:
             raise FeatureError(f"{url}: Fortran-ordered array; cache entries are C-ordered")
         row = int(np.prod(shape[1:])) * dtype.itemsize

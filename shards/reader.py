@@ -255,7 +255,7 @@ def tar_members(stream, select: Callable[[str], bool], current: dict | None = No
     ``tarfile`` indexes the archive with random access (mode ``"r:"``; local and fsspec files are
     seekable): each selected member is read in one call into its own buffer, an unselected one is
     skipped with a seek. webdataset's ``tar_file_iterator`` opens a stream (``"r|*"``) that reads
-    10 KB records: 7% of a raw read of the same bytes on volumes of megabytes (docs/perf/scale.md)."""
+    10 KB records: 10-14% of a raw read of the same bytes on volumes of megabytes (docs/perf/scale.md)."""
     with tarfile.open(fileobj=stream, mode="r:") as tar:
         for info in tar:
             if not info.isreg() or not select(info.name):
