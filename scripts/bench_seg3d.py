@@ -2,7 +2,7 @@
 (diffusion backbone's encoder + bottleneck) vs scratch (same architecture, random) at several numbers
 of labelled volumes, the nnU-Net-like DynUNet beside them, internal (sites A-C) vs external (site D).
 
-    OMP_NUM_THREADS=1 PYTHONPATH=. python scripts/bench_seg3d.py [--out runs/bench-seg3d] [--labelled 12,0]
+    OMP_NUM_THREADS=1 PYTHONPATH=. python scripts/bench_seg3d.py [--out runs/bench-seg3d] [--labelled 6,12,0]
         [--arms pretrained,scratch,dynunet]   # several processes may split the arms (same --out)
     python scripts/bench_seg3d.py --out runs/bench-seg3d --report      # merge results-*.json, draw the figure
 
@@ -63,9 +63,14 @@ def train_and_publish(config: str, overrides: list[str], out: Path, hub: str = "
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/bench-seg3d")
-    ap.add_argument("--labelled", default="12,0", help="labelled training volumes per arm (0 = all)")
+    ap.add_argument("--labelled", default="6,12,0", help="labelled training volumes per arm (0 = all)")
     ap.add_argument("--steps", type=int, default=None, help="override the segmentation runs' steps")
     ap.add_argument("--arms", default="pretrained,scratch,dynunet", help="which arms this process runs")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra override of the segmentation runs (repeatable), e.g. model.patch=[8,48,48]")
+    ap.add_argument("--val", action="store_true", help="tuning: score on the `pretrain` split (studies no "
+                    "segmentation model trains on; the backbone saw their images, never their labels), not the test sets")
+    ap.add_argument("--tag", default="", help="suffix of this process's run names and results file")
     ap.add_argument("--report", action="store_true", help="only merge the results and draw the figure")
     args = ap.parse_args()
     out = Path(args.out).resolve()
@@ -79,28 +84,31 @@ def main() -> None:
     if not (Path(bb_url) / "config.json").is_file():
         bb_url, bb_s, bb = train_and_publish("configs/pretrain/seg3d-bench-backbone.yaml", [f"data.source={internal}"], out)
         record["backbone"] = {"url": bb_url, "seconds": round(bb_s, 1), "final_loss": bb["final_loss"]}
-    arms = [("pretrained", n, ["model.arch=diffusion_unet", f"model.init_from={bb_url}"]) for n in args.labelled.split(",")]
-    arms += [("scratch", n, ["model.arch=diffusion_unet", f"model.init_from={bb_url}", "model.load_weights=false"])
-             for n in args.labelled.split(",")]
+    arms = [arm for n in args.labelled.split(",") for arm in (  # pairs by size: a cut-short run still compares
+        ("pretrained", n, ["model.arch=diffusion_unet", f"model.init_from={bb_url}"]),
+        ("scratch", n, ["model.arch=diffusion_unet", f"model.init_from={bb_url}", "model.load_weights=false"]))]
     arms += [("dynunet", "0", ["model.arch=dynunet", "model.filters=[8,16,32]"])]
     arms = [a for a in arms if a[0] in args.arms.split(",")]
-    results = out / f"results-{args.arms.replace(',', '+')}.json"
+    tag = f"-{args.tag}" if args.tag else ""
+    results = out / f"{'tune' if args.val else 'results'}-{args.arms.replace(',', '+')}{tag}.json"
+    record["overrides"] = args.set
+    scoring = (("configs/seg3d/eval-bench-val.yaml", [f"sets.val.source={internal}"]) if args.val else
+               ("configs/seg3d/eval-bench.yaml", [f"sets.internal.source={internal}", f"sets.external.source={external}"]))
     from downstream.seg3d.evaluate import run_seg_eval
     from shards.config import ConfigError
 
     for init, n, extra in arms:
-        name = f"seg3d-bench-{init}-{n}"
+        name = f"seg3d-bench-{init}-{n}{tag}"
         steps = [f"optim.total_steps={args.steps}"] if args.steps else []
         try:
             url, seconds, result = train_and_publish("configs/pretrain/seg3d-bench.yaml", [
-                f"name={name}", f"data.source={internal}", f"data.max_studies={n}", *extra, *steps], out,
+                f"name={name}", f"data.source={internal}", f"data.max_studies={n}", *extra, *steps, *args.set], out,
                 f"hub/{name}")  # one folder per arm: processes running side by side never share one
         except ConfigError as exc:  # e.g. a subset without a study of some region: say so, go on
             print(f"{name}: skipped: {exc}", flush=True)
             continue
         t0 = time.perf_counter()
-        ev = run_seg_eval(ROOT / "configs/seg3d/eval-bench.yaml", [
-            f"name={name}", f"model={url}", f"sets.internal.source={internal}", f"sets.external.source={external}"],
+        ev = run_seg_eval(ROOT / scoring[0], [f"name={name}", f"model={url}", *scoring[1]],
             run_dir=out / "eval" / name)
         sets = ev["metrics"]["sets"]
         weights = Path(url) / "model.safetensors"
