@@ -136,14 +136,33 @@ def report(out: Path) -> None:
                               "final_loss": events["done"]["final_loss"], "steps": events["done"]["steps"]}
     (out / "results.json").write_text(json.dumps(record, indent=1))
     figure(record, out / "dice_vs_labelled.png")
-    lines = ["| arm | labelled | internal Dice | external Dice | train s | eval s | state bytes | load |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| arm | labelled | steps | internal Dice | external Dice | train s | eval s | state bytes | load |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for a in sorted(record["arms"], key=lambda a: (a["arm"], a["labelled"] or 10**6)):
         d = {t: f"{a[t + '_dice']['mean']:.3f} [{a[t + '_dice']['ci'][0]:.3f}, {a[t + '_dice']['ci'][1]:.3f}]"
              for t in ("internal", "external")}
-        lines.append(f"| {a['arm']} | {a['labelled'] or 'all'} | {d['internal']} | {d['external']} | {a['train_seconds']} | "
-                     f"{a['eval_seconds']} | {a['state_bytes']} | {a['load']} |")
+        lines.append(f"| {a['arm']} | {a['labelled'] or 'all'} | {a['steps']} | {d['internal']} | {d['external']} | "
+                     f"{a['train_seconds']} | {a['eval_seconds']} | {a['state_bytes']} | {a['load']} |")
+    lines += ["", "Per region, internal / external mean Dice:", ""]
+    for a in sorted(record["arms"], key=lambda a: (a["arm"], a["labelled"] or 10**6)):
+        regions = [f"{r} {_dice(a, 'internal', r)} / {_dice(a, 'external', r)}" for r in REGIONS]
+        lines.append(f"- {a['arm']} {a['labelled'] or 'all'}: " + ", ".join(regions))
+    tuning = [json.loads(p.read_text()) for p in sorted(out.glob("tune-*.json"))]
+    if tuning:
+        lines += ["", "Tuning (scored on the `pretrain` split, never on a test set):", "",
+                  "| arm | labelled | steps | overrides | val Dice | train s | load |", "|---|---|---|---|---|---|---|"]
+        for t in tuning:
+            for a in t["arms"]:
+                v = a["val_dice"]
+                lines.append(f"| {a['arm']} | {a['labelled'] or 'all'} | {a['steps']} | {' '.join(t['overrides'])} | "
+                             f"{v['mean']:.3f} [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}] | {a['train_seconds']} | {a['load']} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _dice(arm: dict, test: str, region: str) -> str:
+    d = arm[f"{test}_regions"].get(region)
+    return f"{d['mean']:.3f}" if d else "–"
 
 
 def figure(record: dict, path: Path) -> None:
