@@ -113,7 +113,7 @@ def main() -> None:
         sets = ev["metrics"]["sets"]
         weights = Path(url) / "model.safetensors"
         record["arms"].append({
-            "arm": init, "labelled": int(n), "train_seconds": round(seconds, 1), "eval_seconds": round(time.perf_counter() - t0, 1),
+            "arm": init, "labelled": int(n), "tag": args.tag, "train_seconds": round(seconds, 1), "eval_seconds": round(time.perf_counter() - t0, 1),
             "steps": result["steps"], "final_loss": result["final_loss"], "state_bytes": weights.stat().st_size,
             "report": str(out / "eval" / name / "report.md"), "load": load(),
             **{f"{s}_dice": sets[s]["overall"]["dice"] for s in sets},
@@ -136,17 +136,18 @@ def report(out: Path) -> None:
                               "final_loss": events["done"]["final_loss"], "steps": events["done"]["steps"]}
     (out / "results.json").write_text(json.dumps(record, indent=1))
     figure(record, out / "dice_vs_labelled.png")
-    lines = ["| arm | labelled | steps | internal Dice | external Dice | train s | eval s | state bytes | load |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for a in sorted(record["arms"], key=lambda a: (a["arm"], a["labelled"] or 10**6)):
+    lines = ["| arm | labelled | run | steps | internal Dice | external Dice | train s | eval s | state bytes | load |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    order = sorted(record["arms"], key=lambda a: (a["arm"], a.get("tag", ""), a["labelled"] or 10**6))
+    for a in order:
         d = {t: f"{a[t + '_dice']['mean']:.3f} [{a[t + '_dice']['ci'][0]:.3f}, {a[t + '_dice']['ci'][1]:.3f}]"
              for t in ("internal", "external")}
-        lines.append(f"| {a['arm']} | {a['labelled'] or 'all'} | {a['steps']} | {d['internal']} | {d['external']} | "
+        lines.append(f"| {a['arm']} | {a['labelled'] or 'all'} | {a.get('tag') or 'main'} | {a['steps']} | {d['internal']} | {d['external']} | "
                      f"{a['train_seconds']} | {a['eval_seconds']} | {a['state_bytes']} | {a['load']} |")
     lines += ["", "Per region, internal / external mean Dice:", ""]
-    for a in sorted(record["arms"], key=lambda a: (a["arm"], a["labelled"] or 10**6)):
+    for a in order:
         regions = [f"{r} {_dice(a, 'internal', r)} / {_dice(a, 'external', r)}" for r in REGIONS]
-        lines.append(f"- {a['arm']} {a['labelled'] or 'all'}: " + ", ".join(regions))
+        lines.append(f"- {a['arm']} {a['labelled'] or 'all'} ({a.get('tag') or 'main'}): " + ", ".join(regions))
     tuning = [json.loads(p.read_text()) for p in sorted(out.glob("tune-*.json"))]
     if tuning:
         lines += ["", "Tuning (scored on the `pretrain` split, never on a test set):", "",
@@ -171,22 +172,28 @@ def figure(record: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = plt.subplots(figsize=(6, 4))
     sizes = sorted({r["labelled"] for r in record["arms"]}, key=lambda n: n or 10**6)
+    tags = sorted({r.get("tag", "") for r in record["arms"]})
     for i, (arm, colour) in enumerate((("pretrained", "C0"), ("scratch", "C1"), ("dynunet", "C2"))):
-        rows = sorted((r for r in record["arms"] if r["arm"] == arm), key=lambda r: r["labelled"] or 10**6)
-        for test, style, shift in (("internal", "-o", -0.05), ("external", "--s", 0.05)):
-            xs = [sizes.index(r["labelled"]) + shift + 0.02 * i for r in rows]
-            ys = [r[f"{test}_dice"]["mean"] for r in rows]
-            lo = [r[f"{test}_dice"]["ci"][0] for r in rows]
-            hi = [r[f"{test}_dice"]["ci"][1] for r in rows]
-            ax.errorbar(xs, ys, yerr=[[y - a for y, a in zip(ys, lo)], [b - y for y, b in zip(ys, hi)]], fmt=style,
-                        color=colour, capsize=3, label=f"{arm} {test}")
+        for k, tag in enumerate(tags):  # one line per run (main, other seeds): seeds drawn fainter
+            rows = sorted((r for r in record["arms"] if r["arm"] == arm and r.get("tag", "") == tag),
+                          key=lambda r: r["labelled"] or 10**6)
+            if not rows:
+                continue
+            for test, style, shift in (("internal", "-o", -0.08), ("external", "--s", 0.08)):
+                xs = [sizes.index(r["labelled"]) + shift + 0.025 * i + 0.012 * k for r in rows]
+                ys = [r[f"{test}_dice"]["mean"] for r in rows]
+                lo = [r[f"{test}_dice"]["ci"][0] for r in rows]
+                hi = [r[f"{test}_dice"]["ci"][1] for r in rows]
+                ax.errorbar(xs, ys, yerr=[[y - a for y, a in zip(ys, lo)], [b - y for y, b in zip(ys, hi)]], fmt=style,
+                            color=colour, capsize=3, alpha=1.0 if not tag else 0.45,
+                            label=f"{arm} {test}" + (f" ({tag})" if tag else ""))
     ax.set_xticks(range(len(sizes)), [str(n or "all") for n in sizes])
     ax.set_xlim(-0.5, len(sizes) - 0.5)
     ax.set_xlabel("labelled training volumes")
     ax.set_ylabel("mean Dice (95% bootstrap CI)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
