@@ -148,6 +148,12 @@ def report(out: Path) -> None:
     for a in order:
         regions = [f"{r} {_dice(a, 'internal', r)} / {_dice(a, 'external', r)}" for r in REGIONS]
         lines.append(f"- {a['arm']} {a['labelled'] or 'all'} ({a.get('tag') or 'main'}): " + ", ".join(regions))
+    lines += ["", "Pretrained minus scratch, paired by test study (mean Dice of a study's present structures; "
+              "95% bootstrap over studies):", ""]
+    for a in (a for a in order if a["arm"] == "pretrained"):
+        tag = f"-{a['tag']}" if a.get("tag") else ""
+        diffs = [f"{test} {paired_difference(out, a['labelled'], tag, test)}" for test in ("internal", "external")]
+        lines.append(f"- {a['labelled'] or 'all'} labelled ({a.get('tag') or 'main'}): " + ", ".join(diffs))
     tuning = [json.loads(p.read_text()) for p in sorted(out.glob("tune-*.json"))]
     if tuning:
         lines += ["", "Tuning (scored on the `pretrain` split, never on a test set):", "",
@@ -159,6 +165,27 @@ def report(out: Path) -> None:
                              f"{v['mean']:.3f} [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}] | {a['train_seconds']} | {a['load']} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def paired_difference(out: Path, labelled: int, tag: str, test: str, n_boot: int = 2000) -> str:
+    """Pretrained minus scratch on the same studies of ``test``: mean and 95% percentile bootstrap."""
+    import numpy as np
+    import pandas as pd
+
+    def per_study(arm):
+        cases = out / "eval" / f"seg3d-bench-{arm}-{labelled}{tag}" / "cases.csv"
+        if not cases.is_file():
+            return None
+        frame = pd.read_csv(cases)
+        frame = frame[(frame["set"] == test) & frame["present"]]
+        return frame.groupby("study")["dice"].mean()
+
+    pre, scr = per_study("pretrained"), per_study("scratch")
+    if pre is None or scr is None:
+        return "–"
+    d = (pre - scr.reindex(pre.index)).to_numpy()
+    boot = np.random.default_rng(0).choice(d, (n_boot, len(d))).mean(axis=1)
+    return f"{d.mean():+.3f} [{np.quantile(boot, 0.025):+.3f}, {np.quantile(boot, 0.975):+.3f}] (n={len(d)})"
 
 
 def _dice(arm: dict, test: str, region: str) -> str:
@@ -182,7 +209,7 @@ def figure(record: dict, path: Path) -> None:
             if not rows:
                 continue
             for test, style, shift in (("internal", "-o", -0.08), ("external", "--s", 0.08)):
-                xs = [sizes.index(r["labelled"]) + shift + 0.025 * i + 0.012 * k for r in rows]
+                xs = [sizes.index(r["labelled"]) + shift + 0.045 * i + 0.015 * k for r in rows]
                 ys = [r[f"{test}_dice"]["mean"] for r in rows]
                 lo = [r[f"{test}_dice"]["ci"][0] for r in rows]
                 hi = [r[f"{test}_dice"]["ci"][1] for r in rows]
