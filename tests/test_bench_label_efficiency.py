@@ -20,7 +20,7 @@ TINY = {
                          "splits.pretrain=0.3 splits.train=0.4 splits.val=0.1 splits.test=0.2",
     "BENCH_PRETRAIN_ARGS": "launcher=local optim.total_steps=2 optim.warmup_steps=1 checkpoint_every=2 log_every=1 "
                            "batch_size=2",
-    "BENCH_STUDY_ARGS": "seeds=[0,1] max_concurrent_trials=2",
+    "BENCH_STUDY_ARGS": "seeds=[0] max_concurrent_trials=2",
     "BENCH_LE_ARGS": 'fractions=[0.1,1.0] overrides=["shards=data/shards/bench","cache_dir=cache/bench",'
                      '"backbones.sag=hub/bench/knee-sag","backbones.cor=hub/bench/knee-cor","backbones.ax=hub/bench/knee-ax",'
                      '"train.cover_labels=true","labels=[effusion,cartilage_bml]","train.epochs=3",'

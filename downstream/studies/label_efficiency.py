@@ -13,7 +13,7 @@ from shards.report import Report
 
 from .config import StudyConfig
 from .plots import plot_bands
-from .summary import aggregate, errors_table, fmt_ci, paired_difference
+from .summary import PatientBootstrap, aggregate, errors_table, fmt_ci, paired_difference
 from .trials import make_spec
 
 PRETRAINED = ("diffusion", "probe")  # the task's head and the reference probe on the pretrained features
@@ -45,7 +45,7 @@ def report(cfg: StudyConfig, trials: pd.DataFrame, run_dir: Path) -> Report:
         rep.image(plot_bands(agg, "fraction", "model", plots / "label_efficiency.png", "fraction of labelled training patients",
                              f"macro {metric.upper()} (test)", f"{Path(cfg.task).stem}: label efficiency"),
                   f"macro {metric.upper()} vs training fraction, {cfg.ci:.0%} bands")
-        _differences(rep, trials, agg, metric, cfg.ci)
+        _differences(rep, trials, agg, metric, cfg.ci, run_dir)
         _per_label(rep, trials, cfg.ci)
     failed = errors_table(trials)
     if len(failed):
@@ -64,8 +64,7 @@ def _wide(agg: pd.DataFrame) -> pd.DataFrame:
 
 
 def _per_label(rep: Report, trials: pd.DataFrame, ci: float) -> None:
-    labels = [c[len("auroc."):] for c in trials.columns
-              if c.startswith("auroc.") and not c.endswith(("_lo", "_hi"))]
+    labels = _labels(trials)
     if not labels:
         return
     rep.heading("Per-label AUROC")
@@ -77,30 +76,59 @@ def _per_label(rep: Report, trials: pd.DataFrame, ci: float) -> None:
     rep.table(pd.DataFrame([{"fraction": f"{f:g}", "model": m} | row for (f, m), row in sorted(cells.items())]))
 
 
-def _differences(rep: Report, trials: pd.DataFrame, agg: pd.DataFrame, metric: str, ci: float) -> None:
+def _differences(rep: Report, trials: pd.DataFrame, agg: pd.DataFrame, metric: str, ci: float,
+                 run_dir: Path) -> None:
     models = set(agg["model"])
     pretrained = [m for m in PRETRAINED if m in models]
     baselines = sorted(models - set(PRETRAINED))
     if not pretrained or not baselines:
         return
-    rep.heading("Pretrained minus baseline (paired by seed)")
+    bootstrap = metric == "auroc" and (run_dir / "trials").is_dir()
+    rep.heading("Pretrained minus baseline (paired)")
+    rep.text(f"Δ = pretrained minus baseline, mean over seeds. Two {ci:.0%} intervals: Student's t over the "
+             f"per-seed differences (seed-to-seed variation; wide with few seeds) and"
+             + (" a paired bootstrap over the test patients (1,000 draws; each draw resamples the patients once "
+                "for both models and every seed, so it is the interval test-set sampling leaves around the "
+                "seed-mean difference)." if bootstrap else " no patient bootstrap (only for AUROC)."))
+    boot = PatientBootstrap(run_dir, _labels(trials)) if bootstrap else None
     table, lines = [], []
     for model in pretrained:
         for base in baselines:
             diff = paired_difference(trials, ["fraction"], "model", model, base, metric, ci)
             for _, r in diff.iterrows():
-                table.append({"fraction": f"{r['fraction']:g}", "pretrained": model, "baseline": base,
-                              f"Δ macro {metric.upper()}": fmt_ci(r["difference"], r["lo"], r["hi"]),
-                              "seeds": int(r["n_seeds"])})
-            for _, r in diff[diff["fraction"].isin([diff["fraction"].min(), 0.1])].iterrows():
-                lines.append(f"At fraction {r['fraction']:g}, {model} minus {base} is "
-                             f"{fmt_ci(r['difference'], r['lo'], r['hi'])}; the interval {_verdict(r)}.")
+                row = {"fraction": f"{r['fraction']:g}", "pretrained": model, "baseline": base,
+                       f"Δ macro {metric.upper()} [t over seeds]": fmt_ci(r["difference"], r["lo"], r["hi"]),
+                       "seeds": int(r["n_seeds"])}
+                paired = boot.difference(_paired_trials(trials, r["fraction"], model, base), model, base, ci) if boot else None
+                if boot:
+                    row["[patient bootstrap]"] = f"[{paired['lo']:.3f}, {paired['hi']:.3f}]" if paired else "n/a"
+                table.append(row)
+                if r["fraction"] in (diff["fraction"].min(), 0.1):
+                    lines.append(_line(r, model, base, paired))
     rep.table(pd.DataFrame(table))
     for line in lines:
         rep.text(line)
 
 
-def _verdict(r) -> str:
-    if r["n_seeds"] < 2:
-        return "has no interval (one seed)"
-    return "is above zero" if r["lo"] > 0 else "is below zero" if r["hi"] < 0 else "includes zero"
+def _labels(trials: pd.DataFrame) -> list[str]:
+    return [c[len("auroc."):] for c in trials.columns if c.startswith("auroc.") and not c.endswith(("_lo", "_hi"))]
+
+
+def _paired_trials(trials: pd.DataFrame, fraction: float, a: str, b: str) -> list[str]:
+    """Trials (one per seed) at ``fraction`` where both ``a`` and ``b`` finished."""
+    ok = trials[trials["error"].isna() & (trials["fraction"] == fraction)]
+    both = set(ok[ok["model"] == a]["trial"]) & set(ok[ok["model"] == b]["trial"])
+    return sorted(both)
+
+
+def _line(r, model: str, base: str, boot: dict | None) -> str:
+    text = f"At fraction {r['fraction']:g}, {model} minus {base} is {fmt_ci(r['difference'], r['lo'], r['hi'])} over seeds; "
+    text += "one seed gives no such interval" if r["n_seeds"] < 2 else f"that interval {_verdict(r['lo'], r['hi'])}"
+    if boot is not None:
+        text += (f"; the paired patient-bootstrap interval [{boot['lo']:.3f}, {boot['hi']:.3f}] "
+                 f"{_verdict(boot['lo'], boot['hi'])}")
+    return text + "."
+
+
+def _verdict(lo: float, hi: float) -> str:
+    return "is above zero" if lo > 0 else "is below zero" if hi < 0 else "includes zero"

@@ -4,16 +4,24 @@ Across seeds (each seed redraws the training subset and the head's initialisatio
 Student's t on the per-seed values. With a single seed it falls back to that trial's own
 percentile bootstrap over test patients (computed by ``downstream.metrics``). A paired difference
 (pretrained minus a baseline, in-domain minus cross-domain) is taken per seed first, so the
-shared test set's difficulty cancels.
+shared test set's difficulty cancels. With few seeds that t-interval is wide; the paired patient
+bootstrap (:class:`PatientBootstrap`) resamples the shared test patients instead, the
+same draw for both models and every seed, and gives the interval of the seed-mean difference that
+test-set sampling leaves.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from scipy import stats
+
+from ..metrics import patient_level
 
 
 def seed_interval(values, ci: float = 0.95) -> tuple[float, float, float, int]:
@@ -59,6 +67,84 @@ def paired_difference(trials: pd.DataFrame, by: list[str], column: str, a, b, me
         rows.append(dict(zip(by, keys if isinstance(keys, tuple) else (keys,))) |
                     {"difference": mean, "lo": lo, "hi": hi, "n_seeds": n})
     return pd.DataFrame(rows)
+
+
+def draw_aurocs(y: np.ndarray, p: np.ndarray, draws: np.ndarray) -> np.ndarray:
+    """AUROC of scores ``p`` for labels ``y`` (0/1, NaN = unknown, excluded) on each row of patient
+    indices ``draws`` (Mann-Whitney on average ranks, as scikit-learn); NaN where a draw holds one
+    class only."""
+    yd, pd_ = y[draws], p[draws]
+    known = np.isfinite(yd)
+    ranks = stats.rankdata(np.where(known, pd_, np.nan), axis=1, nan_policy="omit")
+    pos = known & (yd == 1)
+    n_pos, n_neg = pos.sum(1), (known & (yd == 0)).sum(1)
+    rank_sum = np.where(pos, ranks, 0.0).sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    return np.where((n_pos > 0) & (n_neg > 0), auc, np.nan)
+
+
+def macro_auroc_draws(frame: pd.DataFrame, labels: list[str], model: str, draws: np.ndarray) -> np.ndarray:
+    """Macro AUROC (mean over the labels with both classes in the draw) of ``model``'s patient-level
+    scores (columns ``model/label``; ``frame`` is patient level) per row of ``draws``."""
+    per = np.stack([draw_aurocs(frame[label].to_numpy(float), frame[f"{model}/{label}"].to_numpy(float), draws)
+                    for label in labels], axis=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a draw with one class in every label stays NaN
+        return np.nanmean(per, axis=1)
+
+
+class PatientBootstrap:
+    """Paired bootstrap over the test patients that a study's trials share: each draw resamples the
+    patients once, and every trial and model is scored on that same draw, so differences between
+    models (and their means over seeds) keep the pairing. Draw 0 is the observed sample."""
+
+    def __init__(self, run_dir: Path, labels: list[str], n_boot: int = 1000, seed: int = 0):
+        self.run_dir, self.labels, self.n_boot, self.seed = Path(run_dir), labels, n_boot, seed
+        self.patients: list[str] | None = None
+        self.draws: np.ndarray | None = None
+        self._frames: dict[str, pd.DataFrame | None] = {}
+        self._macro: dict[tuple[str, str], np.ndarray] = {}
+
+    def frame(self, trial: str) -> pd.DataFrame | None:
+        """The trial's evaluation predictions at the patient level, in the shared patient order; None
+        without ``study_predictions.csv`` or when its patients differ from the first trial's."""
+        if trial not in self._frames:
+            path = self.run_dir / "trials" / trial / "study_predictions.csv"
+            frame = None
+            if path.is_file():
+                study = pd.read_csv(path, dtype={"patient": str})
+                frame = patient_level(study, self.labels, [c for c in study.columns if "/" in c])
+                if self.patients is None:
+                    self.patients = list(frame["patient"])
+                    rng = np.random.default_rng(self.seed)
+                    n = len(self.patients)
+                    self.draws = np.vstack([np.arange(n), rng.integers(0, n, (self.n_boot, n))])
+                frame = (frame.set_index("patient").loc[self.patients].reset_index()
+                         if sorted(frame["patient"]) == sorted(self.patients) else None)
+            self._frames[trial] = frame
+        return self._frames[trial]
+
+    def macro(self, trial: str, model: str) -> np.ndarray | None:
+        if (trial, model) not in self._macro:
+            frame = self.frame(trial)
+            if frame is None:
+                return None
+            self._macro[trial, model] = macro_auroc_draws(frame, self.labels, model, self.draws)
+        return self._macro[trial, model]
+
+    def difference(self, trials: list[str], a: str, b: str, ci: float = 0.95) -> dict | None:
+        """Macro AUROC of ``a`` minus ``b`` averaged over ``trials`` (one per seed), with the percentile
+        interval of that mean over the draws; None when a trial lacks comparable predictions."""
+        parts = [(self.macro(t, a), self.macro(t, b)) for t in trials]
+        if not parts or any(x is None or y is None for x, y in parts):
+            return None
+        diff = np.mean([x - y for x, y in parts], axis=0)
+        boot = diff[1:][np.isfinite(diff[1:])]
+        lo, hi = (np.percentile(boot, [(1 - ci) / 2 * 100, (1 + ci) / 2 * 100]) if len(boot)
+                  else (float("nan"), float("nan")))
+        return {"difference": float(diff[0]), "lo": float(lo), "hi": float(hi), "n_seeds": len(trials),
+                "n_patients": len(self.patients)}
 
 
 def _median(values: pd.Series) -> float:

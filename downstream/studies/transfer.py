@@ -13,7 +13,7 @@ from ..finetune import resolve_task
 from .config import StudyConfig
 from .plots import plot_heatmap
 from .pretrained import backbone_overrides, needed
-from .summary import aggregate, errors_table, fmt_ci, paired_difference
+from .summary import PatientBootstrap, aggregate, errors_table, fmt_ci, paired_difference
 from .trials import make_spec
 
 PRETRAINED, PROBE, RANDOM = "diffusion", "probe", "random_backbone"
@@ -70,7 +70,7 @@ def report(cfg: StudyConfig, trials: pd.DataFrame, run_dir: Path) -> Report:
                                "backbone pretrained on", cmap="RdYlGn", center=0.5),
                   "source x target heatmap of the mean metric")
         rep.text(_in_joint_note(cfg))
-        _differences(rep, cfg, ok)
+        _differences(rep, cfg, ok, run_dir)
     failed = errors_table(trials)
     if len(failed):
         rep.heading("Failed trials")
@@ -78,20 +78,37 @@ def report(cfg: StudyConfig, trials: pd.DataFrame, run_dir: Path) -> Report:
     return rep
 
 
-def _differences(rep: Report, cfg: StudyConfig, ok: pd.DataFrame) -> None:
-    """Pretrained (first source) minus each baseline, paired by seed, per target."""
-    first = ok[ok["source"] == next(iter(cfg.sources))]
+def _differences(rep: Report, cfg: StudyConfig, ok: pd.DataFrame, run_dir: Path) -> None:
+    """Pretrained (first source) minus each baseline per target: t interval over seeds and, for AUROC,
+    the paired bootstrap over the target's test patients (see ``summary.PatientBootstrap``)."""
+    first = ok[(ok["source"] == next(iter(cfg.sources))) & ok["error"].isna()]
     baselines = sorted(set(first["model"]) - {PRETRAINED, PROBE})
+    boots = {target: PatientBootstrap(run_dir, _target_labels(group)) for target, group in first.groupby("target")}
     rows = []
     for model in (PRETRAINED, PROBE):
         for base in baselines:
             diff = paired_difference(first, ["target"], "model", model, base, cfg.metric, cfg.ci)
-            rows += [{"target": r["target"], "pretrained": _row(cfg, next(iter(cfg.sources)), model), "baseline": base,
-                      f"Δ macro {cfg.metric.upper()}": fmt_ci(r["difference"], r["lo"], r["hi"]),
-                      "seeds": int(r["n_seeds"])} for _, r in diff.iterrows()]
+            for _, r in diff.iterrows():
+                row = {"target": r["target"], "pretrained": _row(cfg, next(iter(cfg.sources)), model), "baseline": base,
+                       f"Δ macro {cfg.metric.upper()} [t over seeds]": fmt_ci(r["difference"], r["lo"], r["hi"]),
+                       "seeds": int(r["n_seeds"])}
+                if cfg.metric == "auroc":
+                    group = first[first["target"] == r["target"]]
+                    ids = sorted(set(group[group["model"] == model]["trial"]) & set(group[group["model"] == base]["trial"]))
+                    paired = boots[r["target"]].difference(ids, model, base, cfg.ci)
+                    row["[patient bootstrap]"] = f"[{paired['lo']:.3f}, {paired['hi']:.3f}]" if paired else "n/a"
+                rows.append(row)
     if rows:
-        rep.heading("Pretrained minus baseline (paired by seed)")
+        rep.heading("Pretrained minus baseline (paired)")
+        rep.text("Mean over seeds; intervals: Student's t over the per-seed differences, and a paired bootstrap "
+                 "over the target's test patients (one draw for both models and every seed).")
         rep.table(pd.DataFrame(rows))
+
+
+def _target_labels(group: pd.DataFrame) -> list[str]:
+    """The labels scored for one target (its non-empty ``auroc.<label>`` columns)."""
+    return [c[len("auroc."):] for c in group.columns
+            if c.startswith("auroc.") and not c.endswith(("_lo", "_hi")) and group[c].notna().any()]
 
 
 def _in_joint_note(cfg: StudyConfig) -> str:
