@@ -232,8 +232,8 @@ def test_config_errors_name_the_key(tmp_path):
     bad.write_text("name: x\nshard_size: 3\n")
     with pytest.raises(ConfigError, match=f"{bad}.*shard_size"):
         load_config(BuildConfig, bad)
-    with pytest.raises(ConfigError, match="unknown joint 'hip'"):
-        load_config(BuildConfig, None, ["synth.joints=[hip]", "synth.joint_weights=[1.0]"])
+    with pytest.raises(ConfigError, match="unknown joint 'spine'"):
+        load_config(BuildConfig, None, ["synth.joints=[spine]", "synth.joint_weights=[1.0]"])
     proc = _shards_cli(["build", "--config", str(TINY_SHARDS_CONFIG), "workerz=2"], tmp_path)
     assert proc.returncode == 2 and "workerz" in proc.stderr and not (tmp_path / "data").exists()
 
