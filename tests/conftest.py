@@ -21,21 +21,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TINY_SHARDS_CONFIG = ROOT / "configs" / "shards" / "tiny.yaml"
 # Modules whose tests start Ray (a local cluster, Ray Train, Ray Tune or `cluster up`): under
-# pytest-xdist (`make test` runs two workers) they share one worker, so the session's Ray and the
-# `cluster up` heads never start side by side on the same ports and cores.
-RAY_MODULES = {"test_cli", "test_cluster", "test_integrity", "test_pretrain", "test_recon_e2e",
-               "test_studies", "test_sweeps", "test_readme"}
-# Long modules that start their own local Ray in subprocesses (random ports, no `cluster up`): a group
-# of their own, so the other worker runs them beside the Ray group instead of after it.
-OWN_GROUP_MODULES = {"test_bench_label_efficiency": "bench"}
+# pytest-xdist (`make test` runs two workers) they share one worker, so two Ray clusters never start
+# side by side on the same ports and cores.
+RAY_MODULES = {"test_bench_label_efficiency", "test_cli", "test_cluster", "test_integrity", "test_pretrain",
+               "test_recon_e2e", "test_studies", "test_sweeps", "test_readme"}
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
-        if module in OWN_GROUP_MODULES:
-            item.add_marker(pytest.mark.xdist_group(OWN_GROUP_MODULES[module]))
-        elif module in RAY_MODULES or "ray_local" in getattr(item, "fixturenames", ()):
+        if module in RAY_MODULES or "ray_local" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group("ray"))
 
 

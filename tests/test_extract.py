@@ -85,8 +85,11 @@ def test_two_ray_workers_on_s3_resume_and_match_one_process(single, tiny_shards,
         prepare_planes(task, keys, manifest, cache, RayExtraction(cache, task.features, stop_after_two))
     s3 = s3fs.S3FileSystem()
     assert [p.rsplit("/", 1)[-1] for p in s3.ls(url)] == [".parts"]  # nothing assembled yet
+    # the other worker may finish a part while the interrupt propagates: count what was kept
+    kept = len(s3.glob(f"{url}/.parts/*/*/checksums.json"))
+    assert kept >= 2
     summary = run_features("knee-dx", args, tmp_path / "run")
-    assert summary["cache_misses"] == 3 and summary["parts_skipped"] == 2     # finished parts were kept
+    assert summary["cache_misses"] == 3 and summary["parts_skipped"] == kept  # finished parts were kept
     assert summary["workers_stats"]["devices"] == ["cpu", "cpu"]
     fetched = tmp_path / "fetched"                               # what another machine downloads
     cache = FeatureCache(url, mirror=fetched)
