@@ -6,7 +6,8 @@ keyword dicts handed to the objective, so a new objective needs no schema change
 
 Data: the studies of ``joint``, or of several ``joints`` sampled with their mixing weights (balanced
 across anatomies, as in MosaicMRI), optionally capped at ``data.max_studies`` studies, a seeded
-subset nested across caps (the studies of a smaller cap are among those of a larger one).
+subset nested across caps (the studies of a smaller cap are among those of a larger one) that keeps a
+study of every anatomy of the mix (:func:`pretrain.objectives.study_subset`).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class DataConfig:
     num_workers: int = 1              # DataLoader worker processes per training worker
     prefetch: int = 2                 # batches prefetched per DataLoader worker
     shuffle_buffer: int = 16
-    max_studies: int = 0              # cap: the first N of a seeded permutation of the split's studies; 0 = all
+    max_studies: int = 0              # cap: the first N of a seeded, anatomy-stratified order of the split's studies; 0 = all
     subset_seed: int = 0              # seed of that permutation: for one seed, smaller caps are nested in larger
 
 

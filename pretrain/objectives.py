@@ -38,9 +38,12 @@ from .seg.objective import SegObjective
 
 
 def study_subset(cfg, plane: str, joints: dict[str, float]) -> list[str] | None:
-    """``data.max_studies`` train studies of ``joints`` with ``plane``: the first N of a permutation
-    (seed ``data.subset_seed``) of their sorted keys, so smaller caps are nested in larger ones.
-    None when uncapped. Every joint must keep a study (its sampling stream would be empty)."""
+    """``data.max_studies`` train studies of ``joints`` with ``plane``, region-stratified and nested:
+    a permutation (seed ``data.subset_seed``) of their sorted keys, reordered so that it opens with
+    each joint's first study there (in ``joints`` order); the first N of that order are the subset.
+    So every cap of at least one study per joint covers every joint (each sampling stream, each
+    region of a segmentation model, keeps a study) and smaller caps are nested in larger ones; with
+    one joint this is the plain permutation. None when uncapped."""
     import numpy as np
 
     from shards.reader import study_index
@@ -53,11 +56,14 @@ def study_subset(cfg, plane: str, joints: dict[str, float]) -> list[str] | None:
     if n > len(keys):
         raise ConfigError(f"key 'data.max_studies': {n} exceeds the {len(keys)} {cfg.data.split}-split {plane} "
                           f"studies of joints {list(joints)} in {cfg.data.source}")
-    chosen = [keys[i] for i in np.random.default_rng(cfg.data.subset_seed).permutation(len(keys))[:n]]
-    if empty := [j for j in joints if j not in {index[k] for k in chosen}]:
-        raise ConfigError(f"key 'data.max_studies': the {n} studies drawn hold no {plane} study of {empty}; "
-                          "raise the cap or drop those joints")
-    return chosen
+    if n < len(joints):
+        raise ConfigError(f"key 'data.max_studies': {n} studies cannot cover the {len(joints)} joints "
+                          f"{list(joints)} (one study each at least); raise the cap or drop joints")
+    order = [keys[i] for i in np.random.default_rng(cfg.data.subset_seed).permutation(len(keys))]
+    if empty := [j for j in joints if j not in index.values()]:
+        raise ConfigError(f"key 'joints': {empty} have no {cfg.data.split}-split {plane} study in {cfg.data.source}")
+    firsts = [next(k for k in order if index[k] == j) for j in joints]
+    return (firsts + [k for k in order if k not in set(firsts)])[:n]
 
 
 class DiffusionObjective:

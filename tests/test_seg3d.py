@@ -225,6 +225,50 @@ def region_shards(tmp_path_factory):
     return root
 
 
+def test_labelled_subsets_are_nested_seeded_and_cover_every_region(region_shards, tmp_path):
+    """A segmentation label-efficiency study's subsets: every cap from one study per region up keeps a
+    study of each region of the training split (a random draw of that many would not), smaller caps are
+    nested in larger ones, the seed decides; a cap below one per region is refused before anything is
+    written."""
+    from dataclasses import replace
+
+    from pretrain.config import PretrainConfig
+    from pretrain.objectives import build_objective, study_subset
+    from shards.config import ConfigError, load_config
+    from shards.manifest import load_manifest
+    from shards.reader import study_index
+
+    internal = region_shards / "internal"
+    manifest, index = load_manifest(str(internal)), study_index(str(internal), "train", "sag")
+    regions = sorted(set(index.values()))  # the tiny split has no study of some region
+    assert len(regions) >= 4
+
+    base = load_config(PretrainConfig, "configs/pretrain/seg3d-tiny.yaml", [
+        f"data.source={internal}", f"run_root={tmp_path / 'runs'}", f"storage_path={tmp_path / 'ckpt'}"])
+
+    def config(cap, seed):  # joints replaced, not overridden: an override would merge into the file's joints
+        return replace(base, joints=dict.fromkeys(regions, 1.0),
+                       data=replace(base.data, max_studies=cap, subset_seed=seed))
+
+    def keys(cap, seed):
+        return study_subset(config(cap, seed), "sag", dict.fromkeys(regions, 1.0))
+
+    caps = range(len(regions), len(index) + 1)
+    for seed in range(3):
+        subsets = [keys(cap, seed) for cap in caps]
+        for small, large in zip(subsets, subsets[1:]):
+            assert small == large[:len(small)]
+        assert all(len(s) == cap and {index[k] for k in s} == set(regions) for s, cap in zip(subsets, caps))
+        assert keys(len(regions) + 1, seed) == subsets[1]  # seeded: the same draw again
+    assert keys(len(regions) + 1, 0) != keys(len(regions) + 1, 1)
+    objective = build_objective(config(len(regions), 0), "sag", manifest)  # what the segmentation run trains on
+    assert objective.keys == keys(len(regions), 0) and objective.data_summary()["n_studies"] == len(regions)
+    n = len(regions)
+    with pytest.raises(ConfigError, match=rf"key 'data.max_studies': {n - 1} studies cannot cover the {n} joints"):
+        build_objective(config(n - 1, 0), "sag", manifest)
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.integration
 def test_many_structure_seg3d_end_to_end(region_shards, tmp_path):
     """Six regions, one model: train on the engine (resumable), publish, score internal vs external on

@@ -3,7 +3,8 @@ any launcher, resumable), nnU-Net-like.
 
 Run config (``configs/pretrain/seg3d-tiny.yaml``): ``objective: seg3d``, ``planes`` = the planes to
 train a model for (one model each, on that plane's native grid), ``joint``/``joints`` the anatomies
-(one class vocabulary over all of them), ``data.max_studies`` a nested subset of labelled volumes,
+(one class vocabulary over all of them), ``data.max_studies`` a nested subset of labelled volumes
+that keeps a study of every anatomy (at least one per anatomy, else refused),
 and ``model`` = a :class:`~pretrain.seg.config.SegConfig`. Each volume is z-scored (nnU-Net's MRI
 normalisation) and kept at full resolution; the loss draws ``patches_per_volume`` patches per volume
 with foreground oversampling from the loop's generator, and sums Dice + CE over the deep-supervision
