@@ -26,11 +26,14 @@ import fsspec
 import numpy as np
 import torch
 
+from pretrain.publish import load_backbone
 from shards.manifest import load_manifest, sha256_of
+from shards.schema import NPY_HEADERS
 
 from .errors import FeatureError
 from .features import (CHECKSUMS, FeatureCache, _writer, backbone_identity, digest, entry_problem,
                        extract_features, preprocess_plane)
+from .inputs import random_copy
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +90,9 @@ def read_rows(url: str, start: int, stop: int) -> np.ndarray:
     """Rows ``start:stop`` of a stored ``.npy`` (local or remote), reading only their bytes."""
     with fsspec.open(url, "rb") as f:
         version = np.lib.format.read_magic(f)
-        shape, fortran, dtype = np.lib.format._read_array_header(f, version)
+        if version not in NPY_HEADERS:
+            raise FeatureError(f"{url}: .npy format version {version} is not one the cache writes (1.0 or 2.0)")
+        shape, fortran, dtype = NPY_HEADERS[version](f)
         if fortran:
             raise FeatureError(f"{url}: Fortran-ordered array; cache entries are C-ordered")
         row = int(np.prod(shape[1:])) * dtype.itemsize
@@ -122,10 +127,6 @@ class ExtractWorker:
 
     def backbone(self, url: str, random_seed: int | None, expected: str) -> torch.nn.Module:
         if (url, random_seed) not in self.models:
-            from pretrain.publish import load_backbone
-
-            from .inputs import random_copy
-
             model = load_backbone(url)[0]
             model = random_copy(model, random_seed) if random_seed is not None else model
             if backbone_identity(model) != expected:

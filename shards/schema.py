@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from typing import Any
 
 import numpy as np
@@ -79,13 +80,35 @@ def encode_sample(sample: dict[str, Any]) -> dict[str, bytes]:
     return out
 
 
-def decode_member(suffix: str, data: bytes) -> Any:
-    """Decode one tar member by its suffix (``sag.npy``, ``meta.json``, ...)."""
+def decode_member(suffix: str, data) -> Any:
+    """Decode one tar member (bytes or a writable buffer) by its suffix (``sag.npy``, ``meta.json``, ...)."""
     if suffix.endswith(".json"):
-        return json.loads(data)
+        return json.loads(bytes(data))
     if suffix.endswith(".npy"):
-        return np.load(io.BytesIO(data), allow_pickle=False)
+        return decode_npy(data)
     raise SchemaError(f"unknown member type '{suffix}'")
+
+
+NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def decode_npy(data) -> np.ndarray:
+    """A ``.npy`` member as an array: a view of ``data`` when it is writable (no copy), else a copy.
+    The header is parsed by numpy (its size limit included); object arrays are refused (they would be
+    unpickled), as is data whose size differs from the header's shape and dtype."""
+    view = memoryview(data)
+    head = io.BytesIO(view[:16384])  # numpy refuses headers over 10,000 bytes
+    version = np.lib.format.read_magic(head)
+    if version not in NPY_HEADERS:
+        raise SchemaError(f".npy format version {version} is not supported (1.0 or 2.0)")
+    shape, fortran, dtype = NPY_HEADERS[version](head)
+    if dtype.hasobject:
+        raise SchemaError(f".npy holds an object array ({dtype}): refused, reading it would unpickle")
+    size = view.nbytes - head.tell()
+    if size != dtype.itemsize * math.prod(shape):
+        raise SchemaError(f".npy holds {size} data bytes, its header declares {dtype} {shape}")
+    arr = np.ndarray(shape, dtype, buffer=data, offset=head.tell(), order="F" if fortran else "C")
+    return arr if arr.flags.writeable else arr.copy()
 
 
 def field_of(suffix: str) -> str:

@@ -11,7 +11,7 @@ import torch
 
 from downstream.data import load_studies
 from downstream.errors import FeatureError
-from downstream.extract import RayExtraction, run_features
+from downstream.extract import RayExtraction, read_rows, run_features
 from downstream.features import FeatureCache, _writer
 from downstream.inputs import prepare_planes
 from downstream.tasks import load_task
@@ -55,56 +55,45 @@ def single(tiny_shards, tiny_hub, tmp_path_factory) -> Path:
     return cache
 
 
+class Interrupt(KeyboardInterrupt):
+    pass
+
+
 @pytest.mark.integration
-def test_ray_workers_write_single_process_entries_to_s3(single, tiny_shards, tiny_hub, tmp_path, s3_endpoint,
-                                                        ray_local, monkeypatch):
+def test_two_ray_workers_on_s3_resume_and_match_one_process(single, tiny_shards, tiny_hub, tmp_path, s3_endpoint,
+                                                            ray_local, monkeypatch):
+    """One test (each Ray actor start costs tens of seconds under load): interrupted, resumed, identical."""
+    import s3fs
+
     monkeypatch.setenv("MSKFM_FEATURE_MIRROR", str(tmp_path / "mirror"))
     env = [f"features.worker_env.{k}={v}" for k, v in                # the workers' S3 endpoint
            {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "testing",
             "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items()]
     url = "s3://mskfm-test/feature-cache"
     args = _args(tiny_shards, tiny_hub, url, "features.workers=2", *env)
-    summary = run_features("knee-dx", args, tmp_path / "run")
-    assert summary["cache_misses"] == 3 and summary["parts_written"] > 3
-    fetched = tmp_path / "fetched"                               # what another machine downloads
-    cache = FeatureCache(url, mirror=fetched)
     task = load_task("knee-dx", args)
-    prepare_planes(task, list(load_studies(task)["key"]), load_manifest(str(tiny_shards)), cache)
-    assert cache.hits == 3 and cache.misses == 0
-    _same_entries(single, cache.root)
-    import s3fs
-
-    assert not s3fs.S3FileSystem().exists(f"{url}/.parts/") or not s3fs.S3FileSystem().ls(f"{url}/.parts/")
-
-
-class Interrupt(KeyboardInterrupt):
-    pass
-
-
-@pytest.mark.integration
-def test_two_ray_workers_match_one_process_and_resume(single, tiny_shards, tiny_hub, tmp_path, ray_local):
-    cache_dir = tmp_path / "cache"
-    task = load_task("knee-dx", _args(tiny_shards, tiny_hub, cache_dir, "features.workers=2"))
     keys, manifest = list(load_studies(task)["key"]), load_manifest(str(tiny_shards))
     first: list[str] = []
 
-    def stop_after_two(url: str) -> None:
-        first.append(url)
+    def stop_after_two(part: str) -> None:
+        first.append(part)
         if len(first) == 2:
             raise Interrupt
 
-    cache = FeatureCache(cache_dir)
+    cache = FeatureCache(url)
     with pytest.raises(Interrupt):
         prepare_planes(task, keys, manifest, cache, RayExtraction(cache, task.features, stop_after_two))
-    assert not _entries(cache_dir)                               # nothing assembled yet
-    again: list[str] = []
-    cache = FeatureCache(cache_dir)
-    pool = RayExtraction(cache, task.features, again.append)
-    prepare_planes(task, keys, manifest, cache, pool)
-    assert cache.misses == 3 and not set(first) & set(again)     # finished parts were not recomputed
-    assert pool.stats["skipped"] >= 2 and pool.stats["devices"] == ["cpu", "cpu"]
-    _same_entries(single, cache_dir)
-    assert not list((cache_dir / ".parts").iterdir())            # parts are deleted once assembled
+    s3 = s3fs.S3FileSystem()
+    assert [p.rsplit("/", 1)[-1] for p in s3.ls(url)] == [".parts"]  # nothing assembled yet
+    summary = run_features("knee-dx", args, tmp_path / "run")
+    assert summary["cache_misses"] == 3 and summary["parts_skipped"] == 2     # finished parts were kept
+    assert summary["workers_stats"]["devices"] == ["cpu", "cpu"]
+    fetched = tmp_path / "fetched"                               # what another machine downloads
+    cache = FeatureCache(url, mirror=fetched)
+    prepare_planes(task, keys, manifest, cache)
+    assert cache.hits == 3 and cache.misses == 0
+    _same_entries(single, cache.root)
+    assert not s3.exists(f"{url}/.parts/") or not s3.ls(f"{url}/.parts/")  # parts are deleted once assembled
 
 
 def test_float16_storage_round_trip(single, tiny_shards, tiny_hub, tmp_path):
@@ -136,3 +125,18 @@ def test_float16_overflow_and_bad_settings_refused(tmp_path, tiny_shards, tiny_h
         load_task("knee-dx", _args(tiny_shards, tiny_hub, tmp_path, "features.chunk_rows=3"))
     with pytest.raises(ConfigError, match="features.feature_dtype 'bfloat16' is unknown"):
         load_task("knee-dx", _args(tiny_shards, tiny_hub, tmp_path, "features.feature_dtype=bfloat16"))
+
+
+def test_read_rows_reads_a_row_range_of_cache_arrays(tmp_path):
+    write, close = _writer(tmp_path, 5, "float16")                # the cache's own files (format 1.0)
+    rows = np.arange(5 * 6, dtype=np.float32).reshape(5, 2, 3)
+    for i, row in enumerate(rows):
+        write(i, {"f": row})
+    close()
+    np.testing.assert_array_equal(read_rows(str(tmp_path / "0.npy"), 1, 4), rows[1:4].astype(np.float16))
+    with open(tmp_path / "v2.npy", "wb") as f:                   # format 2.0 (large headers)
+        np.lib.format.write_array(f, rows, version=(2, 0))
+    np.testing.assert_array_equal(read_rows(str(tmp_path / "v2.npy"), 4, 5), rows[4:5])
+    np.save(tmp_path / "fortran.npy", np.asfortranarray(rows))
+    with pytest.raises(FeatureError, match="fortran.npy: Fortran-ordered"):
+        read_rows(str(tmp_path / "fortran.npy"), 0, 1)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from shards.build import BuildConfig, build_shards
 from shards.config import ConfigError, load_config
 from shards.manifest import load_manifest, split_keys, verify_shards
 from shards.reader import ShardError, ShardReader, iter_samples
-from shards.schema import SchemaError
+from shards.schema import SchemaError, decode_member
 from shards.splits import assign_split
 
 from .conftest import ROOT, TINY_SHARDS_CONFIG
@@ -136,6 +138,80 @@ def test_corrupt_member_and_sha_mismatch(tiny_shards, tmp_path):
     with pytest.raises(ShardError, match="sha256"):
         list(iter_samples(d, "val", verify=True))
     assert any(entry["url"] in p for p in verify_shards(m))
+
+
+def test_reader_returns_the_written_arrays_and_skips_unread_members(tiny_shards):
+    entry = [s for s in load_manifest(tiny_shards)["shards"] if s["split"] == "val"][0]
+    with tarfile.open(tiny_shards / entry["url"]) as tar:       # reference: tarfile and np.load
+        ref = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    samples = list(iter_samples(tiny_shards, "val", keys=entry["keys"], require=()))
+    assert [s["__key__"] for s in samples] == entry["keys"]
+    names = set()
+    for sample in samples:
+        for field, value in sample.items():
+            if field == "__key__":
+                continue
+            name = next(n for n in ref if n in (f"{sample['__key__']}.{field}.npy", f"{sample['__key__']}.{field}.json"))
+            names.add(name)
+            if name.endswith(".json"):
+                assert value == json.loads(ref[name]), name
+            else:
+                want = np.load(io.BytesIO(ref[name]), allow_pickle=False)
+                assert value.dtype == want.dtype and value.flags.writeable, name
+                np.testing.assert_array_equal(value, want)
+    assert names == set(ref)
+    labels = ShardReader(tiny_shards, "val", ("labels",), keys=entry["keys"], rank=0, world_size=1)
+    assert len(list(labels)) == len(entry["keys"])
+    assert labels.bytes_read < entry["bytes"] / 4                # the volumes were skipped, not read
+
+
+@pytest.mark.parametrize("arr", [np.zeros((0, 3), np.float32), np.array(3.5, np.float32), np.arange(5, dtype=">i4"),
+                                 np.asfortranarray(np.arange(6.0).reshape(2, 3)), np.ones((2, 3, 4), np.complex64)])
+def test_npy_members_decode_as_numpy_saved_them(arr):
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    for data in (buf.getvalue(), np.frombuffer(buf.getvalue(), np.uint8).copy()):  # bytes, writable buffer
+        got = decode_member("x.npy", data)
+        assert got.dtype == arr.dtype and got.shape == arr.shape and got.flags.writeable
+        np.testing.assert_array_equal(got, arr)
+
+
+def _replace_member(path: Path, name: str, data: bytes) -> None:
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(path, "w") as tar:
+        for m, d in members:
+            d = data if m.name == name else d
+            m.size = len(d)
+            tar.addfile(m, io.BytesIO(d))
+
+
+class _Planted:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
+def test_hostile_npy_members_are_refused_naming_shard_and_member(tiny_shards, tmp_path):
+    d = _copy(tiny_shards, tmp_path / "s")
+    entry = [s for s in load_manifest(d)["shards"] if s["split"] == "val"][0]
+    key, path = entry["keys"][1], d / entry["url"]
+    member = f"{key}.sag.npy"
+    planted = np.empty(1, dtype=object)
+    planted[0] = _Planted(tmp_path / "pickle-ran")
+    buf = io.BytesIO()
+    np.save(buf, planted, allow_pickle=True)
+    _replace_member(path, member, buf.getvalue())
+    with pytest.raises(ShardError, match=rf"{entry['url']}: sample '{key}' \(member {member}\).*object array"):
+        list(iter_samples(d, "val", ("sag",)))
+    assert not (tmp_path / "pickle-ran").exists()
+    with tarfile.open(tiny_shards / entry["url"]) as tar:
+        good = tar.extractfile(member).read()
+    _replace_member(path, member, good[:-100])                      # data shorter than its header says
+    with pytest.raises(ShardError, match=rf"{entry['url']}: sample '{key}' \(member {member}\).*data bytes"):
+        list(iter_samples(d, "val", ("sag",)))
 
 
 def test_unknown_schema_version_is_refused(tiny_shards, tmp_path):
