@@ -199,7 +199,7 @@ def figure(record: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(8, 4))
     sizes = sorted({r["labelled"] for r in record["arms"]}, key=lambda n: n or 10**6)
     tags = sorted({r.get("tag", "") for r in record["arms"]})
     for i, (arm, colour) in enumerate((("pretrained", "C0"), ("scratch", "C1"), ("dynunet", "C2"))):
@@ -208,7 +208,7 @@ def figure(record: dict, path: Path) -> None:
                           key=lambda r: r["labelled"] or 10**6)
             if not rows:
                 continue
-            for test, style, shift in (("internal", "-o", -0.08), ("external", "--s", 0.08)):
+            for test, style, shift in (("internal", "-o", -0.1), ("external", "--s", 0.1)):
                 xs = [sizes.index(r["labelled"]) + shift + 0.045 * i + 0.015 * k for r in rows]
                 ys = [r[f"{test}_dice"]["mean"] for r in rows]
                 lo = [r[f"{test}_dice"]["ci"][0] for r in rows]
@@ -220,7 +220,7 @@ def figure(record: dict, path: Path) -> None:
     ax.set_xlim(-0.5, len(sizes) - 0.5)
     ax.set_xlabel("labelled training volumes")
     ax.set_ylabel("mean Dice (95% bootstrap CI)")
-    ax.legend(fontsize=6, ncol=2)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
