@@ -34,6 +34,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group("ray"))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op torch thread for a module's in-process training (modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``): on the shared CI cores it is 4-20x
+    faster than torch's default pool."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory) -> Path:
     """Study shards (knee, ankle, shoulder; 8x32x32 planes) plus recon shards under ``recon/``."""

@@ -34,13 +34,7 @@ FAST = ["train.epochs=3", "baselines.epochs=1", "baselines.cnn_channels=[4,4,8,8
         "features.timesteps=[10]", "features.blocks=[mid,up.1]"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The CI machine is shared: one intra-op thread avoids oversubscription (it is 4-20x faster)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def task_args(tiny_shards, tiny_hub, tmp_path, planes=PLANES) -> list[str]:

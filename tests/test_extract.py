@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from downstream.data import load_studies
 from downstream.errors import FeatureError
@@ -22,12 +21,7 @@ FAST = ["planes=[sag]", "features.timesteps=[10]", "features.blocks=[mid,up.1]",
         "features.chunk_rows=4", "baselines.names=[random_backbone]"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _args(shards, hub, cache, *extra) -> list[str]:

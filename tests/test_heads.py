@@ -26,12 +26,7 @@ from downstream.train import fit, fit_selected, label_losses, label_rows, masked
 from tests.test_downstream import task_args
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def scaled_maps(n=60, seed=0):

@@ -32,12 +32,7 @@ TINY_KW = dict(model_channels=8, channel_mult=(1, 2), attention_levels=(False, T
                preprocessing={"plane": "sag", "shape": [8, 32, 32], "spatial": "crop_resize", "intensity": "minmax"})
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def cosine_betas(n: int, s: float = 0.008) -> np.ndarray:
