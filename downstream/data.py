@@ -77,21 +77,34 @@ def check_task(task: TaskConfig) -> dict:
     return manifest
 
 
+def task_splits(task: TaskConfig) -> tuple[str, ...]:
+    """The splits a task reads: training, selection (when on) and evaluation."""
+    t = task.train
+    return tuple(dict.fromkeys(s for s in (t.train_split, t.select_split, t.eval_split) if s))
+
+
 def load_studies(task: TaskConfig) -> pd.DataFrame:
-    """One row per study of the task's joint having all its planes: key, patient, split, labels
-    (1.0 / 0.0 / NaN for unknown; a multiclass/ordinal label also as one-hot ``<label>=<class>``
-    outputs, :mod:`downstream.labels`) and ``ehr.<field>`` columns. Rows are sorted by key. A segmentation
-    task keeps only the studies with a label map of its plane (real data labels some studies only)."""
+    """One row per study of the task's joint having all its planes, in the splits the task reads
+    (:func:`task_splits`; a large unlabelled ``pretrain`` pool gets no volumes or features): key,
+    patient, split, labels (1.0 / 0.0 / NaN for unknown; a multiclass/ordinal label also as one-hot
+    ``<label>=<class>`` outputs, :mod:`downstream.labels`) and ``ehr.<field>`` columns. Rows are sorted
+    by key. A segmentation task keeps only the studies with a label map of its plane (real data labels
+    some studies only)."""
     specs = dataset_of(load_manifest(task.shards)).anatomy(task.joint).labels if task.kind == "diagnosis" else {}
     segs = tuple(f"{p}.seg" for p in task.planes) if task.kind == "segmentation" else ()
     reader = ShardReader(task.shards, split=None, fields=("meta", "labels", "ehr", *segs), require=(),
                          joints=[task.joint], rank=0, world_size=1)
-    rows = []
+    wanted = task_splits(task)
+    rows, seen = [], set()
     for s in reader:
         meta = s["meta"]
         if not all(p in meta.get("planes", {}) for p in task.planes) or not all(f in s for f in segs):
             continue
-        row = {"key": s["__key__"], "patient": meta["patient"], "split": meta.get("split", "train"),
+        split = meta.get("split", "train")
+        seen.add(split)
+        if split not in wanted:
+            continue
+        row = {"key": s["__key__"], "patient": meta["patient"], "split": split,
                "site": meta.get("site"), "field_strength": meta.get("field_strength"),
                "vendor": meta.get("vendor")}
         labels = s.get("labels") or {}
@@ -105,9 +118,15 @@ def load_studies(task: TaskConfig) -> pd.DataFrame:
         first = meta["planes"][task.planes[0]]
         row["spacing"], row["shape"] = list(first["spacing"]), list(first["shape"])
         rows.append(row)
-    if not rows:
+    if not seen:
         raise ConfigError(f"task '{task.name}': no {task.joint} study in {task.shards} has all planes {task.planes}"
                           + (" with a label map" if segs else ""))
+    absent = [s for s in wanted if s not in seen]
+    if absent:
+        raise ConfigError(f"task '{task.name}': split(s) {absent} have no {task.joint} studies; "
+                          f"splits: {', '.join(sorted(seen))}"
+                          + (' (or train.select_split="" to train without selection)'
+                             if task.train.select_split in absent else ""))
     return pd.DataFrame(rows).sort_values("key").reset_index(drop=True)
 
 

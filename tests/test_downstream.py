@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from downstream import cli
-from downstream.data import check_manifest
+from downstream.data import check_manifest, load_studies
 from downstream.features import FeatureCache, FeatureError, backbone_identity, cached_features
 from downstream.finetune import run_finetune
 from downstream.heads.ehr import EHRFusion, EHRHead, encode_tabular, fit_tabular
@@ -294,6 +294,19 @@ def test_bad_input_named_before_compute(tiny_shards, tiny_hub, tmp_path):
         check_manifest(task, no_acl)
     with pytest.raises(ConfigError, match="features.blocks \\['up.7'\\] do not exist"):
         run_finetune("ankle-dx", args + ["features.blocks=[up.7]"])
+
+
+def test_studies_of_unread_splits_are_not_loaded(tiny_shards, tiny_hub, tmp_path):
+    """Only the splits a task reads get volumes and features: a large unlabelled ``pretrain`` pool
+    (the benchmark's) would otherwise cost feature extraction no head ever uses."""
+    args = task_args(tiny_shards, tiny_hub, tmp_path)
+    assert set(load_studies(load_task("knee-dx", args))["split"]) == {"train", "val", "test"}
+    no_selection = load_studies(load_task("knee-dx", [*args, 'train.select_split=""']))
+    assert set(no_selection["split"]) == {"train", "test"}
+    on_val = load_studies(load_task("knee-dx", [*args, 'train.select_split=""', "train.eval_split=val"]))
+    assert set(on_val["split"]) == {"train", "val"}
+    with pytest.raises(ConfigError, match=r"split\(s\) \['pretrain'\] have no knee studies; splits: test, train, val"):
+        load_studies(load_task("knee-dx", [*args, "train.eval_split=pretrain"]))
 
 
 # ----- end to end -------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import pandas as pd
 
 from shards.config import ConfigError
 
-from ..data import check_task, load_studies, split_rows
+from ..data import check_task, load_studies, split_rows, task_splits
 from ..features import FeatureCache
 from ..finetune import resolve_task, run_finetune
 from ..inputs import prepare_planes
@@ -62,7 +62,7 @@ def check_specs(specs: list[dict]) -> None:
         where = f"trial {spec['id']}"
         try:
             manifest = check_task(task)
-            key = (task.shards, task.joint, tuple(task.planes), tuple(task.labels))
+            key = (task.shards, task.joint, tuple(task.planes), tuple(task.labels), task_splits(task))
             if key not in frames:
                 frames[key] = load_studies(task)
             frame = frames[key]
@@ -73,7 +73,7 @@ def check_specs(specs: list[dict]) -> None:
             _check_positives(frame.iloc[train_rows], task, where)
         features = json.dumps([task.shards, task.cache_dir, task.joint, task.backbones, task.planes,
                                task.features.__dict__, "random_backbone" in task.baselines.names,
-                               task.kind, task.train.seed if "random_backbone" in task.baselines.names else 0],
+                               task.kind, task_splits(task), task.train.seed if "random_backbone" in task.baselines.names else 0],
                               sort_keys=True, default=str)
         if features not in prepared:
             prepared.add(features)
