@@ -162,6 +162,7 @@ def run_diagnosis(task, frame: pd.DataFrame, planes: dict[str, PlaneData], rows:
 def run_baselines(task, frame: pd.DataFrame, planes: dict[str, PlaneData], y: np.ndarray, rows: dict) -> dict[str, dict]:
     out = {}
     b = task.baselines
+    epochs = b.epochs_for(len(rows["train"]), task.train.batch_size)
     for name in b.names:
         seed_everything(task.train.seed)
         if name == "random_backbone":
@@ -172,9 +173,9 @@ def run_baselines(task, frame: pd.DataFrame, planes: dict[str, PlaneData], y: np
                 out[f"{name}_probe"] = run_probe(task, feats, channels, frame, y, rows)
         elif name == "scratch_cnn":
             out[name] = train_predict(task, lambda: Scratch3DClassifier(list(planes), len(task.labels), b.cnn_channels),
-                                      volume_batcher(planes, y), y, rows, name, epochs=b.epochs, lr=b.lr)
+                                      volume_batcher(planes, y), y, rows, name, epochs=epochs, lr=b.lr)
         elif name == "mrnet_2d":
             out[name] = train_predict(task, lambda: MRNet2D(list(planes), len(task.labels), b.encoder_2d, b.cnn_channels),
-                                      volume_batcher(planes, y), y, rows, name, epochs=b.epochs, lr=b.lr)
+                                      volume_batcher(planes, y), y, rows, name, epochs=epochs, lr=b.lr)
             out[name]["encoder"] = out[name]["model"].source
     return out

@@ -63,7 +63,9 @@ def run_segmentation(task, frame: pd.DataFrame, data: PlaneData, train_rows: np.
             batcher(data.random_features), task.train.epochs, task.train.lr)
     if "scratch_cnn" in task.baselines.names:
         candidates["scratch_cnn"] = (lambda: Scratch3DSegmenter(plane, n_classes, task.baselines.cnn_channels),
-                                     batcher("volumes"), task.baselines.epochs, task.baselines.lr)
+                                     batcher("volumes"),
+                                     task.baselines.epochs_for(len(train_rows), task.train.batch_size),
+                                     task.baselines.lr)
     truth = target[eval_rows]
     truth = torch.where(truth == task.ignore_index, 0, truth)
     results = {}

@@ -7,6 +7,8 @@ budget and the metrics. ``downstream finetune --task ankle-dx`` resolves ``confi
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
@@ -149,13 +151,22 @@ class MetricsSpec:
 
 @dataclass
 class BaselineSpec:
-    """Baselines trained in the same run; widths are kept small so they train on CPU."""
+    """Baselines trained in the same run; widths are kept small so they train on CPU. The pixel models
+    train ``epochs`` epochs, or more when that is fewer than ``min_steps`` optimizer steps: a fixed
+    epoch count gives a small label fraction few gradient steps, so a label-efficiency curve would
+    measure the step budget along with the labels (:meth:`epochs_for`)."""
 
     names: list[str] = field(default_factory=lambda: ["random_backbone", "scratch_cnn", "mrnet_2d"])
     cnn_channels: list[int] = field(default_factory=lambda: [8, 16, 32, 64])
     encoder_2d: str = "resnet18"
     epochs: int = 20
+    min_steps: int = 0
     lr: float = 1e-3
+
+    def epochs_for(self, n_train: int, batch_size: int) -> int:
+        """Epochs for ``n_train`` training studies: ``epochs``, raised to reach ``min_steps`` steps."""
+        steps_per_epoch = max(1, math.ceil(n_train / batch_size))
+        return max(self.epochs, math.ceil(self.min_steps / steps_per_epoch))
 
 
 @dataclass
@@ -213,6 +224,9 @@ class TaskConfig:
         _one_of(self.fusion.kind, FUSIONS, f"{where}: fusion.kind")
         for name in self.baselines.names:
             _one_of(name, BASELINES[self.kind], f"{where}: baseline")
+        if self.baselines.epochs < 1 or self.baselines.min_steps < 0:
+            raise ConfigError(f"{where}: baselines.epochs must be >= 1 and baselines.min_steps >= 0, got "
+                              f"{self.baselines.epochs} and {self.baselines.min_steps}")
         if len(self.baselines.cnn_channels) != 4:
             raise ConfigError(f"{where}: baselines.cnn_channels needs 4 widths (one per ResNet stage), "
                               f"got {self.baselines.cnn_channels}")

@@ -309,6 +309,26 @@ def test_studies_of_unread_splits_are_not_loaded(tiny_shards, tiny_hub, tmp_path
         load_studies(load_task("knee-dx", [*args, "train.eval_split=pretrain"]))
 
 
+def test_pixel_baselines_train_at_least_min_steps(tiny_shards, tiny_hub, tmp_path):
+    """``baselines.min_steps`` raises the pixel models' epochs on small training sets (a label fraction
+    would otherwise also cut their gradient steps); ``epochs`` stays the floor."""
+    from downstream.tasks import BaselineSpec
+
+    spec = BaselineSpec(epochs=8, min_steps=232)
+    assert spec.epochs_for(452, 16) == 8          # 29 steps per epoch: 8 epochs already give 232
+    assert spec.epochs_for(44, 16) == 78          # 3 steps per epoch
+    assert spec.epochs_for(7, 16) == 232 and BaselineSpec(epochs=8).epochs_for(7, 16) == 8
+    args = [*task_args(tiny_shards, tiny_hub, tmp_path), "baselines.names=[scratch_cnn]", "probe.enabled=false",
+            "train.patience=0"]
+    res = run_finetune("ankle-dx", [*args, "baselines.min_steps=5"], run_dir=tmp_path / "run")
+    steps_per_epoch = -(-res["n_train"] // 16)
+    expected = max(1, -(-5 // steps_per_epoch))
+    assert expected > 1
+    assert res["selection"]["scratch_cnn"]["candidates"][0]["epochs_run"] == expected
+    with pytest.raises(ConfigError, match="baselines.min_steps >= 0"):
+        load_task("ankle-dx", [*args, "baselines.min_steps=-1"])
+
+
 # ----- end to end -------------------------------------------------------------------------------
 def test_finetune_ankle_dx_end_to_end(tiny_shards, tiny_hub, tmp_path, capsys):
     args = task_args(tiny_shards, tiny_hub, tmp_path)
