@@ -8,7 +8,6 @@ budget and the metrics. ``downstream finetune --task ankle-dx`` resolves ``confi
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
